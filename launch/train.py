@@ -1,0 +1,103 @@
+"""The main job: ``python launch/train.py`` trains the default (MNIST, Signal Propagation, a fully
+connected net, one Ray actor per layer) and ends with a result table. Runs unchanged under
+``ray job submit --working-dir . -- python launch/train.py ...`` and ``ray submit``."""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from launch.cli import fail, parse
+from launch.report import summary, table, write_outputs
+from pipeline.config import ConfigError, TrainConfig
+from pipeline.data import Dataset, load_dataset
+from pipeline.messages import NonFiniteLossError
+from pipeline.runner import Executor, SequentialRunner
+from pipeline.schedule import MicrobatchSchedule, ScheduleConfig
+from pipeline.stage import StageSetup, resolve_device, stage_setups
+from pipeline.training import RunObserver, train
+from launch.progress import ProgressBar
+
+EXIT_TRAINING_FAILED = 3
+
+
+def check_sequential_device(name: str) -> str:
+    device = resolve_device(name)
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError("device", f"{name!r} does not exist here ({torch.cuda.device_count()} CUDA devices); "
+                                    f"use cpu or auto")
+    return str(device)
+
+
+def check_out_dir(out: str | None) -> None:
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError("out", f"{out!r} exists and is not a directory")
+
+
+def make_executor(config: TrainConfig, setups: list[StageSetup]) -> tuple[Executor, list[str]]:
+    """The executor and each stage's device. Ray is imported only when it is used."""
+    execution = config.execution
+    if execution.executor == "sequential":
+        device = check_sequential_device(execution.device)
+        torch.set_num_threads(execution.torch_threads)
+        return SequentialRunner(setups, device), [device] * len(setups)
+    from actors.cluster import connect
+    from actors.placement import plan_placement
+    from actors.ray_pipeline import RayPipeline
+
+    placement = plan_placement(len(setups), execution.device, connect(execution.address))
+    pipeline = RayPipeline(setups, placement, execution.window, execution.placement, execution.torch_threads)
+    return pipeline, [location["device"] for location in pipeline.locations]
+
+
+def prepare(argv: list[str] | None) -> tuple[TrainConfig, Dataset, list[StageSetup], object]:
+    """Everything that can reject the input, before any actor starts."""
+    config, args = parse(argv)
+    config = replace(config, run_id=time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
+    try:
+        check_out_dir(config.out)
+        dataset = load_dataset(config.data, config.seed)
+        setups = stage_setups(config, dataset.num_classes, dataset.input_shape)
+        if config.execution.executor == "sequential":
+            check_sequential_device(config.execution.device)
+        elif config.execution.address:
+            from actors.cluster import check_address
+            check_address(config.execution.address)
+    except ConfigError as error:
+        fail(str(error))
+    return config, dataset, setups, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, dataset, setups, args = prepare(argv)
+    try:
+        executor, devices = make_executor(config, setups)
+    except ConfigError as error:
+        fail(str(error))
+    schedule = MicrobatchSchedule(dataset, ScheduleConfig(config.data.batch_size, config.data.eval_batch_size,
+                                                          config.epochs, config.seed, config.data.augment))
+    observers: list[RunObserver] = [] if args.no_progress else [ProgressBar()]
+    print(f"forwardflow: run {config.run_id}: {config.data.dataset}, rule {config.rule.name}, "
+          f"{len(setups)} stage(s) on {config.execution.executor} ({', '.join(devices)})", file=sys.stderr)
+    try:
+        result = train(schedule, executor, observers)
+    except NonFiniteLossError as error:
+        print(f"forwardflow: error: {error}", file=sys.stderr)
+        return EXIT_TRAINING_FAILED
+    finally:
+        executor.close()
+    data = summary(config, result, config.execution.executor, devices)
+    print(table(data))
+    if config.out:
+        write_outputs(Path(config.out), data, result)
+        print(f"forwardflow: wrote {Path(config.out) / 'summary.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

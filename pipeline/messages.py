@@ -1,0 +1,116 @@
+"""What flows between stages and back to the driver: named dataclasses, never positional tuples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+TRAIN = "train"
+EVAL = "eval"
+
+
+@dataclass
+class Microbatch:
+    """A microbatch as one stage hands it to the next.
+
+    ``inputs`` is ``h_{l-1}`` (B rows). ``targets`` is ``t_{l-1}`` for the K classes (K rows, not B:
+    a microbatch holds at most K distinct labels, so the target path carries one row per class and
+    the loss expands it by label). It is ``None`` before the first stage has projected the labels,
+    and for rules without a target path. ``context`` is a rule's extra per-sample signal (the error
+    fed back by error forward-propagation).
+    """
+
+    index: int  # position in the one stream of training and evaluation microbatches
+    phase: str  # TRAIN or EVAL
+    epoch: int
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    targets: torch.Tensor | None = None
+    context: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return self.inputs.shape[0]
+
+    def to(self, device: torch.device | str) -> "Microbatch":
+        # A copy to a GPU may be non-blocking: the first kernel that reads the tensor is ordered
+        # after the copy on the same stream. A copy to the host must block, or the tensor could be
+        # serialised for the next actor before its data has arrived.
+        non_blocking = torch.device(device).type == "cuda"
+
+        def move(tensor):
+            return None if tensor is None else tensor.to(device, non_blocking=non_blocking)
+
+        return replace(self, inputs=move(self.inputs), labels=move(self.labels),
+                       targets=move(self.targets), context=move(self.context))
+
+    def handed_on(self, inputs: torch.Tensor, targets: torch.Tensor | None) -> "Microbatch":
+        """The next stage's input: detached, so that no gradient can cross the stage boundary."""
+        return replace(self, inputs=inputs.detach(),
+                       targets=None if targets is None else targets.detach())
+
+
+@dataclass
+class Prediction:
+    """What the last stage returns to the driver: class predictions, not activations."""
+
+    index: int
+    phase: str
+    epoch: int
+    labels: torch.Tensor
+    nearest_target: torch.Tensor | None = None  # argmax over classes of <h, t_k>
+    head: torch.Tensor | None = None  # the linear output layer's argmax
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # rule-specific predictions
+
+    @property
+    def size(self) -> int:
+        return self.labels.shape[0]
+
+    def cpu(self) -> "Prediction":
+        def move(tensor):
+            return None if tensor is None else tensor.cpu()
+
+        return replace(self, labels=move(self.labels), nearest_target=move(self.nearest_target),
+                       head=move(self.head), extra={k: v.cpu() for k, v in self.extra.items()})
+
+
+@dataclass
+class StageStats:
+    """Counters a stage keeps; the driver fetches them in batches, never per microbatch."""
+
+    stage: int
+    device: str
+    samples: int = 0  # training samples processed
+    eval_samples: int = 0
+    microbatches: int = 0
+    busy_s: float = 0.0  # time spent computing (forward, local loss, update)
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    last_loss: float = float("nan")
+    train_correct: int = 0  # this stage's own nearest-target hits on training microbatches
+    train_scored: int = 0
+    step_times: list[float] = field(default_factory=list)  # since the last fetch
+    weight_norm: float = 0.0
+    update_norm: float = 0.0
+    lr: float = 0.0
+    memory_bytes: int = 0  # GPU memory allocated, or process RSS on CPU
+    peak_memory_bytes: int = 0
+    first_step_at: float = 0.0  # time.time() of the first microbatch
+    last_step_at: float = 0.0
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.loss_count if self.loss_count else float("nan")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A local loss became NaN or inf: training stops instead of continuing silently."""
+
+    def __init__(self, stage: int, microbatch: int, value: float):
+        self.stage, self.microbatch, self.value = stage, microbatch, value
+        super().__init__(f"stage {stage}: local loss is {value} at microbatch {microbatch}; "
+                         f"training stopped (try a lower --lr)")
+
+    def __reduce__(self):  # keeps the fields when the error crosses a process boundary
+        return (NonFiniteLossError, (self.stage, self.microbatch, self.value))

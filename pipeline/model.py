@@ -1,0 +1,189 @@
+"""Blocks from config, and the split of a model's layers into stages.
+
+A *layer* is a linear or conv block together with the parameter-free and normalisation blocks that
+follow it (blocks before the first layer, such as ``flatten``, join the first layer). Stages are
+contiguous runs of layers, balanced by their multiply-accumulate count so that no stage becomes
+the pipeline's bottleneck by construction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.config import LAYER_KINDS, BlockSpec, ConfigError, ModelConfig
+
+
+class SeededDropout(nn.Module):
+    """Dropout drawing from the stage's own generator.
+
+    The sequential runner and the Ray actors then draw the same masks: a shared global RNG would
+    be consumed in a different interleaving by the two executors.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.generator: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.empty(x.shape, device=x.device).bernoulli_(1.0 - self.p, generator=self.generator)
+        return x * keep / (1.0 - self.p)
+
+
+def build_block(spec: BlockSpec, in_shape: tuple[int, ...]) -> tuple[nn.Module, tuple[int, ...]]:
+    """One block and the per-sample shape it outputs."""
+    kind = spec.kind
+    if kind == "linear":
+        return nn.Linear(math.prod(in_shape), spec.width), (spec.width,)
+    if kind == "flatten":
+        return nn.Flatten(), (math.prod(in_shape),)
+    if kind in ("relu", "tanh", "gelu"):
+        return {"relu": nn.ReLU(), "tanh": nn.Tanh(), "gelu": nn.GELU()}[kind], in_shape
+    if kind == "dropout":
+        return SeededDropout(spec.p), in_shape
+    if kind == "layernorm":
+        return nn.LayerNorm(in_shape), in_shape
+    if len(in_shape) != 3:
+        raise ConfigError("model", f"block {kind} needs image-shaped input (C, H, W), got {in_shape}")
+    channels, height, width = in_shape
+    if kind == "conv":
+        out_h = height + 2 * spec.padding - spec.kernel_size + 1
+        out_w = width + 2 * spec.padding - spec.kernel_size + 1
+        if out_h < 1 or out_w < 1:
+            raise ConfigError("model", f"conv kernel {spec.kernel_size} is larger than its input {in_shape}")
+        return (nn.Conv2d(channels, spec.width, spec.kernel_size, padding=spec.padding),
+                (spec.width, out_h, out_w))
+    if kind == "batchnorm":
+        return nn.BatchNorm2d(channels), in_shape
+    if kind in ("maxpool", "avgpool"):
+        size = spec.kernel_size if spec.kernel_size > 1 else 2
+        if height < size or width < size:
+            raise ConfigError("model", f"{kind} of size {size} does not fit input {in_shape}")
+        pool = nn.MaxPool2d(size) if kind == "maxpool" else nn.AvgPool2d(size)
+        return pool, (channels, height // size, width // size)
+    raise ConfigError("model", f"unknown block {kind!r}")
+
+
+def _layer_cost(spec: BlockSpec, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates per sample of a linear or conv block."""
+    if spec.kind == "linear":
+        return math.prod(in_shape) * spec.width
+    return in_shape[0] * spec.kernel_size**2 * math.prod(out_shape)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Which blocks one stage owns, and the shapes at its boundaries."""
+
+    index: int
+    num_stages: int
+    blocks: tuple[BlockSpec, ...]
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    cost: int  # multiply-accumulates per sample
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_stages - 1
+
+
+def _split_layers(blocks: tuple[BlockSpec, ...]) -> list[list[BlockSpec]]:
+    layers: list[list[BlockSpec]] = []
+    leading: list[BlockSpec] = []
+    for spec in blocks:
+        if spec.kind in LAYER_KINDS:
+            layers.append(leading + [spec])
+            leading = []
+        elif layers:
+            layers[-1].append(spec)
+        else:
+            leading.append(spec)
+    if not layers:
+        raise ConfigError("model", "needs at least one linear or conv block")
+    return layers
+
+
+def _balanced_split(costs: list[int], parts: int) -> list[int]:
+    """Contiguous split of ``costs`` into ``parts`` groups minimising the largest group (exact DP)."""
+    n = len(costs)
+    prefix = [0]
+    for cost in costs:
+        prefix.append(prefix[-1] + cost)
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0
+    for k in range(1, parts + 1):
+        for end in range(k, n + 1):
+            for start in range(k - 1, end):
+                value = max(best[k - 1][start], prefix[end] - prefix[start])
+                if value < best[k][end]:
+                    best[k][end], cut[k][end] = value, start
+    sizes, end = [], n
+    for k in range(parts, 0, -1):
+        sizes.append(end - cut[k][end])
+        end = cut[k][end]
+    return sizes[::-1]
+
+
+def plan_stages(model: ModelConfig, input_shape: tuple[int, ...], num_stages: int) -> list[StageSpec]:
+    layers = _split_layers(model.blocks)
+    if not 1 <= num_stages <= len(layers):
+        raise ConfigError("stages", f"must be between 1 and {len(layers)} (got {num_stages})")
+    shapes, costs, shape = [input_shape], [], input_shape
+    for layer in layers:
+        cost = 0
+        for spec in layer:
+            _, out_shape = build_block(spec, shape)
+            if spec.kind in LAYER_KINDS:
+                cost += _layer_cost(spec, shape, out_shape)
+            shape = out_shape
+        shapes.append(shape)
+        costs.append(cost)
+    plans, first = [], 0
+    for index, size in enumerate(_balanced_split(costs, num_stages)):
+        group = layers[first:first + size]
+        plans.append(StageSpec(index=index, num_stages=num_stages,
+                               blocks=tuple(spec for layer in group for spec in layer),
+                               input_shape=shapes[first], output_shape=shapes[first + size],
+                               cost=sum(costs[first:first + size])))
+        first += size
+    return plans
+
+
+def build_stage_blocks(spec: StageSpec) -> nn.ModuleList:
+    modules, shape = [], spec.input_shape
+    for block in spec.blocks:
+        module, shape = build_block(block, shape)
+        modules.append(module)
+    return nn.ModuleList(modules)
+
+
+def run_blocks(blocks: nn.ModuleList, inputs: torch.Tensor, targets: torch.Tensor | None):
+    """``h_l = f_l(h_{l-1})`` and ``t_l = f_l(t_{l-1})`` through the very same blocks.
+
+    Inputs and targets go through as one concatenated batch (one matmul, shared normalisation
+    statistics). Dropout touches the inputs only: noise on the target path stops learning.
+    """
+    if targets is None:
+        for block in blocks:
+            inputs = block(inputs)
+        return inputs, None
+    rows = inputs.shape[0]
+    joint = torch.cat([inputs, targets])
+    for block in blocks:
+        if isinstance(block, SeededDropout):
+            joint = torch.cat([block(joint[:rows]), joint[rows:]])
+        else:
+            joint = block(joint)
+    return joint[:rows], joint[rows:]

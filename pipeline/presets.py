@@ -1,0 +1,71 @@
+"""Presets: plain functions returning a TrainConfig. The command line overrides a few fields."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from pipeline.config import BlockSpec, DataConfig, ModelConfig, OptimConfig, RuleConfig, TrainConfig
+
+
+def fc_model(widths: tuple[int, ...] = (1000, 1000, 1000), name: str = "") -> ModelConfig:
+    """A fully connected net: flatten, then linear + ReLU + LayerNorm per hidden layer.
+
+    LayerNorm bounds each layer's output so that the dot-product scores of the local loss stay in
+    a range where the softmax does not saturate.
+    """
+    blocks = [BlockSpec("flatten")]
+    for width in widths:
+        blocks += [BlockSpec("linear", width), BlockSpec("relu"), BlockSpec("layernorm")]
+    return ModelConfig(name=name or "fc-" + "x".join(str(w) for w in widths), blocks=tuple(blocks))
+
+
+def vgg_model(channels: tuple[int, ...] = (64, 128, 256, 256, 512, 512), fc_width: int = 1024,
+              pool_after: tuple[int, ...] = (0, 1, 3, 5), name: str = "") -> ModelConfig:
+    """VGG-style conv blocks (conv 3x3, batch norm, ReLU, max-pool where listed), then one fully
+    connected layer."""
+    blocks = []
+    for index, width in enumerate(channels):
+        blocks += [BlockSpec("conv", width, kernel_size=3, padding=1), BlockSpec("batchnorm"), BlockSpec("relu")]
+        if index in pool_after:
+            blocks.append(BlockSpec("maxpool", kernel_size=2))
+    blocks += [BlockSpec("flatten"), BlockSpec("linear", fc_width), BlockSpec("relu"), BlockSpec("layernorm")]
+    return ModelConfig(name=name or f"vgg{len(channels) + 1}", blocks=tuple(blocks))
+
+
+def mnist_fc() -> TrainConfig:
+    """The default run: MNIST, Signal Propagation, 3 x 1000 fully connected, one stage per layer."""
+    return TrainConfig(data=DataConfig("mnist", batch_size=512), model=fc_model(),
+                       rule=RuleConfig("sigprop"), optim=OptimConfig("adam", lr=5e-4), epochs=5)
+
+
+def fashion_fc() -> TrainConfig:
+    return replace(mnist_fc(), data=DataConfig("fashion-mnist", batch_size=512))
+
+
+def cifar_vgg() -> TrainConfig:
+    return TrainConfig(data=DataConfig("cifar10", batch_size=128, augment=True), model=vgg_model(),
+                       rule=RuleConfig("sigprop"), optim=OptimConfig("adam", lr=5e-4), epochs=100)
+
+
+def cifar_vgg_small() -> TrainConfig:
+    """A conv net small enough for a 2-core CPU."""
+    return TrainConfig(data=DataConfig("cifar10", batch_size=256, augment=True),
+                       model=vgg_model(channels=(32, 64, 128), fc_width=256, pool_after=(0, 1, 2), name="vgg4-small"),
+                       rule=RuleConfig("sigprop"), optim=OptimConfig("adam", lr=1e-3), epochs=5)
+
+
+def synthetic_small() -> TrainConfig:
+    """Tiny and fast: the tests' and the smoke run's preset."""
+    return TrainConfig(data=DataConfig("synthetic", batch_size=64, eval_batch_size=128),
+                       model=fc_model((32, 32), name="fc-32x32"), rule=RuleConfig("sigprop"),
+                       optim=OptimConfig("adam", lr=2e-3), epochs=3)
+
+
+PRESETS = {
+    "mnist-fc": mnist_fc,
+    "fashion-fc": fashion_fc,
+    "cifar-vgg": cifar_vgg,
+    "cifar-vgg-small": cifar_vgg_small,
+    "synthetic": synthetic_small,
+}
+DEFAULT_PRESET = "mnist-fc"

@@ -1,0 +1,52 @@
+"""The sequential in-process runner: the very same Stage objects, driven one microbatch at a time
+through every stage. It is the reference the Ray pipeline must match bit for bit, the test bed,
+and the single-process baseline of the throughput benchmark."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from pipeline.messages import Microbatch, Prediction, StageStats
+from pipeline.stage import Stage, StageSetup
+
+
+class Executor(Protocol):
+    """What the training loop needs from an executor (sequential here, Ray in ``actors/``)."""
+
+    def submit(self, mb: Microbatch) -> None: ...
+
+    def completed(self, wait: bool = False) -> list[Prediction]:
+        """Predictions finished so far, in stream order; ``wait`` drains everything in flight."""
+
+    def snapshots(self) -> list[StageStats]: ...
+
+    def state_dicts(self) -> list[dict[str, torch.Tensor]]: ...
+
+    def close(self) -> None: ...
+
+
+class SequentialRunner:
+    def __init__(self, setups: list[StageSetup], device: str = "cpu"):
+        self.stages = [Stage(setup, device) for setup in setups]
+        self._done: list[Prediction] = []
+
+    def submit(self, mb: Microbatch) -> None:
+        message = mb
+        for stage in self.stages:
+            message = stage.step(message)
+        self._done.append(message)
+
+    def completed(self, wait: bool = False) -> list[Prediction]:
+        done, self._done = self._done, []
+        return done
+
+    def snapshots(self) -> list[StageStats]:
+        return [stage.snapshot() for stage in self.stages]
+
+    def state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        return [stage.state_dict() for stage in self.stages]
+
+    def close(self) -> None:
+        self.stages = []

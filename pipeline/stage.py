@@ -1,0 +1,174 @@
+"""A Stage: blocks + learning rule + optimizer. The one implementation of the learning, driven by
+both executors (the sequential runner in this package and the Ray actor in ``actors/``)."""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from pipeline.config import OptimConfig, RuleConfig, TrainConfig
+from pipeline.messages import TRAIN, Microbatch, NonFiniteLossError, Prediction, StageStats
+from pipeline.model import SeededDropout, StageSpec, build_stage_blocks, plan_stages
+from pipeline.rules.base import RuleContext
+from pipeline.rules.registry import make_rule
+
+
+@dataclass(frozen=True)
+class StageSetup:
+    """Everything needed to build one stage, identically in any process."""
+
+    spec: StageSpec
+    rule: RuleConfig
+    optim: OptimConfig
+    num_classes: int
+    model_input_shape: tuple[int, ...]
+    head: bool
+    seed: int
+    total_steps: int = 0  # training microbatches in the run (for learning-rate schedules)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _current_rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+class Stage:
+    def __init__(self, setup: StageSetup, device: str | torch.device = "cpu"):
+        self.setup = setup
+        self.index = setup.spec.index
+        self.device = torch.device(device)
+        # Parameters are drawn on the CPU from a seed of their own, so that a stage starts from the
+        # same weights in every executor, on every device, whatever was built before it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(setup.seed * 1000 + self.index)
+            self.blocks = build_stage_blocks(setup.spec)
+            self.rule = make_rule(RuleContext(setup.rule, setup.spec, setup.num_classes,
+                                              setup.model_input_shape, setup.head))
+        self.blocks.to(self.device)
+        self.rule.to(self.device)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(setup.seed * 1000 + self.index + 7919)
+        for module in self.blocks:
+            if isinstance(module, SeededDropout):
+                module.generator = generator
+        params = [p for p in list(self.blocks.parameters()) + list(self.rule.parameters()) if p.requires_grad]
+        self.optimizer = _build_optimizer(setup.optim, params)
+        self.scheduler = _build_schedule(setup.optim, self.optimizer, setup.total_steps)
+        self.stats = StageStats(stage=self.index, device=str(self.device), lr=setup.optim.lr)
+        self._weights_at_last_snapshot = self._flat_weights()
+
+    @property
+    def is_last(self) -> bool:
+        return self.setup.spec.is_last
+
+    def step(self, mb: Microbatch) -> Microbatch | Prediction:
+        """Forward, local loss, update at once; returns the detached hand-on (or, in the last
+        stage, the predictions). Evaluation microbatches change no weight and no statistic of
+        the blocks (eval mode, no gradient)."""
+        started = time.perf_counter()
+        mb = mb.to(self.device)
+        training = mb.phase == TRAIN
+        self.blocks.train(training)
+        self.rule.train(training)
+        with torch.set_grad_enabled(training):
+            local = self.rule(self.blocks, mb, training)
+            if training:
+                self._update(local.loss, mb)
+        result = self.rule.predict(mb, local).cpu() if self.is_last else local.handed_on
+        self._count(mb, local.scores, training, started)
+        return result
+
+    def _update(self, loss: torch.Tensor, mb: Microbatch) -> None:
+        # .item() is the stage's one sync point per microbatch: the NaN/inf check needs the value
+        # on the host before the update is applied, so a bad loss never reaches the weights.
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLossError(self.index, mb.index, value)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.rule.after_update()
+        self.stats.loss_sum += value
+        self.stats.loss_count += 1
+        self.stats.last_loss = value
+
+    def _count(self, mb: Microbatch, scores: torch.Tensor | None, training: bool, started: float) -> None:
+        stats = self.stats
+        elapsed = time.perf_counter() - started
+        stats.busy_s += elapsed
+        stats.microbatches += 1
+        stats.last_step_at = time.time()
+        stats.first_step_at = stats.first_step_at or stats.last_step_at - elapsed
+        if not training:
+            stats.eval_samples += mb.size
+            return
+        stats.samples += mb.size
+        stats.step_times.append(elapsed)
+        if scores is not None:
+            stats.train_correct += int((scores.argmax(1) == mb.labels).sum())
+            stats.train_scored += mb.size
+
+    def _flat_weights(self) -> torch.Tensor:
+        tensors = [p.detach().flatten() for p in self.blocks.parameters()]
+        tensors += [p.detach().flatten() for p in self.rule.parameters()]
+        return torch.cat(tensors).clone() if tensors else torch.zeros(1, device=self.device)
+
+    def snapshot(self) -> StageStats:
+        """Counters so far plus norms and memory; resets the step-time list. Called at the
+        metrics cadence, never per microbatch (the norms read every weight)."""
+        weights = self._flat_weights()
+        stats = self.stats
+        stats.weight_norm = float(weights.norm())
+        stats.update_norm = float((weights - self._weights_at_last_snapshot).norm())
+        self._weights_at_last_snapshot = weights
+        stats.lr = self.optimizer.param_groups[0]["lr"]
+        if self.device.type == "cuda":
+            stats.memory_bytes = torch.cuda.memory_allocated(self.device)
+            stats.peak_memory_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            stats.memory_bytes = _current_rss_bytes()
+            stats.peak_memory_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        snapshot = replace(stats, step_times=list(stats.step_times))
+        stats.step_times.clear()
+        return snapshot
+
+    def state_dict(self) -> dict[str, dict]:
+        """Weights (and the rule's own parameters), on the CPU."""
+        return {name: tensor.detach().cpu().clone() for name, tensor in
+                [*(("blocks." + k, v) for k, v in self.blocks.state_dict().items()),
+                 *(("rule." + k, v) for k, v in self.rule.state_dict().items())]}
+
+
+def _build_optimizer(config: OptimConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if config.name == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _build_schedule(config: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    if config.schedule == "constant" or total_steps <= 0:
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+
+
+def stage_setups(config: TrainConfig, num_classes: int, input_shape: tuple[int, ...],
+                 total_steps: int = 0) -> list[StageSetup]:
+    """One StageSetup per stage of ``config``'s model, balanced by compute."""
+    specs = plan_stages(config.model, input_shape, config.num_stages)
+    return [StageSetup(spec=spec, rule=config.rule, optim=config.optim, num_classes=num_classes,
+                       model_input_shape=input_shape, head=config.model.head, seed=config.seed,
+                       total_steps=total_steps)
+            for spec in specs]
