@@ -39,6 +39,7 @@ class RayPipeline:
         self.locations = ray.get([actor.location.remote() for actor in self.actors])
         self._in_flight: deque[ray.ObjectRef] = deque()
         self._done: list[Prediction] = []
+        self._snapshot_refs: list[ray.ObjectRef] | None = None
 
     def submit(self, mb: Microbatch) -> None:
         ref = ray.put(mb)
@@ -72,6 +73,18 @@ class RayPipeline:
         # One batched round of calls at the caller's cadence; these queue behind the stages'
         # pending microbatches (same submitter, same order), so they also act as a barrier.
         return ray.get([actor.snapshot.remote() for actor in self.actors])
+
+    def poll_snapshots(self) -> list[StageStats] | None:
+        # A snapshot call queues behind the microbatches already submitted to its actor, so
+        # waiting on it would drain the pipeline: ask, and pick the answers up on a later poll.
+        if self._snapshot_refs is None:
+            self._snapshot_refs = [actor.snapshot.remote() for actor in self.actors]
+            return None
+        ready, _ = ray.wait(self._snapshot_refs, num_returns=len(self._snapshot_refs), timeout=0)
+        if len(ready) < len(self._snapshot_refs):
+            return None
+        snapshots, self._snapshot_refs = ray.get(self._snapshot_refs), None
+        return snapshots
 
     def state_dicts(self) -> list[dict[str, torch.Tensor]]:
         return ray.get([actor.state_dict.remote() for actor in self.actors])

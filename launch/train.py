@@ -13,15 +13,15 @@ from pathlib import Path
 import torch
 
 from launch.cli import fail, parse
+from launch.observers import make_observers
 from launch.report import summary, table, write_outputs
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.data import Dataset, load_dataset
+from pipeline.data import load_dataset
 from pipeline.messages import NonFiniteLossError
 from pipeline.runner import Executor, SequentialRunner
 from pipeline.schedule import MicrobatchSchedule, ScheduleConfig
 from pipeline.stage import StageSetup, resolve_device, stage_setups
-from pipeline.training import RunObserver, train
-from launch.progress import ProgressBar
+from pipeline.training import train
 
 EXIT_TRAINING_FAILED = 3
 
@@ -55,14 +55,17 @@ def make_executor(config: TrainConfig, setups: list[StageSetup]) -> tuple[Execut
     return pipeline, [location["device"] for location in pipeline.locations]
 
 
-def prepare(argv: list[str] | None) -> tuple[TrainConfig, Dataset, list[StageSetup], object]:
+def prepare(argv: list[str] | None) -> tuple[TrainConfig, MicrobatchSchedule, list[StageSetup], object]:
     """Everything that can reject the input, before any actor starts."""
     config, args = parse(argv)
     config = replace(config, run_id=time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
     try:
         check_out_dir(config.out)
         dataset = load_dataset(config.data, config.seed)
-        setups = stage_setups(config, dataset.num_classes, dataset.input_shape)
+        schedule = MicrobatchSchedule(dataset, ScheduleConfig(config.data.batch_size, config.data.eval_batch_size,
+                                                              config.epochs, config.seed, config.data.augment))
+        setups = stage_setups(config, dataset.num_classes, dataset.input_shape,
+                              total_steps=schedule.train_microbatches_per_epoch * config.epochs)
         if config.execution.executor == "sequential":
             check_sequential_device(config.execution.device)
         elif config.execution.address:
@@ -70,18 +73,16 @@ def prepare(argv: list[str] | None) -> tuple[TrainConfig, Dataset, list[StageSet
             check_address(config.execution.address)
     except ConfigError as error:
         fail(str(error))
-    return config, dataset, setups, args
+    return config, schedule, setups, args
 
 
 def main(argv: list[str] | None = None) -> int:
-    config, dataset, setups, args = prepare(argv)
+    config, schedule, setups, args = prepare(argv)
     try:
         executor, devices = make_executor(config, setups)
     except ConfigError as error:
         fail(str(error))
-    schedule = MicrobatchSchedule(dataset, ScheduleConfig(config.data.batch_size, config.data.eval_batch_size,
-                                                          config.epochs, config.seed, config.data.augment))
-    observers: list[RunObserver] = [] if args.no_progress else [ProgressBar()]
+    observers = make_observers(config, args)
     print(f"forwardflow: run {config.run_id}: {config.data.dataset}, rule {config.rule.name}, "
           f"{len(setups)} stage(s) on {config.execution.executor} ({', '.join(devices)})", file=sys.stderr)
     try:

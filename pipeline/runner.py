@@ -20,7 +20,12 @@ class Executor(Protocol):
     def completed(self, wait: bool = False) -> list[Prediction]:
         """Predictions finished so far, in stream order; ``wait`` drains everything in flight."""
 
-    def snapshots(self) -> list[StageStats]: ...
+    def snapshots(self) -> list[StageStats]:
+        """Every stage's statistics after all submitted microbatches (waits for them)."""
+
+    def poll_snapshots(self) -> list[StageStats] | None:
+        """Non-blocking: the latest round of statistics that has arrived since the last call, or
+        None; asks for the next round. Never waits for the pipeline to drain."""
 
     def state_dicts(self) -> list[dict[str, torch.Tensor]]: ...
 
@@ -44,6 +49,9 @@ class SequentialRunner:
 
     def snapshots(self) -> list[StageStats]:
         return [stage.snapshot() for stage in self.stages]
+
+    def poll_snapshots(self) -> list[StageStats] | None:
+        return self.snapshots()
 
     def state_dicts(self) -> list[dict[str, torch.Tensor]]:
         return [stage.state_dict() for stage in self.stages]
