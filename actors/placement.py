@@ -5,6 +5,7 @@ pending when there are more stages than cores)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import ray
@@ -23,6 +24,12 @@ class StagePlacement:
     num_gpus: float
 
 
+def _share(total: float, parts: int) -> float:
+    """An equal share, at most 1, rounded *down* to Ray's resource granularity (1e-4) so that
+    ``parts`` shares never add up to more than ``total``."""
+    return min(1.0, math.floor(total / parts * 10_000) / 10_000)
+
+
 def plan_placement(num_stages: int, device: str, resources: dict[str, float]) -> StagePlacement:
     """Decide each stage's share from the cluster's resources; raises ConfigError for a device
     the cluster does not have."""
@@ -32,12 +39,12 @@ def plan_placement(num_stages: int, device: str, resources: dict[str, float]) ->
         raise ConfigError("device", f"{device!r} asks for a GPU but the Ray cluster has none; use cpu or auto")
     if use_gpu and device.startswith("cuda:"):
         raise ConfigError("device", "with the Ray executor use cuda (Ray assigns each stage its GPU), not cuda:N")
-    cpu_share = round(min(1.0, cpus / num_stages), 4)
+    cpu_share = _share(cpus, num_stages)
     if cpu_share <= 0:
         raise ConfigError("address", "the Ray cluster reports no CPUs")
     gpu_share = 0.0
     if use_gpu:
-        gpu_share = 1.0 if gpus >= num_stages else round(gpus / num_stages, 4)
+        gpu_share = _share(gpus, num_stages)
     return StagePlacement(device="cuda" if use_gpu else "cpu", num_cpus=cpu_share, num_gpus=gpu_share)
 
 

