@@ -35,7 +35,8 @@ def vgg_model(channels: tuple[int, ...] = (64, 128, 256, 256, 512, 512), fc_widt
 def mnist_fc() -> TrainConfig:
     """The default run: MNIST, Signal Propagation, 3 x 1000 fully connected, one stage per layer."""
     return TrainConfig(data=DataConfig("mnist", batch_size=512), model=fc_model(),
-                       rule=RuleConfig("sigprop"), optim=OptimConfig("adam", lr=5e-4), epochs=5)
+                       rule=RuleConfig("sigprop"), optim=OptimConfig("adam", lr=1e-3, schedule="cosine"),
+                       epochs=8)
 
 
 def fashion_fc() -> TrainConfig:

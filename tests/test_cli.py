@@ -78,3 +78,15 @@ def test_sequential_run_writes_the_documented_summary(tmp_path):
         assert stage["device"] == "cpu" and stage["samples"] == 2 * 1024 and 0 < stage["busy_fraction"] <= 1
     assert (out / "weights.pt").is_file()
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "no temporary files left behind"
+
+
+def test_cluster_yaml_passes_rays_own_schema():
+    from pathlib import Path
+
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "launch" / "cluster.yaml").read_text())
+    validate_config(prepare_config(config))  # raises on a key Ray does not know
+    assert config["provider"]["type"] == "local"
+    assert any("launch/setup.sh" in command for command in config["setup_commands"])
