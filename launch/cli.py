@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--test-limit", type=int, help="use only the first N test samples")
     add("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: off)")
     add("--metrics-host", help="address the metrics endpoint binds to (default 127.0.0.1)")
+    add("--metrics-interval", type=float, default=1.0,
+        help="seconds between metrics collections (endpoint and metrics.jsonl; default 1)")
+    add("--metrics-linger", type=float, default=0.0,
+        help="keep serving metrics this many seconds after the run, for a last scrape (default 0)")
     add("--plot", action="store_true", help="write PNG plots of the run into --out")
     add("--no-progress", action="store_true", help="no progress bar")
     return parser

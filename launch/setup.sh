@@ -38,7 +38,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
     # pip's notes about local package mirrors are noise here; a failed install still fails below.
     .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
     .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
-    .venv/bin/python -c 'import torch, ray, prometheus_client, tqdm, pipeline.stage' || {
+    .venv/bin/python -c 'import torch, ray, prometheus_client, tqdm, grafana_foundation_sdk, pipeline.stage' || {
         echo "setup: the Python install failed (see pip's output above)" >&2; exit 1; }
     touch "$stamp"
 fi

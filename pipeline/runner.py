@@ -27,6 +27,13 @@ class Executor(Protocol):
         """Non-blocking: the latest round of statistics that has arrived since the last call, or
         None; asks for the next round. Never waits for the pipeline to drain."""
 
+    @property
+    def in_flight(self) -> int:
+        """Microbatches submitted whose predictions have not been collected yet."""
+
+    def stage_backlog(self) -> list[int]:
+        """Non-blocking: per stage, microbatches handed to it that it has not finished yet."""
+
     def state_dicts(self) -> list[dict[str, torch.Tensor]]: ...
 
     def close(self) -> None: ...
@@ -52,6 +59,13 @@ class SequentialRunner:
 
     def poll_snapshots(self) -> list[StageStats] | None:
         return self.snapshots()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._done)
+
+    def stage_backlog(self) -> list[int]:
+        return [0] * len(self.stages)  # submit() runs a microbatch through every stage at once
 
     def state_dicts(self) -> list[dict[str, torch.Tensor]]:
         return [stage.state_dict() for stage in self.stages]

@@ -1,0 +1,147 @@
+"""The run observer that collects metrics: at its own cadence (wall clock, default every second)
+it picks up the stages' latest batched statistics (``Executor.poll_snapshots``, which never
+waits for the pipeline) and the driver's view of the pipeline, and hands one record to the
+Prometheus exporter and to the metrics log. Nothing here runs per microbatch except a clock read
+in ``after_submit`` and an attribute store in ``on_prediction``."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+from monitoring.exporter import NON_FINITE_LOSS, PrometheusExporter, RunInfo
+from monitoring.records import END, ERROR, EVALUATION, PROGRESS, MetricsLog, RunRecord, stage_record
+from pipeline.config import ConfigError
+from pipeline.messages import NonFiniteLossError, Prediction, StageStats
+from pipeline.runner import Executor
+from pipeline.training import EvalResult, Progress, RunObserver, RunResult
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    info: RunInfo
+    devices: tuple[str, ...]  # each stage's device label
+    port: int = 0  # 0: no Prometheus endpoint
+    host: str = "127.0.0.1"
+    out: str | None = None  # where metrics.jsonl goes; None: no log
+    interval_s: float = 1.0
+    linger_s: float = 0.0  # keep serving this long after the run, for a last scrape
+
+    def __post_init__(self):
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError("metrics_port", f"must be a port number, 0 to 65535 (got {self.port!r})")
+        if not self.host:
+            raise ConfigError("metrics_host", "must be an address to bind to, such as 127.0.0.1")
+        if not (isinstance(self.interval_s, (int, float)) and 0.05 <= self.interval_s <= 3600):
+            raise ConfigError("metrics_interval", f"must be between 0.05 and 3600 seconds (got {self.interval_s!r})")
+        if not (isinstance(self.linger_s, (int, float)) and 0 <= self.linger_s <= 3600):
+            raise ConfigError("metrics_linger", f"must be between 0 and 3600 seconds (got {self.linger_s!r})")
+        if len(self.devices) != self.info.stages:
+            raise ConfigError("stages", f"{len(self.devices)} device labels for {self.info.stages} stages")
+
+
+def error_kind(error: BaseException) -> str:
+    """The ``kind`` label of forwardflow_errors_total: a non-finite loss, or the error's class
+    (RayActorError when a stage's actor died)."""
+    return NON_FINITE_LOSS if isinstance(error, NonFiniteLossError) else type(error).__name__
+
+
+class MetricsObserver(RunObserver):
+    def __init__(self, config: MetricsConfig):
+        self.config = config
+        self.exporter = PrometheusExporter(config.info, list(config.devices)) if config.port else None
+        self.log = MetricsLog(config.out) if config.out else None
+        self.port: int | None = None  # the endpoint's port once it serves
+        if self.exporter is not None:
+            try:
+                self.port = self.exporter.serve(config.host, config.port)
+            except OSError as error:  # in use, or not an address of this machine
+                raise ConfigError("metrics_port", f"cannot serve on {config.host}:{config.port} "
+                                                  f"({error.strerror or error})") from None
+        self._due = 0.0
+        self._progress: Progress | None = None
+        self._previous: dict[int, StageStats] = {}
+        self._last_elapsed = 0.0
+        self._last_samples = 0
+        self._epoch = 0
+        self._in_flight = 0
+        self._backlog = [0] * config.info.stages
+        self._accuracy: dict[str, float] = {}
+        self._errors = {NON_FINITE_LOSS: 0}
+
+    # --- RunObserver hooks ---
+
+    def after_submit(self, executor: Executor, progress: Progress) -> None:
+        now = time.monotonic()
+        if now < self._due:
+            return
+        self._due = now + self.config.interval_s
+        self._progress = progress
+        snapshots = executor.poll_snapshots()
+        self._backlog = executor.stage_backlog()
+        self._in_flight = executor.in_flight
+        self._collect(PROGRESS, snapshots)
+
+    def on_prediction(self, prediction: Prediction, progress: Progress) -> None:
+        self._epoch = prediction.epoch + 1
+
+    def on_evaluation(self, result: EvalResult, progress: Progress) -> None:
+        self._progress = progress
+        outputs = {"nearest_target": result.accuracy, "head": result.accuracy_head, **result.extra}
+        self._accuracy.update({name: value for name, value in outputs.items() if value is not None})
+        self._collect(EVALUATION, None)
+
+    def on_end(self, result: RunResult) -> None:
+        self._in_flight = 0
+        self._backlog = [0] * self.config.info.stages
+        self._collect(END, result.stages)
+
+    def on_error(self, error: BaseException) -> None:
+        """Not a training-loop hook: the launcher calls it when the run stops on an error."""
+        kind = error_kind(error)
+        self._errors[kind] = self._errors.get(kind, 0) + 1
+        self._collect(ERROR, None)
+
+    # ---
+
+    def _collect(self, kind: str, snapshots: list[StageStats] | None) -> None:
+        progress = self._progress or Progress()
+        stages = None
+        if snapshots is not None:
+            stages = []
+            for stats in snapshots:
+                device = self.config.devices[stats.stage]
+                stages.append(stage_record(stats, self._previous.get(stats.stage), device))
+                if self.exporter is not None:
+                    self.exporter.observe_step_times(stats.stage, device, stats.step_times)
+                self._previous[stats.stage] = stats
+        elapsed = progress.elapsed_s
+        samples = progress.train_samples_done
+        interval = elapsed - self._last_elapsed
+        rate = (samples - self._last_samples) / interval if interval > 0 else 0.0
+        if kind != EVALUATION:  # an evaluation line is an event, not a step of the rate's clock
+            self._last_elapsed, self._last_samples = elapsed, samples
+        done = progress.microbatches_done / progress.microbatches_total if progress.microbatches_total else 0.0
+        eta = elapsed * (1 - done) / done if done > 0 else math.nan
+        record = RunRecord(
+            kind=kind, run_id=self.config.info.run_id, time=time.time(), elapsed_s=elapsed,
+            train_samples=samples, samples_per_s=rate, microbatches_done=progress.microbatches_done,
+            microbatches_total=progress.microbatches_total, epoch=self._epoch, eta_s=eta,
+            in_flight=self._in_flight, backlog=list(self._backlog), test_accuracy=dict(self._accuracy),
+            errors=dict(self._errors), stages=stages)
+        if self.exporter is not None:
+            self.exporter.update(record)
+        if self.log is not None:
+            self.log.append(record)
+
+    def close(self) -> None:
+        """Stop serving, after ``linger_s`` so that Prometheus can scrape the final values."""
+        if self.exporter is None:
+            return
+        if self.config.linger_s > 0:
+            print(f"forwardflow: serving the final metrics on {self.config.host}:{self.port} "
+                  f"for {self.config.linger_s:g} s", file=sys.stderr)
+            time.sleep(self.config.linger_s)
+        self.exporter.stop()

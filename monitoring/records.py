@@ -1,0 +1,129 @@
+"""What one metrics collection holds, and the run's metrics log (``metrics.jsonl`` in ``--out``).
+
+The same records feed the Prometheus exporter and the log, so the PNG plots drawn from the log
+show what Grafana shows. One JSON object per line, appended as the run goes; a reader of a log
+that is still being written sees whole lines only (each line is written by one ``write``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pipeline.messages import StageStats
+
+LOG_NAME = "metrics.jsonl"
+
+# Kinds of log lines.
+PROGRESS = "progress"  # a periodic collection during the run
+EVALUATION = "evaluation"  # a test-set pass finished
+END = "end"  # the final collection, after the pipeline drained
+ERROR = "error"  # the run stopped on an error
+
+
+@dataclass
+class StageRecord:
+    """One stage at one collection. Counters are cumulative since the start of the run; ``loss``
+    and ``train_accuracy`` are over the training microbatches since the previous collection."""
+
+    stage: int
+    device: str
+    samples: int
+    microbatches: int
+    compute_s: float
+    wait_s: float
+    handoff_s: float
+    loss: float | None
+    train_accuracy: float | None
+    lr: float
+    weight_norm: float
+    update_norm: float
+    memory_bytes: int
+    peak_memory_bytes: int
+    steps: int  # training steps timed since the previous collection
+    step_mean_s: float | None
+
+
+@dataclass
+class RunRecord:
+    kind: str
+    run_id: str
+    time: float  # time.time()
+    elapsed_s: float
+    train_samples: int
+    samples_per_s: float  # since the previous collection
+    microbatches_done: int
+    microbatches_total: int
+    epoch: int  # 1-based epoch of the latest completed microbatch (0 before the first)
+    eta_s: float
+    in_flight: int
+    backlog: list[int]  # per stage: microbatches handed to it that it has not finished (live)
+    test_accuracy: dict[str, float] = field(default_factory=dict)  # latest, per predictor
+    errors: dict[str, int] = field(default_factory=dict)  # per kind, cumulative
+    stages: list[StageRecord] | None = None  # None: no new stage statistics at this collection
+
+    @property
+    def progress(self) -> float:
+        return self.microbatches_done / self.microbatches_total if self.microbatches_total else 0.0
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def stage_record(current: StageStats, previous: StageStats | None, device: str) -> StageRecord:
+    """A record of ``current``, with the interval values taken against ``previous``."""
+    loss_count = current.loss_count - (previous.loss_count if previous else 0)
+    loss_sum = current.loss_sum - (previous.loss_sum if previous else 0.0)
+    scored = current.train_scored - (previous.train_scored if previous else 0)
+    correct = current.train_correct - (previous.train_correct if previous else 0)
+    # Without a new training step in the interval the stage's latest values stand.
+    loss = loss_sum / loss_count if loss_count else _finite_or_none(current.last_loss)
+    accuracy = correct / scored if scored else None
+    steps = len(current.step_times)
+    return StageRecord(
+        stage=current.stage, device=device, samples=current.samples, microbatches=current.microbatches,
+        compute_s=current.busy_s, wait_s=current.wait_s, handoff_s=current.handoff_s,
+        loss=loss, train_accuracy=accuracy, lr=current.lr, weight_norm=current.weight_norm,
+        update_norm=current.update_norm, memory_bytes=current.memory_bytes,
+        peak_memory_bytes=current.peak_memory_bytes, steps=steps,
+        step_mean_s=sum(current.step_times) / steps if steps else None)
+
+
+class MetricsLog:
+    """Appends records to ``<out>/metrics.jsonl``; the directory is made at the first write, so a
+    run rejected at validation leaves nothing behind."""
+
+    def __init__(self, out: str | Path):
+        self.path = Path(out) / LOG_NAME
+
+    def append(self, record: RunRecord) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # NaN and inf are written as Python's json writes them (a diverged norm must not stop the
+        # run's monitoring); read_log reads them back.
+        line = json.dumps(asdict(record)) + "\n"
+        with open(self.path, "a") as handle:
+            handle.write(line)
+
+
+def read_log(path: str | Path, run_id: str | None = None) -> list[RunRecord]:
+    """The records of one run from a log (the last run in the file unless ``run_id`` is given:
+    a reused ``--out`` directory holds several runs). A torn last line is skipped."""
+    lines = []
+    for text in Path(path).read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:
+            continue
+    if not lines:
+        return []
+    wanted = run_id or lines[-1]["run_id"]
+    records = []
+    for line in lines:
+        if line["run_id"] != wanted:
+            continue
+        stages = line.pop("stages")
+        records.append(RunRecord(**line, stages=None if stages is None else [StageRecord(**s) for s in stages]))
+    return records

@@ -1,0 +1,235 @@
+"""Monitoring without a Prometheus server: the exporter's text format and metric names against the
+dashboard, the committed dashboard JSON, the endpoint's default binding, the metrics log and the
+PNG plots. (tests/test_monitoring_prometheus.py runs a real Prometheus.)"""
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from launch.observers import make_observers
+from launch.train import main, prepare
+from monitoring.dashboard import DASHBOARD_PATH, ROWS, dashboard_json, panel_queries
+from monitoring.exporter import NON_FINITE_LOSS, PREFIX, PrometheusExporter, RunInfo
+from monitoring.observer import MetricsConfig, MetricsObserver
+from monitoring.records import END, ERROR, EVALUATION, LOG_NAME, PROGRESS, read_log
+from monitoring.report import PLOT_HEIGHT, PLOT_NAMES, PLOT_WIDTH
+from monitoring.report import main as report_main
+from monitoring.watch import free_port, prometheus_config
+from pipeline.messages import NonFiniteLossError
+from pipeline.runner import SequentialRunner
+from pipeline.training import train
+
+REPO = Path(__file__).resolve().parent.parent
+SHORT_RUN = ["--preset", "synthetic", "--executor", "sequential", "--epochs", "2", "--no-progress"]
+
+
+def observed_run(tiny, **config_changes):
+    """A tiny sequential run watched by a MetricsObserver that collects at every submit."""
+    config, _, schedule, setups = tiny()
+    info = RunInfo(run_id="test-run", dataset="synthetic", rule="sigprop", model=config.model.name,
+                   executor="sequential", stages=len(setups), epochs=config.epochs)
+    observer = MetricsObserver(MetricsConfig(info=info, devices=("cpu",) * len(setups), interval_s=0.05,
+                                             **config_changes))
+    result = train(schedule, SequentialRunner(setups), [observer])
+    return observer, result
+
+
+def dashboard_metric_names() -> set[str]:
+    board = json.loads(DASHBOARD_PATH.read_text())
+    names = {name for _, expr in panel_queries(board) for name in re.findall(r"\bforwardflow_\w+", expr)}
+    for variable in board["templating"]["list"]:
+        names.update(re.findall(r"\bforwardflow_\w+", str(variable.get("query", ""))))
+    return names
+
+
+def test_committed_dashboard_is_what_the_generator_writes():
+    assert DASHBOARD_PATH.read_text() == dashboard_json(), "run: python -m monitoring.dashboard"
+
+
+def test_dashboard_has_the_panels_the_issue_asks_for_and_a_run_selector():
+    board = json.loads(DASHBOARD_PATH.read_text())
+    titles = {panel["title"] for panel in board["panels"]}
+    for wanted in ("Throughput per stage", "Compute / wait / hand-on per stage",
+                   "Queued microbatches per stage and in flight", "Local loss per stage", "Accuracy over time",
+                   "Memory per device", "Actor restarts", "Errors"):
+        assert wanted in titles
+    variables = {variable["name"]: variable for variable in board["templating"]["list"]}
+    assert variables["run_id"]["query"] == "label_values(forwardflow_run_info, run_id)"
+    queries = panel_queries(board)
+    assert len(queries) == sum(len(spec.queries) for _, specs in ROWS for spec in specs)
+    assert all('run_id=~"$run_id"' in expr for _, expr in queries)
+
+
+def test_exporter_serves_valid_text_format_with_every_metric_the_dashboard_names(tiny):
+    observer, _ = observed_run(tiny, port=free_port())
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{observer.port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    finally:
+        observer.close()
+    families = list(text_string_to_metric_families(text))
+    samples = {sample.name for family in families for sample in family.samples}
+    missing = dashboard_metric_names() - samples
+    assert not missing, f"the dashboard queries metrics the exporter does not serve: {missing}"
+    for family in families:
+        assert family.name.startswith(PREFIX)
+        for sample in family.samples:
+            assert sample.labels["run_id"] == "test-run"
+            if family.name.startswith(PREFIX + "stage_"):
+                assert {"stage", "device"} <= sample.labels.keys()
+    promtool = shutil.which("promtool")  # Prometheus's own parser and naming linter (Debian prometheus)
+    if promtool:
+        lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+        assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_exported_values_follow_the_run(tiny):
+    observer, result = observed_run(tiny, port=free_port())
+    observer.close()
+    registry = observer.exporter.registry
+
+    def value(name, **labels):
+        return registry.get_sample_value(PREFIX + name, {"run_id": "test-run", **labels})
+
+    assert value("train_samples_total") == result.train_samples
+    assert value("progress_ratio") == 1.0
+    for stats in result.stages:
+        stage = {"stage": str(stats.stage), "device": "cpu"}
+        assert value("stage_samples_total", **stage) == stats.samples
+        assert value("stage_compute_seconds_total", **stage) == pytest.approx(stats.busy_s)
+        assert value("stage_wait_seconds_total", **stage) == 0.0  # sequential: never waits by construction
+        assert value("stage_step_seconds_count", **stage) > 0
+        assert math.isfinite(value("stage_loss", **stage))
+        assert 0.0 <= value("stage_train_accuracy_ratio", **stage) <= 1.0
+        assert value("stage_memory_bytes", **stage) > 0
+    assert value("test_accuracy_ratio", predictor="nearest_target") == result.evaluations[-1].accuracy
+    assert value("errors_total", kind=NON_FINITE_LOSS) == 0
+
+
+def test_an_error_is_counted_and_logged(tiny, tmp_path):
+    observer, _ = observed_run(tiny, port=free_port(), out=str(tmp_path))
+    observer.on_error(NonFiniteLossError(stage=1, microbatch=3, value=math.nan))
+    observer.close()
+    assert observer.exporter.registry.get_sample_value(
+        PREFIX + "errors_total", {"run_id": "test-run", "kind": NON_FINITE_LOSS}) == 1
+    last = read_log(tmp_path / LOG_NAME)[-1]
+    assert last.kind == ERROR and last.errors == {NON_FINITE_LOSS: 1}
+
+
+def test_metrics_port_in_use_is_rejected_in_one_line(tmp_path, capsys):
+    port = free_port()
+    config, _, _, args = prepare([*SHORT_RUN, "--metrics-port", str(port)])
+    holder = make_observers(config, args, ["cpu", "cpu"])[-1]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*SHORT_RUN, "--metrics-port", str(port), "--out", str(tmp_path / "run")])
+    finally:
+        holder.close()
+    assert exit_info.value.code == 2
+    assert "--metrics-port" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_plot_without_out_is_rejected_before_anything_runs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*SHORT_RUN, "--plot"])
+    assert exit_info.value.code == 2
+    assert "--plot: needs --out" in capsys.readouterr().err
+
+
+def test_a_run_keeps_a_metrics_log_and_draws_the_plots(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*SHORT_RUN, "--out", str(out), "--plot", "--metrics-interval", "0.05"]) == 0
+    records = read_log(out / LOG_NAME)
+    kinds = [record.kind for record in records]
+    assert kinds[0] == PROGRESS and kinds[-1] == END and kinds.count(EVALUATION) == 2
+    assert len({record.run_id for record in records}) == 1
+    assert records[-1].progress == 1.0 and records[-1].stages
+    evaluation = next(record for record in records if record.kind == EVALUATION)
+    assert 0.0 <= evaluation.test_accuracy["nearest_target"] <= 1.0
+    for name in PLOT_NAMES:
+        with Image.open(out / name) as image:
+            assert image.size == (PLOT_WIDTH, PLOT_HEIGHT)
+            colors = image.convert("L").getextrema()
+            assert colors[0] < 100 < colors[1], f"{name} looks blank"  # drawn lines and text on white
+    # The stand-alone command draws the same plots from the log of an existing run.
+    for name in PLOT_NAMES:
+        (out / name).unlink()
+    assert report_main([str(out)]) == 0
+    assert all((out / name).stat().st_size > 10_000 for name in PLOT_NAMES)
+    assert report_main([str(tmp_path / "missing")]) == 2
+
+
+def test_watch_config_is_valid_for_prometheus(tmp_path):
+    promtool = shutil.which("promtool")
+    if not promtool:
+        pytest.skip("promtool (Debian package prometheus) is not installed")
+    generated = tmp_path / "prometheus.yml"
+    generated.write_text(prometheus_config(("127.0.0.1:9400", "127.0.0.1:9401"), "2s"))
+    for path in (generated, REPO / "monitoring" / "prometheus.yml"):
+        check = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+
+
+# Serves the endpoint the way the launcher does (parse, make_observers), once with the default host
+# and once with --metrics-host 0.0.0.0, and tries to connect to each on the addresses given.
+PROBE = r"""
+import json, socket, sys
+from launch.observers import close_observers, make_observers
+from launch.train import prepare
+from monitoring.watch import free_port
+
+found = {}
+for extra in ([], ["--metrics-host", "0.0.0.0"]):
+    config, _, _, args = prepare(["--preset", "synthetic", "--no-progress", "--metrics-port", str(free_port())]
+                                 + extra)
+    observers = make_observers(config, args, ["cpu", "cpu"])
+    port = observers[-1].port
+    for address in sys.argv[1:]:
+        try:
+            socket.create_connection((address, port), timeout=2).close()
+            reached = True
+        except OSError:
+            reached = False
+        found[f"{config.execution.metrics_host} {address}"] = reached
+    close_observers(observers)
+print(json.dumps(found))
+"""
+NAMESPACE_ADDRESS = "10.200.0.1"  # exists only inside the test's own network namespace
+
+
+def probe(addresses: list[str], in_namespace: bool) -> dict[str, bool] | None:
+    command = [sys.executable, "-c", PROBE, *addresses]
+    if in_namespace:
+        if not shutil.which("unshare") or not shutil.which("ip"):
+            return None
+        setup = f"ip link set lo up && ip addr add {NAMESPACE_ADDRESS}/32 dev lo && exec \"$@\""
+        command = ["unshare", "--user", "--map-root-user", "--net", "sh", "-c", setup, "probe", *command]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        if in_namespace:
+            return None  # no network namespace here: the loopback-only check below still runs
+        raise AssertionError(done.stderr)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_endpoint_is_not_reachable_on_a_non_loopback_address_by_default():
+    # A non-loopback address of our own: 10.200.0.1 in a private network namespace that the test
+    # makes, so no traffic leaves it. Where namespaces are not allowed, 127.0.0.2 (another local
+    # address, refused by the same rule: a socket bound to 127.0.0.1 accepts only 127.0.0.1).
+    found = probe(["127.0.0.1", NAMESPACE_ADDRESS], in_namespace=True)
+    other = NAMESPACE_ADDRESS
+    if found is None:
+        found, other = probe(["127.0.0.1", "127.0.0.2"], in_namespace=False), "127.0.0.2"
+    assert found["127.0.0.1 127.0.0.1"] is True  # it serves, on loopback
+    assert found[f"127.0.0.1 {other}"] is False  # and nowhere else by default
+    assert found[f"0.0.0.0 {other}"] is True  # --metrics-host opens it (the probe can see it)

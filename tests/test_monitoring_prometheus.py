@@ -1,0 +1,91 @@
+"""A real Prometheus (Debian package ``prometheus``, installed by launch/setup.sh) on a free
+loopback port scrapes a short real training run on the Ray executor; every query of every
+dashboard panel, evaluated through Prometheus's HTTP API, returns data."""
+
+import json
+import math
+import shutil
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from launch.observers import close_observers, make_observers
+from launch.train import make_executor, prepare
+from monitoring.dashboard import DASHBOARD_PATH, panel_queries
+from monitoring.watch import free_port, prometheus_config, start_prometheus, stop, wait_ready
+from pipeline.training import train
+
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+# The dashboard's Grafana variables, as Grafana would fill them in for a range covering the run.
+WINDOW = "2m"
+
+
+def query(base: str, promql: str) -> list[dict]:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+    with urllib.request.urlopen(url, timeout=10) as response:
+        answer = json.load(response)
+    assert answer["status"] == "success", answer
+    return answer["data"]["result"]
+
+
+def wait_for(base: str, promql: str, timeout_s: float = 20.0) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = query(base, promql)
+        if result:
+            return result
+        time.sleep(0.25)
+    raise AssertionError(f"Prometheus never answered {promql!r} within {timeout_s:g} s")
+
+
+def finite_values(result: list[dict]) -> list[float]:
+    return [float(item["value"][1]) for item in result if math.isfinite(float(item["value"][1]))]
+
+
+def test_every_dashboard_panel_query_returns_data_from_a_real_prometheus(ray_cluster, tmp_path):
+    if not shutil.which(PROMETHEUS):
+        pytest.skip("prometheus (Debian package) is not installed: bash launch/setup.sh installs it")
+    metrics_port, prometheus_port = free_port(), free_port()
+    config_file = tmp_path / "prometheus.yml"
+    config_file.write_text(prometheus_config((f"127.0.0.1:{metrics_port}",), "1s"))
+    (tmp_path / "data").mkdir()
+    prometheus = start_prometheus(config_file, tmp_path / "data", "127.0.0.1", prometheus_port, PROMETHEUS)
+    base = f"http://127.0.0.1:{prometheus_port}"
+    observers = []
+    try:
+        wait_ready(base + "/-/ready", prometheus)
+        # Long enough for several scrapes while it trains (a few seconds on two cores).
+        config, schedule, setups, args = prepare(
+            ["--preset", "synthetic", "--executor", "ray", "--epochs", "12", "--no-progress",
+             "--metrics-port", str(metrics_port), "--metrics-interval", "0.25"])
+        executor, devices = make_executor(config, setups)
+        try:
+            observers = make_observers(config, args, devices)
+            result = train(schedule, executor, observers)
+        finally:
+            executor.close()
+        run = f'run_id="{config.run_id}"'
+        # The endpoint still serves the final values (as with --metrics-linger): wait for their scrape.
+        wait_for(base, f"forwardflow_progress_ratio{{{run}}} == 1")
+
+        # The Ray executor measures the whole time split, and the pipeline did overlap stages.
+        assert all(stats.wait_s > 0 and stats.handoff_s > 0 for stats in result.stages)
+        assert finite_values(query(base, f"max_over_time(forwardflow_microbatches_in_flight{{{run}}}[{WINDOW}])"))[0] > 0
+        # The run selector's query.
+        with urllib.request.urlopen(f"{base}/api/v1/label/run_id/values?match[]=forwardflow_run_info") as response:
+            assert config.run_id in json.load(response)["data"]
+
+        queries = panel_queries(json.loads(DASHBOARD_PATH.read_text()))
+        assert len(queries) >= 15
+        empty = []
+        for title, expr in queries:
+            promql = (expr.replace("$run_id", config.run_id).replace("$__rate_interval", WINDOW)
+                      .replace("$__range", WINDOW))
+            if not finite_values(query(base, promql)):
+                empty.append(f"{title}: {promql}")
+        assert not empty, "panels without data:\n" + "\n".join(empty)
+    finally:
+        close_observers(observers)
+        stop(prometheus)
