@@ -31,6 +31,9 @@ class StageSetup:
     total_steps: int = 0  # training microbatches in the run (for learning-rate schedules)
 
 
+MAX_STEP_TIMES = 10_000
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -121,7 +124,8 @@ class Stage:
             stats.eval_samples += mb.size
             return
         stats.samples += mb.size
-        stats.step_times.append(elapsed)
+        if len(stats.step_times) < MAX_STEP_TIMES:  # bounded if nobody collects them
+            stats.step_times.append(elapsed)
         if scores is not None:
             stats.train_correct += int((scores.argmax(1) == mb.labels).sum())
             stats.train_scored += mb.size
@@ -152,9 +156,11 @@ class Stage:
 
     def state_dict(self) -> dict[str, dict]:
         """Weights (and the rule's own parameters), on the CPU."""
-        return {name: tensor.detach().cpu().clone() for name, tensor in
-                [*(("blocks." + k, v) for k, v in self.blocks.state_dict().items()),
-                 *(("rule." + k, v) for k, v in self.rule.state_dict().items())]}
+        weights = {}
+        for prefix, module in (("blocks.", self.blocks), ("rule.", self.rule)):
+            for name, tensor in module.state_dict().items():
+                weights[prefix + name] = tensor.detach().cpu().clone()
+        return weights
 
 
 def _build_optimizer(config: OptimConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
