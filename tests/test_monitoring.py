@@ -2,12 +2,14 @@
 dashboard, the committed dashboard JSON, the endpoint's default binding, the metrics log and the
 PNG plots. (tests/test_monitoring_prometheus.py runs a real Prometheus.)"""
 
+import itertools
 import json
 import math
 import re
 import shutil
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -15,6 +17,8 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from actors.placement import plan_placement
+from actors.ray_pipeline import RayPipeline
 from launch.observers import make_observers
 from launch.train import main, prepare
 from monitoring.dashboard import DASHBOARD_PATH, ROWS, dashboard_json, panel_queries
@@ -233,3 +237,25 @@ def test_endpoint_is_not_reachable_on_a_non_loopback_address_by_default():
     assert found["127.0.0.1 127.0.0.1"] is True  # it serves, on loopback
     assert found[f"127.0.0.1 {other}"] is False  # and nowhere else by default
     assert found[f"0.0.0.0 {other}"] is True  # --metrics-host opens it (the probe can see it)
+
+
+def test_ray_pipeline_reports_queues_and_the_time_split_without_draining(ray_cluster, tiny):
+    _, _, schedule, setups = tiny()
+    pipeline = RayPipeline(setups, plan_placement(len(setups), "cpu", {"CPU": 2.0}), window=8)
+    try:
+        for mb in itertools.islice(iter(schedule), 5):
+            pipeline.submit(mb)
+        assert pipeline.in_flight == 5
+        backlog = pipeline.stage_backlog()
+        assert len(backlog) == len(setups) and 0 <= sum(backlog) <= 5
+        # As the stages finish, their queues empty while the predictions wait for the driver.
+        deadline = time.monotonic() + 60
+        while sum(pipeline.stage_backlog()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pipeline.stage_backlog() == [0] * len(setups)
+        assert pipeline.in_flight == 5
+        assert len(pipeline.completed()) == 5 and pipeline.in_flight == 0
+        stats = pipeline.snapshots()
+        assert all(s.microbatches == 5 and s.handoff_s > 0 and s.wait_s > 0 for s in stats)
+    finally:
+        pipeline.close()
