@@ -69,7 +69,8 @@ class Stage:
         self.scheduler = _build_schedule(setup.optim, self.optimizer, setup.total_steps)
         self.stats = StageStats(stage=self.index, device=str(self.device), lr=setup.optim.lr)
         self.last_index = -1
-        self._weights_at_last_snapshot = self._flat_weights()
+        self._parameters = list(self.blocks.parameters()) + list(self.rule.parameters())
+        self._weights_at_last_snapshot = [p.detach().clone() for p in self._parameters]
 
     @property
     def is_last(self) -> bool:
@@ -130,19 +131,23 @@ class Stage:
             stats.train_correct += int((scores.argmax(1) == mb.labels).sum())
             stats.train_scored += mb.size
 
-    def _flat_weights(self) -> torch.Tensor:
-        tensors = [p.detach().flatten() for p in self.blocks.parameters()]
-        tensors += [p.detach().flatten() for p in self.rule.parameters()]
-        return torch.cat(tensors).clone() if tensors else torch.zeros(1, device=self.device)
+    @torch.no_grad()
+    def _weight_and_update_norms(self) -> tuple[float, float]:
+        """Norm of all weights and of their change since the last snapshot, tensor by tensor
+        (no concatenated copy of the model); the reference copy is updated in place."""
+        weight_sq = update_sq = 0.0
+        for param, previous in zip(self._parameters, self._weights_at_last_snapshot):
+            weight_sq += float(param.pow(2).sum())
+            previous.sub_(param)
+            update_sq += float(previous.pow(2).sum())
+            previous.copy_(param)
+        return math.sqrt(weight_sq), math.sqrt(update_sq)
 
     def snapshot(self) -> StageStats:
         """Counters so far plus norms and memory; resets the step-time list. Called at the
         metrics cadence, never per microbatch (the norms read every weight)."""
-        weights = self._flat_weights()
         stats = self.stats
-        stats.weight_norm = float(weights.norm())
-        stats.update_norm = float((weights - self._weights_at_last_snapshot).norm())
-        self._weights_at_last_snapshot = weights
+        stats.weight_norm, stats.update_norm = self._weight_and_update_norms()
         stats.lr = self.optimizer.param_groups[0]["lr"]
         if self.device.type == "cuda":
             stats.memory_bytes = torch.cuda.memory_allocated(self.device)
