@@ -7,8 +7,8 @@ from dataclasses import replace
 from pipeline.config import BlockSpec, DataConfig, ModelConfig, OptimConfig, RuleConfig, TrainConfig
 
 
-def fc_model(widths: tuple[int, ...] = (1000, 1000, 1000), name: str = "") -> ModelConfig:
-    """A fully connected net: flatten, then linear + ReLU + LayerNorm per hidden layer.
+def fc_model(widths: tuple[int, ...] = (1000, 1000, 1000), name: str = "", dropout: float = 0.0) -> ModelConfig:
+    """A fully connected net: flatten, then linear + ReLU + LayerNorm (+ dropout) per hidden layer.
 
     LayerNorm bounds each layer's output so that the dot-product scores of the local loss stay in
     a range where the softmax does not saturate.
@@ -16,6 +16,8 @@ def fc_model(widths: tuple[int, ...] = (1000, 1000, 1000), name: str = "") -> Mo
     blocks = [BlockSpec("flatten")]
     for width in widths:
         blocks += [BlockSpec("linear", width), BlockSpec("relu"), BlockSpec("layernorm")]
+        if dropout:
+            blocks.append(BlockSpec("dropout", p=dropout))
     return ModelConfig(name=name or "fc-" + "x".join(str(w) for w in widths), blocks=tuple(blocks))
 
 
@@ -40,7 +42,8 @@ def mnist_fc() -> TrainConfig:
 
 
 def fashion_fc() -> TrainConfig:
-    return replace(mnist_fc(), data=DataConfig("fashion-mnist", batch_size=512))
+    """Fashion-MNIST needs longer than MNIST: 15 epochs (89.7% against 88.9% after 8)."""
+    return replace(mnist_fc(), data=DataConfig("fashion-mnist", batch_size=512), epochs=15)
 
 
 def cifar_vgg() -> TrainConfig:
