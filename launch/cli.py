@@ -8,8 +8,8 @@ import sys
 from dataclasses import replace
 from typing import NoReturn
 
-from pipeline.config import (DATASETS, EXECUTORS, PLACEMENTS, RULES, SIGPROP_LOSSES, ConfigError,
-                             TrainConfig, flag_name)
+from pipeline.config import (DATASETS, EXECUTORS, PLACEMENTS, POSITIVES, RULE_OPTIONS, RULES, SIGPROP_LOSSES,
+                             TARGET_LAYERS, ConfigError, TrainConfig, flag_name)
 from pipeline.presets import DEFAULT_PRESET, PRESETS
 
 EXIT_BAD_INPUT = 2
@@ -40,6 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dataset", help=f"one of {_choices(DATASETS)}")
     add("--rule", help=f"learning rule: one of {_choices(RULES)}")
     add("--loss", help=f"sigprop loss: one of {_choices(SIGPROP_LOSSES)}")
+    add("--positives", help=f"sigprop contrastive loss, which same-label samples are positives: one of "
+                            f"{_choices(POSITIVES)}")
+    add("--topk", type=int, help="sigprop --positives topk: how many")
+    add("--target-layer", help=f"sigprop target layer: one of {_choices(TARGET_LAYERS)}")
+    add("--temperature", type=float, help="sigprop score temperature (0: sqrt of the features per position)")
+    add("--ff-threshold", type=float, help="ff goodness threshold per unit (theta)")
+    add("--hard-negatives", "--ff-hard-negatives", action="store_true", default=None, dest="ff_hard_negatives",
+        help="ff: negatives carry the most confusable wrong label instead of a random one")
+    add("--head-width", type=int, help="local: hidden units of each stage's classifier (0: linear)")
     add("--epochs", type=int)
     add("--batch-size", type=int, help="training microbatch size")
     add("--lr", type=float, help="learning rate of every stage's optimizer")
@@ -73,6 +82,7 @@ SECTIONS = {
     "execution": ("device", "address", "executor", "window", "placement", "torch_threads",
                   "metrics_port", "metrics_host"),
     "top": ("epochs", "seed", "out"),
+    "rule": tuple(RULE_OPTIONS),
 }
 
 
@@ -85,13 +95,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     sections = {"data": config.data, "optim": config.optim, "execution": config.execution}
     for section, names in SECTIONS.items():
         changes = {name: given[name] for name in names if name in given}
-        if changes and section != "top":
+        if changes and section in sections:
             sections[section] = replace(sections[section], **changes)
     rule = config.rule
     if "rule" in given:
         rule = replace(rule, name=given["rule"])
-    if "loss" in given:
-        rule = replace(rule, loss=given["loss"])
+    rule_changes = {name: given[name] for name in SECTIONS["rule"] if name in given}
+    for name in rule_changes:
+        if rule.name not in RULE_OPTIONS[name]:  # a flag that would silently do nothing
+            raise ConfigError(name, f"applies to --rule {', '.join(RULE_OPTIONS[name])} only (the rule is {rule.name})")
+    rule = replace(rule, **rule_changes)
     model = config.model if "stages" not in given else replace(config.model, stages=given["stages"])
     if "stages" in given and given["stages"] < 1:
         raise ConfigError("stages", f"must be at least 1 (got {given['stages']})")

@@ -19,6 +19,7 @@ from launch.report import summary, table, write_outputs
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.data import load_dataset
 from pipeline.messages import NonFiniteLossError
+from pipeline.rules.registry import check_rule, make_feedback
 from pipeline.runner import Executor, SequentialRunner
 from pipeline.schedule import MicrobatchSchedule, ScheduleConfig
 from pipeline.stage import StageSetup, resolve_device, stage_setups
@@ -76,6 +77,7 @@ def prepare(argv: list[str] | None) -> tuple[TrainConfig, MicrobatchSchedule, li
                                                               config.epochs, config.seed, config.data.augment))
         setups = stage_setups(config, dataset.num_classes, dataset.input_shape,
                               total_steps=schedule.train_microbatches_per_epoch * config.epochs)
+        check_rule(config, dataset.num_classes, dataset.input_shape)
         if config.execution.address and config.execution.executor == "ray":
             from actors.cluster import check_address
             check_address(config.execution.address)
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(config: TrainConfig, schedule: MicrobatchSchedule, executor: Executor, devices: list[str],
         observers: list[RunObserver], args: argparse.Namespace) -> int:
     try:
-        result = train(schedule, executor, observers)
+        dataset = schedule.dataset
+        result = train(schedule, executor, observers, make_feedback(config, dataset.num_classes, dataset.input_shape))
     except Exception as error:
         record_error(observers, error)
         if not isinstance(error, NonFiniteLossError):

@@ -15,6 +15,11 @@ RULES = ("sigprop", "ff", "local", "efp", "bp")
 SIGPROP_LOSSES = ("contrastive", "per-class")
 POSITIVES = ("all", "one", "topk")
 TARGET_LAYERS = ("learned", "fixed")
+# RuleConfig fields that only some rules read: a command-line flag for another rule is refused.
+RULE_OPTIONS = {
+    "loss": ("sigprop",), "positives": ("sigprop",), "topk": ("sigprop",), "target_layer": ("sigprop",),
+    "temperature": ("sigprop",), "ff_threshold": ("ff",), "ff_hard_negatives": ("ff",), "head_width": ("local",),
+}
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 EXECUTORS = ("ray", "sequential")
@@ -133,6 +138,9 @@ class RuleConfig:
         _in_range("temperature", self.temperature, 0.0, 1e6, float)
         _in_range("ff_threshold", self.ff_threshold, 0.0, 1e6, float)
         _in_range("head_width", self.head_width, 0, 1 << 16)
+        if self.loss == "per-class" and self.positives != "all":
+            raise ConfigError("positives", "chooses the positives of --loss contrastive; --loss per-class "
+                                           "scores each sample against one target per class")
 
 
 @dataclass(frozen=True)
@@ -195,6 +203,9 @@ class TrainConfig:
         _in_range("seed", self.seed, 0, 2**31 - 1)
         if self.rule.name == "bp" and self.model.stages > 1:
             raise ConfigError("stages", "rule bp trains end to end through one stage; use --stages 1")
+        if self.rule.name == "efp" and not self.model.head:
+            raise ConfigError("rule", f"efp feeds the output head's error back to the front; model "
+                                      f"{self.model.name} has no output head")
 
     @property
     def num_stages(self) -> int:

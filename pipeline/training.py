@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.messages import EVAL, Prediction, StageStats
+from pipeline.rules.base import Feedback
 from pipeline.runner import Executor
 from pipeline.schedule import MicrobatchSchedule
 
@@ -103,12 +104,17 @@ class RunResult:
         return self.train_samples / max(self.wall_s, 1e-9)
 
 
-def train(schedule: MicrobatchSchedule, executor: Executor, observers: list[RunObserver] = ()) -> RunResult:
+def train(schedule: MicrobatchSchedule, executor: Executor, observers: list[RunObserver] = (),
+          feedback: Feedback | None = None) -> RunResult:
+    """``feedback``: the rule's loop from the output back to the front of the pipeline, if any
+    (see ``pipeline.rules.registry.make_feedback``)."""
+    feedback = feedback or Feedback()
     progress = Progress(train_samples_total=schedule.total_train_samples, microbatches_total=len(schedule))
     tracker = AccuracyTracker(len(schedule.dataset.test_y))
     evaluations: list[EvalResult] = []
 
     def handle(prediction: Prediction) -> None:
+        feedback.on_prediction(prediction)
         progress.microbatches_done += 1
         if prediction.phase != EVAL:
             progress.train_samples_done += prediction.size
@@ -122,7 +128,10 @@ def train(schedule: MicrobatchSchedule, executor: Executor, observers: list[RunO
                 observer.on_evaluation(result, progress)
 
     for mb in schedule:
-        executor.submit(mb)  # returns at once on Ray; blocks only when the window is full
+        if not feedback.ready(mb):  # only when the feedback delay is shorter than the window
+            for prediction in executor.completed(wait=True):
+                handle(prediction)
+        executor.submit(feedback.attach(mb))  # returns at once on Ray; blocks only when the window is full
         for prediction in executor.completed():
             handle(prediction)
         for observer in observers:

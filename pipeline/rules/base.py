@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import RuleConfig
+from pipeline.config import RuleConfig, TrainConfig
 from pipeline.messages import Microbatch, Prediction
 from pipeline.model import StageSpec
 
@@ -51,6 +51,11 @@ class StageRule(nn.Module):
             features = int(torch.Size(context.stage.output_shape).numel())
             self.output_head = nn.Linear(features, context.num_classes)
 
+    @classmethod
+    def check(cls, config: TrainConfig, num_classes: int, input_shape: tuple[int, ...]) -> None:
+        """Raise ConfigError if the rule cannot work with this model and data. Called by the
+        launcher before any actor starts; rules with requirements override it."""
+
     def forward(self, blocks: nn.ModuleList, mb: Microbatch, training: bool) -> LocalStep:
         raise NotImplementedError
 
@@ -69,3 +74,22 @@ class StageRule(nn.Module):
 
     def after_update(self) -> None:
         """Called after the stage's optimizer step (rules with extra state override it)."""
+
+
+class Feedback:
+    """The training loop's hook for a rule that feeds predictions back to the front of the pipeline
+    (error forward-propagation). The default feeds nothing back.
+
+    The loop calls ``on_prediction`` for every prediction, asks ``ready`` before submitting a
+    microbatch (False only when what it must carry has not come back yet: the loop then drains
+    the pipeline), and submits ``attach(mb)`` instead of ``mb``.
+    """
+
+    def on_prediction(self, prediction: Prediction) -> None:
+        """Take what the rule feeds back from a finished microbatch."""
+
+    def ready(self, mb: Microbatch) -> bool:
+        return True
+
+    def attach(self, mb: Microbatch) -> Microbatch:
+        return mb

@@ -1,0 +1,124 @@
+"""Error forward-propagation (Kohan, Rietman & Siegelmann 2018): the output error is fed back into
+the input layer through one fixed loop connection, travels forward through the very same weights
+as the data, and each layer learns from the difference between its activations with and without
+that error. No backward path exists between layers.
+
+In the pipeline:
+
+1. For every training microbatch i the last stage returns its output error
+   ``e_i = softmax(logits_i) - onehot(y_i)`` (``Prediction.feedback``).
+2. The training loop hands it to :class:`ErrorFeedback`, which attaches the *replay* of
+   microbatch i to a later training microbatch as its ``context``: 2B rows, the clean inputs
+   ``x_i`` and the error-modulated inputs ``x_i - P e_i``, where ``P`` (K classes -> input values) is
+   the fixed random loop connection.
+3. Every stage runs its blocks on ``[its own microbatch; clean replay; modulated replay]`` as one
+   batch and hands all rows on. Its local loss is ``1/2 mean_i ||h_clean_i - sg(h_mod_i)||^2``: the
+   clean activations move towards those that the error-corrected input produces. The contrast
+   ``h_clean - h_mod ~ J_l P e_i`` stands in for the gradient at the stage's output: the error reaches
+   the stage through the forward weights before it (``J_l``, the forward Jacobian), much as in
+   direct feedback alignment with a feedback matrix made of the network's own forward path.
+4. The output head learns by cross-entropy on the last stage's detached features; its error is what
+   is fed back.
+
+Delay. The error of a microbatch exists only once it has left the last stage, so it is fed back to
+the microbatch submitted ``delay`` training microbatches later, ``delay = --window``. The Ray
+driver keeps at most ``window`` microbatches in flight: before it submits stream position ``j`` it
+has already collected position ``j - window``. The error of training microbatch ``i`` is therefore
+always in hand when the training microbatch ``delay`` training microbatches later is submitted
+(evaluation microbatches in between only widen the gap), and the feedback costs no pause. The
+sequential runner uses the same delay, so both executors compute the same thing bit for bit. The
+price: the replay of microbatch i is learned from with weights ``delay`` updates newer than those
+that made its error (the error is ``delay`` microbatches stale); the first ``delay`` training
+microbatches carry no replay (their stages only train the output head) and the errors of the last
+``delay`` are not used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import TrainConfig
+from pipeline.messages import TRAIN, Microbatch, Prediction
+from pipeline.model import run_blocks
+from pipeline.rules.base import Feedback, LocalStep, StageRule
+
+# Standard deviation of the loop connection's entries: an error of norm ~1 (an untrained output)
+# shifts each input value by about this much, against inputs normalised to std 1. Large enough to
+# change the activations measurably, small enough that the contrast stays close to linear.
+FEEDBACK_SCALE = 0.5
+
+
+class ErrorFeedback(Feedback):
+    """The loop from the output back to the front: keeps the inputs of in-flight training
+    microbatches and the errors that have come back, and attaches replays ``delay`` training
+    microbatches later. Holds at most ``delay`` + window microbatches of inputs."""
+
+    def __init__(self, delay: int, num_classes: int, input_shape: tuple[int, ...], seed: int):
+        self.delay = delay
+        generator = torch.Generator().manual_seed(seed * 1000 + 977)
+        self.projection = torch.randn(num_classes, math.prod(input_shape), generator=generator) * FEEDBACK_SCALE
+        self._position = 0  # training microbatches attached so far
+        self._in_flight: dict[int, tuple[int, torch.Tensor]] = {}  # stream index -> (position, inputs)
+        self._errors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # position -> (inputs, error)
+
+    def on_prediction(self, prediction: Prediction) -> None:
+        entry = self._in_flight.pop(prediction.index, None)
+        if entry is not None and prediction.feedback is not None:
+            position, inputs = entry
+            self._errors[position] = (inputs, prediction.feedback)
+
+    def ready(self, mb: Microbatch) -> bool:
+        source = self._position - self.delay
+        return mb.phase != TRAIN or source < 0 or source in self._errors
+
+    def attach(self, mb: Microbatch) -> Microbatch:
+        if mb.phase != TRAIN:
+            return mb
+        position = self._position
+        self._position += 1
+        self._in_flight[mb.index] = (position, mb.inputs)
+        found = self._errors.pop(position - self.delay, None)
+        if found is None:
+            return mb
+        inputs, error = found
+        modulated = inputs - (error @ self.projection).view_as(inputs)
+        return replace(mb, context=torch.cat([inputs, modulated]))
+
+
+def make_error_feedback(config: TrainConfig, num_classes: int, input_shape: tuple[int, ...]) -> ErrorFeedback:
+    return ErrorFeedback(config.execution.window, num_classes, input_shape, config.seed)
+
+
+class ErrorForwardRule(StageRule):
+    def forward(self, blocks: nn.ModuleList, mb: Microbatch, training: bool) -> LocalStep:
+        size = mb.size
+        rows = mb.inputs if mb.context is None else torch.cat([mb.inputs, mb.context])
+        h_all, _ = run_blocks(blocks, rows, None)
+        h, replay = h_all[:size], (h_all[size:] if mb.context is not None else None)
+        loss = None
+        if training:
+            if replay is not None:
+                clean, modulated = replay.chunk(2)
+                loss = 0.5 * (clean - modulated.detach()).pow(2).flatten(1).sum(1).mean()
+            else:
+                loss = h.sum() * 0.0  # nothing fed back yet: the blocks get no update signal
+            if self.output_head is not None:
+                loss = loss + self.head_loss(h, mb.labels)
+        scores = None
+        if self.output_head is not None:
+            scores = self.output_head(h.detach().flatten(1)).detach()
+        return LocalStep(handed_on=mb.handed_on(h, None, context=replay), loss=loss, features=h, scores=scores)
+
+    def predict(self, mb: Microbatch, step: LocalStep) -> Prediction:
+        prediction = super().predict(mb, step)
+        prediction.nearest_target = None  # no targets under this rule; the head is the prediction
+        if mb.phase == TRAIN:
+            with torch.no_grad():
+                logits = self.output_head(step.features.detach().flatten(1))
+                prediction.feedback = F.softmax(logits, 1) - F.one_hot(mb.labels, logits.shape[1]).to(logits.dtype)
+        return prediction

@@ -1,0 +1,68 @@
+"""Local heads, the local-learning family (decoupled greedy learning, DGL; the prediction loss of
+predsim): each stage trains a small classifier on its own output by cross-entropy, and the
+gradient runs through the classifier into the stage's own blocks and stops there. The target is
+the label itself; the next stage receives the output detached.
+
+The classifier is linear, or one hidden layer of ``--head-width`` units. For conv stages the
+feature map is first average-pooled to 2x2, which keeps the classifier small whatever the map
+size (as in DGL's auxiliary nets).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.messages import Microbatch, Prediction
+from pipeline.model import run_blocks
+from pipeline.rules.base import LocalStep, RuleContext, StageRule
+
+POOLED_SIZE = 2  # conv maps are pooled to POOLED_SIZE x POOLED_SIZE before the local classifier
+
+
+class LocalHead(nn.Module):
+    def __init__(self, features_shape: tuple[int, ...], num_classes: int, hidden: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        features = math.prod(features_shape)
+        if len(features_shape) == 3:
+            channels, height, width = features_shape
+            pooled = (min(POOLED_SIZE, height), min(POOLED_SIZE, width))
+            layers.append(nn.AdaptiveAvgPool2d(pooled))
+            features = channels * pooled[0] * pooled[1]
+        layers.append(nn.Flatten())
+        if hidden:
+            layers += [nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)]
+        else:
+            layers.append(nn.Linear(features, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)
+
+
+class LocalHeadsRule(StageRule):
+    def __init__(self, context: RuleContext):
+        super().__init__(context)
+        self.local_head = LocalHead(context.stage.output_shape, context.num_classes, context.config.head_width)
+
+    def forward(self, blocks: nn.ModuleList, mb: Microbatch, training: bool) -> LocalStep:
+        h, _ = run_blocks(blocks, mb.inputs, None)
+        logits = self.local_head(h)  # not detached: this stage's blocks learn from their own head
+        loss = None
+        if training:
+            loss = F.cross_entropy(logits, mb.labels)
+            if self.output_head is not None:
+                loss = loss + self.head_loss(h, mb.labels)
+        return LocalStep(handed_on=mb.handed_on(h, None), loss=loss, features=h, scores=logits.detach())
+
+    def predict(self, mb: Microbatch, step: LocalStep) -> Prediction:
+        prediction = super().predict(mb, step)
+        # The last stage's own classifier; ``nearest_target`` (from the base class) is dropped:
+        # there are no targets under this rule.
+        prediction.nearest_target = None
+        prediction.extra["local_head"] = step.scores.argmax(1)
+        return prediction
