@@ -26,13 +26,13 @@ def main() -> None:
     parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--out", default=str(RESULTS / "throughput.md"))
     args = parser.parse_args()
-    common = ["--dataset", args.dataset, "--batch-size", str(args.batch_size), "--test-limit", "2000",
-              "--epochs", str(args.epochs)]
+    common = ["--preset", "mnist-fc4", "--dataset", args.dataset, "--batch-size", str(args.batch_size),
+              "--test-limit", "2000", "--epochs", str(args.epochs)]
     runs = {
         "sequential, 1 thread": common + ["--executor", "sequential", "--threads", "1", "--stages", "2"],
         "sequential, 2 threads": common + ["--executor", "sequential", "--threads", "2", "--stages", "2"],
         "ray pipeline, 2 stages x 1 thread": common + ["--executor", "ray", "--threads", "1", "--stages", "2"],
-        "ray pipeline, 3 stages x 1 thread": common + ["--executor", "ray", "--threads", "1", "--stages", "3"],
+        "ray pipeline, 4 stages x 1 thread": common + ["--executor", "ray", "--threads", "1", "--stages", "4"],
     }
     rows = {}
     for name, argv in runs.items():
@@ -44,8 +44,8 @@ def main() -> None:
     memory = {}
     for epochs in (1, 4):
         for window in (4, 16):
-            argv = ["--dataset", args.dataset, "--batch-size", str(args.batch_size), "--test-limit", "2000",
-                    "--epochs", str(epochs), "--window", str(window), "--stages", "2"]
+            argv = ["--preset", "mnist-fc4", "--dataset", args.dataset, "--batch-size", str(args.batch_size),
+                    "--test-limit", "2000", "--epochs", str(epochs), "--window", str(window), "--stages", "2"]
             result = run(argv)
             memory[(epochs, window)] = [s.peak_memory_bytes / 2**20 for s in result.stages]
             print("memory", epochs, window, memory[(epochs, window)])
@@ -56,7 +56,8 @@ def write_report(path: Path, args, rows: dict, memory: dict) -> None:
     base = rows["sequential, 1 thread"]["samples_per_s"]
     two = rows["sequential, 2 threads"]["samples_per_s"]
     lines = [f"# Pipelined vs sequential ({today()}, {machine()})", "",
-             f"Model: the default fully connected net (3 x 1000), {args.dataset}, microbatch {args.batch_size}, "
+             f"Model: 4 x 1000 fully connected (preset mnist-fc4, 2 stages of nearly equal cost), "
+             f"{args.dataset}, microbatch {args.batch_size}, "
              f"{args.epochs} epochs, rule sigprop. Command: `python -m benchmarks.throughput`.", "",
              "| run | samples/s | vs 1 thread | vs 2 threads | busy fraction per stage | test acc |",
              "|---|---:|---:|---:|---|---:|"]

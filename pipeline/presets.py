@@ -41,6 +41,11 @@ def mnist_fc() -> TrainConfig:
                        epochs=8)
 
 
+def mnist_fc4() -> TrainConfig:
+    """4 x 1000: splits into 2 stages of nearly equal cost (the throughput benchmark's net)."""
+    return replace(mnist_fc(), model=fc_model((1000, 1000, 1000, 1000)))
+
+
 def fashion_fc() -> TrainConfig:
     """Fashion-MNIST needs longer than MNIST: 15 epochs (89.7% against 88.9% after 8)."""
     return replace(mnist_fc(), data=DataConfig("fashion-mnist", batch_size=512), epochs=15)
@@ -65,11 +70,46 @@ def synthetic_small() -> TrainConfig:
                        optim=OptimConfig("adam", lr=2e-3), epochs=3)
 
 
+def with_rule(config: TrainConfig, rule: str) -> TrainConfig:
+    """``config`` trained by ``rule``, with what that rule needs beyond the shared data, net and
+    epochs (found on MNIST, fully connected). bp runs as one stage by default (see TrainConfig)."""
+    if rule == "ff":
+        # Forward-Forward learns from many small steps; a threshold near the goodness of a fresh
+        # layer keeps both of its terms active from the start (theta = 1 left later stages at chance).
+        return replace(config, rule=RuleConfig("ff", ff_threshold=0.25), data=replace(config.data, batch_size=64),
+                       optim=replace(config.optim, lr=FF_LR))
+    return replace(config, rule=RuleConfig(rule))
+
+
+FF_LR = 1e-3
+
+
+def mnist_ff() -> TrainConfig:
+    return with_rule(mnist_fc(), "ff")
+
+
+def mnist_local() -> TrainConfig:
+    return with_rule(mnist_fc(), "local")
+
+
+def mnist_efp() -> TrainConfig:
+    return with_rule(mnist_fc(), "efp")
+
+
+def mnist_bp() -> TrainConfig:
+    return with_rule(mnist_fc(), "bp")
+
+
 PRESETS = {
     "mnist-fc": mnist_fc,
+    "mnist-fc4": mnist_fc4,
     "fashion-fc": fashion_fc,
     "cifar-vgg": cifar_vgg,
     "cifar-vgg-small": cifar_vgg_small,
     "synthetic": synthetic_small,
+    "mnist-ff": mnist_ff,
+    "mnist-local": mnist_local,
+    "mnist-efp": mnist_efp,
+    "mnist-bp": mnist_bp,
 }
 DEFAULT_PRESET = "mnist-fc"
