@@ -125,7 +125,7 @@ class RuleConfig:
     temperature: float = 0.0  # scores are <h, t> / temperature; 0: sqrt(features per position)
     target_loss: bool = True  # sigprop, learned target layer: its own local loss at the input
     target_layer: str = "learned"  # sigprop: learned projection of the label, or fixed random
-    ff_threshold: float = 2.0  # forward-forward goodness threshold theta
+    ff_threshold: float = 0.25  # forward-forward goodness threshold theta, per unit (see rules/ff.py)
     ff_hard_negatives: bool = False
     head_width: int = 0  # local heads: hidden width of each stage's classifier (0 = linear)
 

@@ -71,17 +71,13 @@ def synthetic_small() -> TrainConfig:
 
 
 def with_rule(config: TrainConfig, rule: str) -> TrainConfig:
-    """``config`` trained by ``rule``, with what that rule needs beyond the shared data, net and
-    epochs (found on MNIST, fully connected). bp runs as one stage by default (see TrainConfig)."""
+    """``config`` trained by ``rule``: same data, same net, same epochs and optimizer, plus what the
+    rule needs of its own (found on MNIST, fully connected). bp runs as one stage (TrainConfig)."""
     if rule == "ff":
-        # Forward-Forward learns from many small steps; a threshold near the goodness of a fresh
-        # layer keeps both of its terms active from the start (theta = 1 left later stages at chance).
-        return replace(config, rule=RuleConfig("ff", ff_threshold=0.25), data=replace(config.data, batch_size=64),
-                       optim=replace(config.optim, lr=FF_LR))
+        # Forward-Forward learns from many small steps: batch 64 gave 91% label-scan accuracy after
+        # one MNIST epoch, 89% with 128.
+        return replace(config, rule=RuleConfig("ff"), data=replace(config.data, batch_size=64))
     return replace(config, rule=RuleConfig(rule))
-
-
-FF_LR = 1e-3
 
 
 def mnist_ff() -> TrainConfig:

@@ -4,9 +4,11 @@ data, which carries a wrong one: ``softplus(theta - G_pos) + softplus(G_neg - th
 
 ``--ff-threshold`` is theta *per unit*: a stage's threshold is that times its features per position
 (the width of a fully connected layer, the channels of a conv map, whose goodness is averaged over
-positions), so one value suits every width. Inputs handed on at unit root-mean-square make the
-sum of squares grow with the width; theta = 1 per unit is the threshold of the public
-reimplementation that reaches 1.45% test error on MNIST.
+positions), so one value suits every width: inputs handed on at unit root-mean-square make the sum
+of squares grow with the width. The default, 0.25, is close to the mean square activation of a
+fresh ReLU layer (1/6), so both terms of the loss are active from the first step; with 1 per unit
+(the threshold of a public reimplementation that reaches 1.45% MNIST test error after 100 epochs)
+the stages after the first stayed at chance for the first MNIST epochs here.
 
 What travels between stages, for a microbatch of B samples and K classes:
 
@@ -46,9 +48,10 @@ from pipeline.messages import Microbatch, Prediction
 from pipeline.model import StageSpec, build_block
 from pipeline.rules.base import LocalStep, RuleContext, StageRule
 
-# The value of the true label's slot. The inputs are normalised to mean 0 / std 1 per channel;
-# a label of one standard deviation is as strong as a typical pixel.
-LABEL_VALUE = 1.0
+# The value of the true label's slot, against inputs normalised to mean 0 / std 1 per channel: about
+# twice the brightest MNIST pixel (2.8), so that the label has a strong say from the first steps
+# (scan accuracy after one MNIST epoch: 84% with 1.0, 89% with 6.0, no better with 10).
+LABEL_VALUE = 6.0
 # Label scanning multiplies the rows of an evaluation microbatch by K: blocks run on at most this
 # many rows at a time (without gradient, in eval mode, so chunks give the same result as one batch).
 EVAL_CHUNK_ROWS = 4096
