@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import pickle
 import statistics
 import sys
 import tarfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -38,7 +40,7 @@ import numpy as np
 from benchmarks.common import machine, today
 from launch.train import make_executor
 from pipeline.config import RULES, TrainConfig
-from pipeline.data import REPO_ROOT, Dataset, load_dataset
+from pipeline.data import REPO_ROOT, load_dataset
 from pipeline.presets import cifar_vgg, cifar_vgg_small, fashion_fc, mnist_fc, with_rule
 from pipeline.rules.registry import check_rule, make_feedback
 from pipeline.schedule import MicrobatchSchedule, ScheduleConfig
@@ -171,7 +173,9 @@ class Curve(RunObserver):
               f"{result.extra or ''} ({result.wall_s:.0f} s)", file=sys.stderr, flush=True)
 
 
-def run_one(config: TrainConfig, dataset: Dataset, label: str) -> dict:
+def run_one(config: TrainConfig, label: str) -> dict:
+    """One run; called in a fresh process, so that its peak memory is its own."""
+    dataset = load_dataset(config.data, config.seed)
     check_rule(config, dataset.num_classes, dataset.input_shape)
     schedule = MicrobatchSchedule(dataset, ScheduleConfig(config.data.batch_size, config.data.eval_batch_size,
                                                           config.epochs, config.seed, config.data.augment))
@@ -215,8 +219,8 @@ def table(runs: list[dict], budget: Budget, command: str) -> str:
              "rule's own prediction: sigprop the nearest class target, ff label scanning (goodness summed "
              "over the stages after the first), local the last stage's local classifier, efp and bp the "
              "output layer. Other predictions of the same runs in the last column. Samples/s: training "
-             "samples per second of wall time, evaluation included. Peak memory: resident set of the process "
-             "(all stages share one process in the sequential runner; per stage with `--executor ray`).", "",
+             "samples per second of wall time, evaluation included. Peak memory: peak resident set of the "
+             "run's own process (all stages share it in the sequential runner; per stage with `--executor ray`).", "",
              "| dataset | rule | model, stages | test accuracy | epochs | seeds | wall s | samples/s "
              "| peak memory MiB | other predictions |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -255,6 +259,7 @@ def plot(runs: list[dict], path: Path) -> None:
             epochs = [point["epoch"] for point in group[0]["curve"]]
             values = [100 * statistics.mean(run["curve"][i][key] for run in group) for i in range(len(epochs))]
             axis.plot(epochs, values, marker="o", label=rule)
+        axis.xaxis.get_major_locator().set_params(integer=True)
         axis.set_title(DATASET_NAMES[dataset])
         axis.set_xlabel("epoch")
         axis.set_ylabel("test accuracy (%)")
@@ -291,9 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     runs: list[dict] = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    spawn = multiprocessing.get_context("spawn")
     for dataset_name in args.datasets:
         base = base_config(dataset_name, budget, cifar_dir)
-        dataset = load_dataset(base.data)
         for rule in args.rules:
             for seed in range(budget.seeds):
                 config = with_rule(base, rule)
@@ -302,7 +307,8 @@ def main(argv: list[str] | None = None) -> None:
                 label = f"{dataset_name} {rule} seed {seed}"
                 print(f"accuracy: {label} ({config.model.name}, {config.epochs} epochs)", file=sys.stderr, flush=True)
                 started = time.perf_counter()
-                runs.append(run_one(config, dataset, label))
+                with ProcessPoolExecutor(1, mp_context=spawn) as pool:  # a fresh process per run
+                    runs.append(pool.submit(run_one, config, label).result())
                 print(f"  done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
                 (out / "accuracy.json").write_text(json.dumps(runs, indent=1) + "\n")  # keep partial results
     command = "python -m benchmarks.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])

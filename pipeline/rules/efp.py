@@ -96,10 +96,16 @@ def make_error_feedback(config: TrainConfig, num_classes: int, input_shape: tupl
 
 class ErrorForwardRule(StageRule):
     def forward(self, blocks: nn.ModuleList, mb: Microbatch, training: bool) -> LocalStep:
-        size = mb.size
-        rows = mb.inputs if mb.context is None else torch.cat([mb.inputs, mb.context])
-        h_all, _ = run_blocks(blocks, rows, None)
-        h, replay = h_all[:size], (h_all[size:] if mb.context is not None else None)
+        h, _ = run_blocks(blocks, mb.inputs, None)
+        replay = None
+        if mb.context is not None:
+            # The replay runs in eval mode: batch norm uses its running statistics (the
+            # error-modulated rows must not shift them, nor normalise the clean rows differently
+            # from the modulated ones) and dropout draws no mask, so the two passes differ by the
+            # fed-back error only. Gradients still flow.
+            blocks.eval()
+            replay, _ = run_blocks(blocks, mb.context, None)
+            blocks.train(training)
         loss = None
         if training:
             if replay is not None:
