@@ -11,12 +11,16 @@ In the pipeline:
    microbatch i to a later training microbatch as its ``context``: 2B rows, the clean inputs
    ``x_i`` and the error-modulated inputs ``x_i - P e_i``, where ``P`` (K classes -> input values) is
    the fixed random loop connection.
-3. Every stage runs its blocks on ``[its own microbatch; clean replay; modulated replay]`` as one
-   batch and hands all rows on. Its local loss is ``1/2 mean_i ||h_clean_i - sg(h_mod_i)||^2``: the
-   clean activations move towards those that the error-corrected input produces. The contrast
-   ``h_clean - h_mod ~ J_l P e_i`` stands in for the gradient at the stage's output: the error reaches
-   the stage through the forward weights before it (``J_l``, the forward Jacobian), much as in
-   direct feedback alignment with a feedback matrix made of the network's own forward path.
+3. Every stage runs its blocks on its own microbatch, then on the replay (clean and modulated rows
+   together, in eval mode: batch norm uses its running statistics and dropout is off, so the two
+   passes differ by the fed-back error only), and hands all rows on. Its local loss is
+   ``1/2 mean_i ||h_clean_i - sg(h_mod_i)||^2``: the clean activations move towards those that the
+   error-corrected input produces. The contrast ``h_clean - h_mod ~ J_l P e_i`` stands in for the
+   gradient at the stage's output: the error reaches the stage through the forward weights before
+   it (``J_l``, the forward Jacobian), much as in direct feedback alignment with a feedback matrix
+   made of the network's own forward path. Like there, it helps only as far as the output head
+   comes to align with that path (measured on MNIST: cosine ~0.2 with the true gradient at the
+   last stage after two epochs).
 4. The output head learns by cross-entropy on the last stage's detached features; its error is what
    is fed back.
 
