@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.seeds:
         budget = replace(budget, seeds=args.seeds)
     if args.epochs:
-        budget = replace(budget, epochs={name: args.epochs for name in budget.epochs})
+        budget = replace(budget, name=f"{budget.name}, {args.epochs} epochs",
+                         epochs={name: args.epochs for name in budget.epochs})
     cifar_dir = None
     if "cifar10" in args.datasets:
         source = Path(args.cifar)

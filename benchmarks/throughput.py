@@ -3,9 +3,10 @@
     python -m benchmarks.throughput            # writes benchmarks/results/throughput.md
 
 The same model and data go through (1) the sequential runner with 1 torch thread, (2) with 2
-threads, and (3) the Ray pipeline with 2 stages balanced by compute, 1 thread each. Then the Ray
-pipeline runs again for a longer run and a larger in-flight window to show that each stage's
-peak memory stays flat.
+threads, and (3) the Ray pipeline with 2 stages balanced by compute, 1 thread each (and 4 stages),
+at each microbatch size given (default 512 and 1024: a larger microbatch amortises Ray's
+per-hop cost). Then the Ray pipeline runs again for a longer run and a larger in-flight window to
+show that each stage's peak memory stays flat.
 """
 
 from __future__ import annotations
@@ -22,29 +23,30 @@ RESULTS = Path(__file__).parent / "results"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--out", default=str(RESULTS / "throughput.md"))
     args = parser.parse_args()
-    common = ["--preset", "mnist-fc4", "--dataset", args.dataset, "--batch-size", str(args.batch_size),
-              "--test-limit", "2000", "--epochs", str(args.epochs)]
-    runs = {
-        "sequential, 1 thread": common + ["--executor", "sequential", "--threads", "1", "--stages", "2"],
-        "sequential, 2 threads": common + ["--executor", "sequential", "--threads", "2", "--stages", "2"],
-        "ray pipeline, 2 stages x 1 thread": common + ["--executor", "ray", "--threads", "1", "--stages", "2"],
-        "ray pipeline, 4 stages x 1 thread": common + ["--executor", "ray", "--threads", "1", "--stages", "4"],
-    }
     rows = {}
-    for name, argv in runs.items():
-        result = run(argv)
-        rows[name] = {"samples_per_s": result.train_samples_per_s, "wall_s": result.wall_s,
-                      "busy": [s.busy_s / result.wall_s for s in result.stages],
-                      "accuracy": result.evaluations[-1].best_accuracy}
-        print(name, json.dumps(rows[name]))
+    for batch_size in args.batch_size:
+        common = ["--preset", "mnist-fc4", "--dataset", args.dataset, "--batch-size", str(batch_size),
+                  "--test-limit", "2000", "--epochs", str(args.epochs)]
+        runs = {
+            "sequential, 1 thread": common + ["--executor", "sequential", "--threads", "1", "--stages", "2"],
+            "sequential, 2 threads": common + ["--executor", "sequential", "--threads", "2", "--stages", "2"],
+            "ray pipeline, 2 stages x 1 thread": common + ["--executor", "ray", "--threads", "1", "--stages", "2"],
+            "ray pipeline, 4 stages x 1 thread": common + ["--executor", "ray", "--threads", "1", "--stages", "4"],
+        }
+        for name, argv in runs.items():
+            result = run(argv)
+            rows[batch_size, name] = {"samples_per_s": result.train_samples_per_s, "wall_s": result.wall_s,
+                                      "busy": [s.busy_s / result.wall_s for s in result.stages],
+                                      "accuracy": result.evaluations[-1].best_accuracy}
+            print(batch_size, name, json.dumps(rows[batch_size, name]))
     memory = {}
     for epochs in (1, 4):
         for window in (4, 16):
-            argv = ["--preset", "mnist-fc4", "--dataset", args.dataset, "--batch-size", str(args.batch_size),
+            argv = ["--preset", "mnist-fc4", "--dataset", args.dataset, "--batch-size", str(args.batch_size[0]),
                     "--test-limit", "2000", "--epochs", str(epochs), "--window", str(window), "--stages", "2"]
             result = run(argv)
             memory[(epochs, window)] = [s.peak_memory_bytes / 2**20 for s in result.stages]
@@ -53,20 +55,20 @@ def main() -> None:
 
 
 def write_report(path: Path, args, rows: dict, memory: dict) -> None:
-    base = rows["sequential, 1 thread"]["samples_per_s"]
-    two = rows["sequential, 2 threads"]["samples_per_s"]
     lines = [f"# Pipelined vs sequential ({today()}, {machine()})", "",
              f"Model: 4 x 1000 fully connected (preset mnist-fc4, 2 stages of nearly equal cost), "
-             f"{args.dataset}, microbatch {args.batch_size}, "
-             f"{args.epochs} epochs, rule sigprop. Command: `python -m benchmarks.throughput`.", "",
-             "| run | samples/s | vs 1 thread | vs 2 threads | busy fraction per stage | test acc |",
-             "|---|---:|---:|---:|---|---:|"]
-    for name, row in rows.items():
+             f"{args.dataset}, {args.epochs} epochs, rule sigprop. Command: `python -m benchmarks.throughput`. "
+             f"Ratios are against the sequential runs at the same microbatch size.", "",
+             "| microbatch | run | samples/s | vs 1 thread | vs 2 threads | busy fraction per stage | test acc |",
+             "|---:|---|---:|---:|---:|---|---:|"]
+    for (batch_size, name), row in rows.items():
+        base = rows[batch_size, "sequential, 1 thread"]["samples_per_s"]
+        two = rows[batch_size, "sequential, 2 threads"]["samples_per_s"]
         busy = ", ".join(f"{100 * b:.0f}%" for b in row["busy"])
-        lines.append(f"| {name} | {row['samples_per_s']:,.0f} | {row['samples_per_s'] / base:.2f}x | "
+        lines.append(f"| {batch_size} | {name} | {row['samples_per_s']:,.0f} | {row['samples_per_s'] / base:.2f}x | "
                      f"{row['samples_per_s'] / two:.2f}x | {busy} | {100 * row['accuracy']:.2f}% |")
     lines += ["", "Peak resident memory per stage (MiB) against run length and in-flight window "
-              "(2 stages, Ray):", "", "| epochs | window | stage peaks (MiB) |", "|---:|---:|---|"]
+              f"(2 stages, Ray, microbatch {args.batch_size[0]}):", "", "| epochs | window | stage peaks (MiB) |", "|---:|---:|---|"]
     for (epochs, window), peaks in memory.items():
         lines.append(f"| {epochs} | {window} | {', '.join(f'{p:.0f}' for p in peaks)} |")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--target-layer", help=f"sigprop target layer: one of {_choices(TARGET_LAYERS)}")
     add("--temperature", type=float, help="sigprop score temperature (0: sqrt of the features per position)")
     add("--ff-threshold", type=float, help="ff goodness threshold per unit (theta)")
-    add("--hard-negatives", "--ff-hard-negatives", action="store_true", default=None, dest="ff_hard_negatives",
-        help="ff: negatives carry the most confusable wrong label instead of a random one")
+    add("--hard-negatives", "--ff-hard-negatives", action=argparse.BooleanOptionalAction, default=None,
+        dest="ff_hard_negatives", help="ff: negatives carry the most confusable wrong label instead of a "
+                                       "random one (on in the ff presets; --no-hard-negatives: random)")
     add("--head-width", type=int, help="local: hidden units of each stage's classifier (0: linear)")
     add("--epochs", type=int)
     add("--batch-size", type=int, help="training microbatch size")

@@ -63,17 +63,27 @@ def write_outputs(out: Path, data: dict, result: RunResult) -> None:
     _atomic_write(out / "summary.json", lambda name: Path(name).write_text(json.dumps(data, indent=2) + "\n"))
 
 
+WIDTH = 15  # of a rule-specific accuracy column
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
 def table(data: dict) -> str:
+    # Rule-specific predictions (ff label scanning, a local head's) get a column each.
+    extras = {key.removeprefix("test_accuracy_").replace("_", " ") + " acc": key
+              for key in (data["evaluations"][0] if data["evaluations"] else {})
+              if key.startswith("test_accuracy_") and key != "test_accuracy_head"}
     lines = [f"forwardflow: {data['dataset']}, rule {data['rule']}, model {data['model']}, "
              f"{len(data['stages'])} stage(s) on {data['executor']}",
              "",
-             f"{'epoch':>5}  {'test acc':>9}  {'head acc':>9}  {'wall s':>8}"]
+             f"{'epoch':>5}  {'test acc':>9}  {'head acc':>9}" + "".join(f"  {name:>{WIDTH}}" for name in extras)
+             + f"  {'wall s':>8}"]
     for e in data["evaluations"]:
-        lines.append(f"{e['epoch']:>5}  {_pct(e['test_accuracy']):>9}  {_pct(e['test_accuracy_head']):>9}  {e['wall_s']:>8.1f}")
+        lines.append(f"{e['epoch']:>5}  {_pct(e['test_accuracy']):>9}  {_pct(e['test_accuracy_head']):>9}"
+                     + "".join(f"  {_pct(e.get(key)):>{WIDTH}}" for key in extras.values())
+                     + f"  {e['wall_s']:>8.1f}")
     lines += ["", f"{'stage':>5}  {'device':<8}  {'samples':>9}  {'busy':>6}  {'mean loss':>10}  {'train acc':>9}"]
     for s in data["stages"]:
         lines.append(f"{s['stage']:>5}  {s['device']:<8}  {s['samples']:>9}  {100 * s['busy_fraction']:>5.1f}%  "

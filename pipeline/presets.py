@@ -75,8 +75,11 @@ def with_rule(config: TrainConfig, rule: str) -> TrainConfig:
     rule needs of its own (found on MNIST, fully connected). bp runs as one stage (TrainConfig)."""
     if rule == "ff":
         # Forward-Forward learns from many small steps: batch 64 gave 91% label-scan accuracy after
-        # one MNIST epoch, 89% with 128.
-        return replace(config, rule=RuleConfig("ff"), data=replace(config.data, batch_size=64))
+        # one MNIST epoch, 89% with 128. After 3 MNIST epochs (label scan): 96.29% with random
+        # negatives and Adam 1e-3; 96.86% with hard negatives; 97.01% with hard negatives and 5e-4
+        # (2e-3: 95.57%; batch 32: 96.44%; threshold 0.5 per unit: 96.45%).
+        return replace(config, rule=RuleConfig("ff", ff_hard_negatives=True),
+                       data=replace(config.data, batch_size=64), optim=replace(config.optim, lr=5e-4))
     return replace(config, rule=RuleConfig(rule))
 
 

@@ -28,7 +28,11 @@ class EvalResult:
 
     @property
     def best_accuracy(self) -> float:
-        return self.accuracy if self.accuracy is not None else (self.accuracy_head or 0.0)
+        """The rule's own prediction: the nearest target, else forward-forward's label scan, else
+        the output head."""
+        if self.accuracy is not None:
+            return self.accuracy
+        return self.extra.get("scan", self.accuracy_head or 0.0)
 
 
 @dataclass

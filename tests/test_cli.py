@@ -7,6 +7,7 @@ import pytest
 
 import actors.cluster
 from launch import train
+from launch.cli import parse
 
 
 def closed_port() -> int:
@@ -80,6 +81,19 @@ def test_sequential_run_writes_the_documented_summary(tmp_path):
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "no temporary files left behind"
 
 
+def test_ff_run_reports_its_label_scan_as_the_test_accuracy_and_a_table_column(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "run"
+    assert train.main(["--preset", "synthetic", "--rule", "ff", "--executor", "sequential", "--epochs", "1",
+                       "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    last = summary["evaluations"][-1]
+    assert summary["test_accuracy"] == last["test_accuracy_scan"]
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("epoch"))
+    assert header.split() == ["epoch", "test", "acc", "head", "acc", "scan", "acc", "wall", "s"]
+
+
 def test_cluster_yaml_passes_rays_own_schema():
     from pathlib import Path
 
@@ -90,3 +104,10 @@ def test_cluster_yaml_passes_rays_own_schema():
     validate_config(prepare_config(config))  # raises on a key Ray does not know
     assert config["provider"]["type"] == "local"
     assert any("launch/setup.sh" in command for command in config["setup_commands"])
+
+
+def test_ff_preset_hard_negatives_can_be_turned_off_from_the_command_line():
+    preset, _ = parse(["--preset", "mnist-ff"])
+    random_negatives, _ = parse(["--preset", "mnist-ff", "--no-hard-negatives"])
+    assert preset.rule.ff_hard_negatives and not random_negatives.rule.ff_hard_negatives
+    assert random_negatives.optim == preset.optim and random_negatives.data == preset.data

@@ -21,6 +21,7 @@ from pipeline.training import train
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 # The dashboard's Grafana variables, as Grafana would fill them in for a range covering the run.
 WINDOW = "2m"
+SCRAPE_INTERVAL = "200ms"
 
 
 def query(base: str, promql: str) -> list[dict]:
@@ -50,16 +51,17 @@ def test_every_dashboard_panel_query_returns_data_from_a_real_prometheus(ray_clu
         pytest.skip("prometheus (Debian package) is not installed: bash launch/setup.sh installs it")
     metrics_port, prometheus_port = free_port(), free_port()
     config_file = tmp_path / "prometheus.yml"
-    config_file.write_text(prometheus_config((f"127.0.0.1:{metrics_port}",), "1s"))
+    config_file.write_text(prometheus_config((f"127.0.0.1:{metrics_port}",), SCRAPE_INTERVAL))
     (tmp_path / "data").mkdir()
     prometheus = start_prometheus(config_file, tmp_path / "data", "127.0.0.1", prometheus_port, PROMETHEUS)
     base = f"http://127.0.0.1:{prometheus_port}"
     observers = []
     try:
         wait_ready(base + "/-/ready", prometheus)
-        # Long enough for several scrapes while it trains (a few seconds on two cores).
+        # Rates need values that change between scrapes: the run must span many scrapes (30 epochs:
+        # about 4 s on two cores, some 20 scrapes).
         config, schedule, setups, args = prepare(
-            ["--preset", "synthetic", "--executor", "ray", "--epochs", "12", "--no-progress",
+            ["--preset", "synthetic", "--executor", "ray", "--epochs", "30", "--no-progress",
              "--metrics-port", str(metrics_port), "--metrics-interval", "0.25", "--out", str(tmp_path / "run")])
         executor, devices = make_executor(config, setups)
         try:
@@ -70,6 +72,10 @@ def test_every_dashboard_panel_query_returns_data_from_a_real_prometheus(ray_clu
         run = f'run_id="{config.run_id}"'
         # The endpoint still serves the final values (as with --metrics-linger): wait for their scrape.
         wait_for(base, f"forwardflow_progress_ratio{{{run}}} == 1")
+        # rate() and increase() need two samples of a series: a run faster than two scrapes leaves
+        # one from its stage counters, so wait for a later scrape of the final values.
+        for series in ("forwardflow_stage_samples_total", "forwardflow_stage_step_seconds_count"):
+            wait_for(base, f"min(count_over_time({series}{{{run}}}[{WINDOW}])) >= 2")
 
         # The Ray executor measures the whole time split, and the pipeline did overlap stages.
         assert all(stats.wait_s > 0 and stats.handoff_s > 0 for stats in result.stages)
