@@ -40,7 +40,7 @@ import numpy as np
 from benchmarks.common import machine, today
 from launch.train import make_executor
 from pipeline.config import RULES, TrainConfig
-from pipeline.data import REPO_ROOT, load_dataset
+from pipeline.data import REPO_ROOT, load_dataset, load_image_folder
 from pipeline.presets import cifar_vgg, cifar_vgg_small, fashion_fc, mnist_fc, with_rule
 from pipeline.rules.registry import check_rule, make_feedback
 from pipeline.schedule import MicrobatchSchedule, ScheduleConfig
@@ -102,23 +102,12 @@ def _write_batches(arrays: tuple[np.ndarray, ...], out: Path) -> None:
 
 
 def _decode_folder(folder: Path) -> tuple[np.ndarray, ...]:
-    from PIL import Image
-
-    generator = np.random.default_rng(0)  # a fixed shuffle: folders are sorted by class
-    # Alphabetical class folders: for CIFAR-10's names that is the standard label order.
-    classes = sorted(p.name for p in (folder / "train").iterdir() if p.is_dir())
-
-    def split(name):
-        images, labels = [], []
-        for label, cls in enumerate(classes):
-            for path in sorted((folder / name / cls).iterdir()):
-                with Image.open(path) as image:
-                    images.append(np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1))
-                labels.append(label)
-        order = generator.permutation(len(labels))
-        return np.stack(images)[order], np.asarray(labels, dtype=np.int64)[order]
-
-    return (*split("train"), *split("test"))
+    """The image folder's arrays, each split shuffled with a fixed seed: the folders are sorted by
+    class, and ``--train-limit`` takes the first N."""
+    generator = np.random.default_rng(0)
+    train_x, train_y, test_x, test_y = load_image_folder(folder)
+    train_order, test_order = generator.permutation(len(train_y)), generator.permutation(len(test_y))
+    return train_x[train_order], train_y[train_order], test_x[test_order], test_y[test_order]
 
 
 def prepare_cifar(source: Path) -> Path:

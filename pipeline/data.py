@@ -119,7 +119,7 @@ def _has_image_folders(directory: Path) -> bool:
     return (directory / "train").is_dir() and (directory / "test").is_dir()
 
 
-def _load_image_folder(directory: Path) -> tuple[np.ndarray, ...]:
+def load_image_folder(directory: Path) -> tuple[np.ndarray, ...]:
     """``train/<class>/*`` and ``test/<class>/*``; labels follow the alphabetical order of the
     class folders, which for CIFAR-10's names is the standard label order."""
     from PIL import Image  # Pillow decodes JPEG/PNG; imported here so other datasets don't need it
@@ -196,7 +196,7 @@ def load_dataset(config: DataConfig, seed: int = 0) -> Dataset:
         directory = locate(config)
         if config.dataset == "cifar10":
             batches = _cifar_batches_dir(directory)
-            arrays = _load_cifar_batches(batches) if batches else _load_image_folder(directory)
+            arrays = _load_cifar_batches(batches) if batches else load_image_folder(directory)
         else:
             arrays = _load_idx_set(directory)
         train_x, test_x = _normalise(arrays[0], arrays[2])

@@ -56,6 +56,12 @@ class StageRule(nn.Module):
         """Raise ConfigError if the rule cannot work with this model and data. Called by the
         launcher before any actor starts; rules with requirements override it."""
 
+    @classmethod
+    def make_feedback(cls, config: TrainConfig, num_classes: int, input_shape: tuple[int, ...]) -> Feedback:
+        """What the training loop feeds back from the output to the front: nothing, unless the
+        rule overrides it."""
+        return Feedback()
+
     def forward(self, blocks: nn.ModuleList, mb: Microbatch, training: bool) -> LocalStep:
         raise NotImplementedError
 

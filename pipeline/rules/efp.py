@@ -94,11 +94,11 @@ class ErrorFeedback(Feedback):
         return replace(mb, context=torch.cat([inputs, modulated]))
 
 
-def make_error_feedback(config: TrainConfig, num_classes: int, input_shape: tuple[int, ...]) -> ErrorFeedback:
-    return ErrorFeedback(config.execution.window, num_classes, input_shape, config.seed)
-
-
 class ErrorForwardRule(StageRule):
+    @classmethod
+    def make_feedback(cls, config: TrainConfig, num_classes: int, input_shape: tuple[int, ...]) -> ErrorFeedback:
+        return ErrorFeedback(config.execution.window, num_classes, input_shape, config.seed)
+
     def forward(self, blocks: nn.ModuleList, mb: Microbatch, training: bool) -> LocalStep:
         h, _ = run_blocks(blocks, mb.inputs, None)
         replay = None
@@ -129,6 +129,7 @@ class ErrorForwardRule(StageRule):
         prediction.nearest_target = None  # no targets under this rule; the head is the prediction
         if mb.phase == TRAIN:
             with torch.no_grad():
+                # The stage predicts after its update: the error fed back is the updated head's.
                 logits = self.output_head(step.features.detach().flatten(1))
                 prediction.feedback = F.softmax(logits, 1) - F.one_hot(mb.labels, logits.shape[1]).to(logits.dtype)
         return prediction

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pipeline.config import TrainConfig
 from pipeline.rules.backprop import BackpropRule
 from pipeline.rules.base import Feedback, RuleContext, StageRule
-from pipeline.rules.efp import ErrorForwardRule, make_error_feedback
+from pipeline.rules.efp import ErrorForwardRule
 from pipeline.rules.ff import ForwardForwardRule
 from pipeline.rules.local import LocalHeadsRule
 from pipeline.rules.sigprop import SigPropRule
@@ -30,6 +30,4 @@ def check_rule(config: TrainConfig, num_classes: int, input_shape: tuple[int, ..
 
 def make_feedback(config: TrainConfig, num_classes: int, input_shape: tuple[int, ...]) -> Feedback:
     """What the training loop feeds back from the output to the front (nothing for most rules)."""
-    if config.rule.name == "efp":
-        return make_error_feedback(config, num_classes, input_shape)
-    return Feedback()
+    return RULE_CLASSES[config.rule.name].make_feedback(config, num_classes, input_shape)
