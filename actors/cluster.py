@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 
 import ray
 
-from pipeline.config import ConfigError
+from forwardflow.pipeline.validation import ConfigError
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -17,7 +17,7 @@ CONNECT_TIMEOUT_S = 5.0
 def _host_port(address: str) -> tuple[str, int]:
     parsed = urlparse(address if "://" in address else "ray://" + address)
     if not parsed.hostname or not parsed.port:
-        raise ConfigError("address", f"{address!r} is not HOST:PORT, ray://HOST:PORT or auto")
+        raise ConfigError("--address", f"{address!r} is not HOST:PORT, ray://HOST:PORT or auto")
     return parsed.hostname, parsed.port
 
 
@@ -30,7 +30,7 @@ def check_address(address: str) -> None:
         with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
             pass
     except OSError as error:
-        raise ConfigError("address", f"no Ray cluster answers at {address} ({error.strerror or error})") from None
+        raise ConfigError("--address", f"no Ray cluster answers at {address} ({error.strerror or error})") from None
 
 
 def connect(address: str | None) -> dict[str, float]:

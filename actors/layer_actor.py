@@ -10,8 +10,8 @@ import time
 import ray
 import torch
 
-from pipeline.messages import Microbatch, Prediction, StageStats
-from pipeline.stage import Stage, StageSetup, resolve_device
+from forwardflow.pipeline.messages import Microbatch, Prediction, StageStats
+from forwardflow.pipeline.stage import Stage, StageSetup, resolve_device
 
 
 # max_task_retries=0 and max_restarts=0: Ray guarantees that a synchronous actor runs the tasks

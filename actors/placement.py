@@ -12,7 +12,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from pipeline.config import ConfigError
+from forwardflow.pipeline.validation import ConfigError
 
 PLACEMENT_TIMEOUT_S = 120
 
@@ -36,12 +36,12 @@ def plan_placement(num_stages: int, device: str, resources: dict[str, float]) ->
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
     use_gpu = device.startswith("cuda") or (device == "auto" and gpus >= 1)
     if use_gpu and gpus < 1:
-        raise ConfigError("device", f"{device!r} asks for a GPU but the Ray cluster has none; use cpu or auto")
+        raise ConfigError("--device", f"{device!r} asks for a GPU but the Ray cluster has none; use cpu or auto")
     if use_gpu and device.startswith("cuda:"):
-        raise ConfigError("device", "with the Ray executor use cuda (Ray assigns each stage its GPU), not cuda:N")
+        raise ConfigError("--device", "with the Ray executor use cuda (Ray assigns each stage its GPU), not cuda:N")
     cpu_share = _share(cpus, num_stages)
     if cpu_share <= 0:
-        raise ConfigError("address", "the Ray cluster reports no CPUs")
+        raise ConfigError("--address", "the Ray cluster reports no CPUs")
     gpu_share = 0.0
     if use_gpu:
         gpu_share = _share(gpus, num_stages)

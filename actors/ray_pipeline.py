@@ -25,10 +25,10 @@ from collections import deque
 import ray
 import torch
 
-from actors.layer_actor import LayerActor
-from actors.placement import StageGroup, StagePlacement
-from pipeline.messages import Microbatch, NonFiniteLossError, Prediction, StageStats
-from pipeline.stage import StageSetup
+from forwardflow.actors.layer_actor import LayerActor
+from forwardflow.actors.placement import StageGroup, StagePlacement
+from forwardflow.pipeline.messages import Microbatch, NonFiniteLossError, Prediction, StageStats
+from forwardflow.pipeline.stage import StageSetup
 
 
 class RayPipeline:

@@ -32,30 +32,24 @@ import sys
 import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.common import machine, today
-from launch.train import make_executor
-from pipeline.config import RULES, TrainConfig
-from pipeline.data import REPO_ROOT, load_dataset, load_image_folder
-from pipeline.presets import cifar_vgg, cifar_vgg_small, fashion_fc, mnist_fc, with_rule
-from pipeline.rules.registry import check_rule, make_feedback
-from pipeline.schedule import MicrobatchSchedule, ScheduleConfig
-from pipeline.stage import stage_setups
-from pipeline.training import EvalResult, RunObserver, train
+from forwardflow.launch.build import build_run
+from forwardflow.pipeline.config import RunConfig
+from forwardflow.pipeline.data import REPO_ROOT, load_image_folder
+from forwardflow.pipeline.presets import cifar_vgg, cifar_vgg_small, fashion_fc, mnist_fc, with_rule
+from forwardflow.pipeline.rules.base import Predictor
+from forwardflow.pipeline.rules.registry import RULES
+from forwardflow.pipeline.training import EvalResult, RunObserver
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = REPO_ROOT / ".data-cache"
 DEFAULT_CIFAR = REPO_ROOT.parent / "shared" / "datasets" / "cifar10-jpeg75.tar.gz"
 DATASET_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
-# Which of a rule's predictions is its accuracy (fixed in advance, never the best of several).
-PRIMARY = {"sigprop": "nearest target", "ff": "label scan", "local": "last local head", "efp": "output head",
-           "bp": "output head"}
-
-
 @dataclass(frozen=True)
 class Budget:
     """How long each dataset trains and on how much of it."""
@@ -72,19 +66,6 @@ CPU_BUDGET = Budget("CPU budget", epochs={"mnist": 4, "fashion-mnist": 4, "cifar
                     train_limit={"cifar10": 10_000}, test_limit={"cifar10": 2_000}, cifar_full_net=False)
 GPU_BUDGET = Budget("full budget", epochs={"mnist": 20, "fashion-mnist": 20, "cifar10": 100}, seeds=3,
                     train_limit={}, test_limit={}, cifar_full_net=True)
-
-
-def predictions(rule: str, evaluation: EvalResult) -> dict[str, float]:
-    """Every prediction kind of a run, named; the first is the rule's primary one."""
-    named = {"nearest target": evaluation.accuracy, "output head": evaluation.accuracy_head,
-             "label scan": evaluation.extra.get("scan"), "one pass": None,
-             "last local head": evaluation.extra.get("local_head")}
-    if rule == "ff":  # forward-forward's output head reads the neutral-label pass
-        named["one pass"], named["output head"] = named["output head"], None
-    primary = PRIMARY[rule]
-    ordered = {primary: named[primary]}
-    ordered.update({name: value for name, value in named.items() if value is not None and name != primary})
-    return ordered
 
 
 # ---------------------------------------------------------------- CIFAR-10 preparation
@@ -136,7 +117,7 @@ def prepare_cifar(source: Path) -> Path:
 
 # ---------------------------------------------------------------- runs
 
-def base_config(dataset: str, budget: Budget, cifar_dir: Path | None) -> TrainConfig:
+def base_config(dataset: str, budget: Budget, cifar_dir: Path | None) -> RunConfig:
     if dataset == "mnist":
         config = mnist_fc()
     elif dataset == "fashion-mnist":
@@ -146,44 +127,39 @@ def base_config(dataset: str, budget: Budget, cifar_dir: Path | None) -> TrainCo
         config = replace(config, data=replace(config.data, data_dir=str(cifar_dir)))
     data = replace(config.data, train_limit=budget.train_limit.get(dataset, 0),
                    test_limit=budget.test_limit.get(dataset, 0))
-    return replace(config, data=data, epochs=budget.epochs[dataset])
+    return replace(config, data=data, schedule=replace(config.schedule, epochs=budget.epochs[dataset]))
 
 
 class Curve(RunObserver):
-    def __init__(self, label: str):
+    """Test accuracy after every epoch, by prediction label (the rule's own first)."""
+
+    def __init__(self, label: str, predictors: tuple[Predictor, ...]):
         self.label = label
+        self.labels = {p.key: p.label for p in predictors}
         self.points: list[dict] = []
 
     def on_evaluation(self, result: EvalResult, progress) -> None:
-        self.points.append({"epoch": result.epoch + 1, "wall_s": round(result.wall_s, 2),
-                            **{k: v for k, v in asdict(result).items() if k in ("accuracy", "accuracy_head")},
-                            **{f"extra_{k}": v for k, v in result.extra.items()}})
-        print(f"  {self.label} epoch {result.epoch + 1}: {100 * result.best_accuracy:.2f}% "
-              f"{result.extra or ''} ({result.wall_s:.0f} s)", file=sys.stderr, flush=True)
+        accuracies = {self.labels[key]: value for key, value in result.accuracies.items()}
+        self.points.append({"epoch": result.epoch + 1, "wall_s": round(result.wall_s, 2), "accuracies": accuracies})
+        print(f"  {self.label} epoch {result.epoch + 1}: {100 * result.accuracy:.2f}% {accuracies} "
+              f"({result.wall_s:.0f} s)", file=sys.stderr, flush=True)
 
 
-def run_one(config: TrainConfig, label: str) -> dict:
+def run_one(config: RunConfig, label: str) -> dict:
     """One run; called in a fresh process, so that its peak memory is its own."""
-    dataset = load_dataset(config.data, config.seed)
-    check_rule(config, dataset.num_classes, dataset.input_shape)
-    schedule = MicrobatchSchedule(dataset, ScheduleConfig(config.data.batch_size, config.data.eval_batch_size,
-                                                          config.epochs, config.seed, config.data.augment))
-    setups = stage_setups(config, dataset.num_classes, dataset.input_shape,
-                          total_steps=schedule.train_microbatches_per_epoch * config.epochs)
-    executor, devices = make_executor(config, setups)
-    curve = Curve(label)
-    try:
-        result = train(schedule, executor, [curve], make_feedback(config, dataset.num_classes, dataset.input_shape))
-    finally:
-        executor.close()
-    final = predictions(config.rule.name, result.evaluations[-1])
+    run = build_run(config)
+    curve = Curve(label, run.predictors)
+    run.extra_observers.append(curve)
+    with run:
+        result = run.train()
     return {"dataset": config.data.dataset, "rule": config.rule.name, "seed": config.seed,
-            "model": config.model.name, "stages": len(setups), "epochs": config.epochs,
-            "batch_size": config.data.batch_size, "lr": config.optim.lr, "devices": devices,
-            "executor": config.execution.executor, "accuracy": final, "curve": curve.points,
+            "model": config.model.name, "stages": len(run.setups), "epochs": config.schedule.epochs,
+            "batch_size": config.schedule.batch_size, "lr": config.optim.lr, "devices": run.devices,
+            "executor": config.execution.executor, "primary": run.predictors[0].label,
+            "accuracy": curve.points[-1]["accuracies"], "curve": curve.points,
             "wall_s": result.wall_s, "samples_per_s": result.train_samples_per_s,
             "peak_memory_mib": [round(s.peak_memory_bytes / 2**20) for s in result.stages],
-            "train_samples": len(dataset.train_y), "test_samples": len(dataset.test_y)}
+            "train_samples": len(run.dataset.train_y), "test_samples": len(run.dataset.test_y)}
 
 
 # ---------------------------------------------------------------- report
@@ -218,7 +194,7 @@ def table(runs: list[dict], budget: Budget, command: str) -> str:
         groups.setdefault((run["dataset"], run["rule"]), []).append(run)
     for (dataset, rule), group in groups.items():
         first = group[0]
-        primary = PRIMARY[rule]
+        primary = first["primary"]
         others = [name for name in first["accuracy"] if name != primary]
         other_text = ", ".join(f"{name} {_mean_std([r['accuracy'][name] for r in group])}" for name in others)
         subset = f" ({first['train_samples']:,} train / {first['test_samples']:,} test)" \
@@ -243,10 +219,10 @@ def plot(runs: list[dict], path: Path) -> None:
         rules = list(dict.fromkeys(run["rule"] for run in runs if run["dataset"] == dataset))
         for rule in rules:
             group = [run for run in runs if run["dataset"] == dataset and run["rule"] == rule]
-            key = {"nearest target": "accuracy", "output head": "accuracy_head", "label scan": "extra_scan",
-                   "last local head": "extra_local_head"}[PRIMARY[rule]]
+            primary = group[0]["primary"]
             epochs = [point["epoch"] for point in group[0]["curve"]]
-            values = [100 * statistics.mean(run["curve"][i][key] for run in group) for i in range(len(epochs))]
+            values = [100 * statistics.mean(run["curve"][i]["accuracies"][primary] for run in group)
+                      for i in range(len(epochs))]
             axis.plot(epochs, values, marker="o", label=rule)
         axis.xaxis.get_major_locator().set_params(integer=True)
         axis.set_title(DATASET_NAMES[dataset])
@@ -261,7 +237,7 @@ def plot(runs: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="the GPU budget (20 epochs, 3 seeds, VGG on CIFAR-10)")
-    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
+    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
     parser.add_argument("--datasets", nargs="+", default=list(DATASET_NAMES), choices=list(DATASET_NAMES))
     parser.add_argument("--seeds", type=int, help="seeds per rule and dataset (default: the budget's)")
     parser.add_argument("--epochs", type=int, help="epochs for every dataset (default: the budget's)")
@@ -292,10 +268,12 @@ def main(argv: list[str] | None = None) -> None:
         for rule in args.rules:
             for seed in range(budget.seeds):
                 config = with_rule(base, rule)
-                config = replace(config, seed=seed, execution=replace(
-                    config.execution, executor=args.executor, device=args.device, torch_threads=args.threads))
+                config = replace(config, seed=seed, monitoring=replace(config.monitoring, progress=False),
+                                 execution=replace(config.execution, executor=args.executor, device=args.device,
+                                                   threads=args.threads))
                 label = f"{dataset_name} {rule} seed {seed}"
-                print(f"accuracy: {label} ({config.model.name}, {config.epochs} epochs)", file=sys.stderr, flush=True)
+                print(f"accuracy: {label} ({config.model.name}, {config.schedule.epochs} epochs)", file=sys.stderr,
+                      flush=True)
                 started = time.perf_counter()
                 with ProcessPoolExecutor(1, mp_context=spawn) as pool:  # a fresh process per run
                     runs.append(pool.submit(run_one, config, label).result())

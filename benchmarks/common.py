@@ -1,25 +1,23 @@
-"""Shared by the benchmarks: run a configuration given as command-line arguments, exactly as
-``launch/train.py`` would, and describe the machine."""
+"""Shared by the benchmarks: run a configuration given as command-line arguments through the one
+builder, exactly as ``launch/train.py`` would, and describe the machine."""
 
 from __future__ import annotations
 
 import os
 import platform
 import time
+from collections.abc import Sequence
 
 import torch
 
-from launch.train import make_executor, prepare
-from pipeline.training import RunResult, train
+from forwardflow.launch.build import build_run
+from forwardflow.launch.cli import parse_config
+from forwardflow.pipeline.training import RunObserver, RunResult
 
 
-def run(argv: list[str]) -> RunResult:
-    config, schedule, setups, _ = prepare(argv + ["--no-progress"])
-    executor, _ = make_executor(config, setups)
-    try:
-        return train(schedule, executor)
-    finally:
-        executor.close()
+def run(argv: list[str], observers: Sequence[RunObserver] = ()) -> RunResult:
+    with build_run(parse_config(argv + ["--no-progress"]), observers) as built:
+        return built.train()
 
 
 def machine() -> str:

@@ -31,7 +31,7 @@ def main() -> None:
     for name, argv in RUNS.items():
         result = run(argv)
         rows[name] = result
-        print(name, [round(e.best_accuracy, 4) for e in result.evaluations], round(result.wall_s, 1))
+        print(name, [round(e.accuracy, 4) for e in result.evaluations], round(result.wall_s, 1))
     epochs = max(len(r.evaluations) for r in rows.values())
     lines = [f"# Default run and backprop baseline ({today()}, {machine()})", "",
              "Command: `python -m benchmarks.default_run`. Test accuracy after each epoch: nearest-target "
@@ -39,7 +39,7 @@ def main() -> None:
              "| run | " + " | ".join(f"ep {e + 1}" for e in range(epochs)) + " | samples/s | wall s |",
              "|---|" + "---:|" * (epochs + 2)]
     for name, result in rows.items():
-        cells = [f"{100 * e.best_accuracy:.2f}%" for e in result.evaluations]
+        cells = [f"{100 * e.accuracy:.2f}%" for e in result.evaluations]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {result.train_samples_per_s:,.0f} | {result.wall_s:.0f} |")
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,12 +29,12 @@ from pathlib import Path
 import ray
 
 from benchmarks.common import machine, today
-from launch.observers import close_observers, make_observers
-from launch.train import make_executor, prepare
-from monitoring.observer import MetricsObserver
-from monitoring.watch import free_port
-from pipeline.stage import Stage
-from pipeline.training import RunObserver, train
+from forwardflow.launch.build import build_run
+from forwardflow.launch.cli import parse_config
+from forwardflow.monitoring.observer import MetricsObserver
+from forwardflow.monitoring.watch import free_port
+from forwardflow.pipeline.stage import Stage
+from forwardflow.pipeline.training import RunObserver
 
 RESULTS = Path(__file__).parent / "results" / "metrics_overhead.md"
 
@@ -114,41 +114,38 @@ class Scraper(threading.Thread):
 def run_once(bench: BenchConfig, monitored: bool, out: Path) -> Measured:
     argv = bench.argv()
     if monitored:
-        argv += ["--metrics-port", str(free_port()), "--out", str(out)]
-    config, schedule, setups, args = prepare(argv)
-    executor, devices = make_executor(config, setups)
-    observers, timed, scraper = [], [], None
-    try:
-        observers = make_observers(config, args, devices)
-        timed = [TimedObserver(observer) for observer in observers]
+        argv += ["--metrics-port", str(free_port()), "--metrics-linger", "0", "--out", str(out)]
+    scraper = None
+    with build_run(parse_config(argv)) as run:
+        # Time every hook of the observers the builder made.
+        timed = [TimedObserver(observer) for observer in run.observers]
+        run.observers = list(timed)
         if monitored:
-            scraper = Scraper(config.execution.metrics_port)
+            scraper = Scraper(run.config.monitoring.metrics_port)
             scraper.start()
-        result = train(schedule, executor, timed)
-    finally:
-        executor.close()
-        if scraper is not None:
-            scraper.stopped.set()
-            scraper.join()
-    measured = Measured(result.train_samples_per_s, result.wall_s,
-                        step_s=max(s.busy_s / max(s.microbatches, 1) for s in result.stages))
-    for wrapper in timed:
-        if isinstance(wrapper.inner, MetricsObserver):
-            measured.observer_s = wrapper.seconds
-            started = time.perf_counter()
-            for _ in range(20):
-                wrapper.inner.exporter.text()
-            measured.scrape_render_s = (time.perf_counter() - started) / 20
+        try:
+            result = run.train()
+        finally:
+            if scraper is not None:
+                scraper.stopped.set()
+                scraper.join()
+        measured = Measured(result.train_samples_per_s, result.wall_s,
+                            step_s=max(s.busy_s / max(s.microbatches, 1) for s in result.stages))
+        for wrapper in timed:
+            if isinstance(wrapper.inner, MetricsObserver) and wrapper.inner.exporter is not None:
+                measured.observer_s = wrapper.seconds
+                started = time.perf_counter()
+                for _ in range(20):
+                    wrapper.inner.exporter.text()
+                measured.scrape_render_s = (time.perf_counter() - started) / 20
     measured.scrapes = scraper.scrapes if scraper else 0
-    close_observers(observers)
     return measured
 
 
 def snapshot_cost(bench: BenchConfig) -> list[float]:
     """Seconds one snapshot takes in each stage (weight norms, memory), measured in-process."""
-    _, _, setups, _ = prepare(bench.argv())
     costs = []
-    for setup in setups:
+    for setup in build_run(parse_config(bench.argv())).setups:
         stage = Stage(setup, "cpu")
         stage.snapshot()
         started = time.perf_counter()

@@ -1,123 +1,138 @@
-"""Command line -> TrainConfig. Bad input ends here with one line naming the field and what is
-allowed, and exit status 2, before any actor starts and before anything is written."""
+"""The command line, generated from the config tree (pipeline/config.py and every rule's options).
+
+Every field declared with ``option`` becomes a flag with its help and its default (the default
+preset's value); every rule's options become flags accepted only with that rule. ``--preset``
+picks the starting config, ``--config FILE`` (TOML, JSON, or a run's summary.json) overrides it,
+and the flags given override both. Only flags the user typed change anything: argparse's defaults
+are all None here.
+
+Why a small generator rather than tyro or jsonargparse: both derive nested flag names from the
+tree (``--data.batch-size``, ``--rule.options.loss``) and cannot accept a rule's options only with
+that rule; the flags users already type (``--batch-size``, ``--lr``, ``--threads``) stay as they are,
+and the whole generator is the ~120 lines below.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from dataclasses import replace
-from typing import NoReturn
+from dataclasses import Field, dataclass, fields, replace
+from typing import Any, NoReturn
 
-from pipeline.config import (DATASETS, EXECUTORS, PLACEMENTS, POSITIVES, RULE_OPTIONS, RULES, SIGPROP_LOSSES,
-                             TARGET_LAYERS, ConfigError, TrainConfig, flag_name)
-from pipeline.presets import DEFAULT_PRESET, PRESETS
+from forwardflow.pipeline.config import RuleConfig, RunConfig, load_config_file
+from forwardflow.pipeline.presets import DEFAULT_PRESET, PRESETS
+from forwardflow.pipeline.rules.registry import RULES
+from forwardflow.pipeline.validation import ConfigError, Section, plain_type, field_flag
 
-EXIT_BAD_INPUT = 2
+SECTIONS = ("data", "model", "rule", "optim", "schedule", "execution", "monitoring", "output")
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but an error is one line (no usage block) and exit status 2."""
+    """argparse, but a parse error raises ConfigError (one line naming the flag) instead of
+    printing a usage block and exiting: the entry point decides how to stop."""
 
     def error(self, message: str) -> NoReturn:
-        message = message.replace("argument ", "", 1)
-        fail(message)
+        if message.startswith("unrecognized arguments: "):
+            unknown = message.removeprefix("unrecognized arguments: ").split()
+            raise ConfigError(unknown[0], "unknown flag (launch/train.py --help lists them)")
+        where, _, what = message.removeprefix("argument ").partition(": ")
+        raise ConfigError(where if where.startswith("-") else "arguments", what or message)
 
 
-def fail(message: str) -> NoReturn:
-    print(f"forwardflow: error: {message}", file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
+@dataclass(frozen=True)
+class Flag:
+    """One generated flag: the config field behind it, and (for rule options) the rules that own it."""
+
+    flag: str
+    section: str  # "" for RunConfig's own fields
+    name: str
+    rules: tuple[str, ...] = ()
 
 
-def _choices(values) -> str:
-    return ", ".join(values)
+def _leaf_fields(section: type[Section]) -> list[Field]:
+    return [item for item in fields(section) if item.metadata.get("cli", True)]  # type: ignore[arg-type]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="launch/train.py", description="Train a network layer-parallel, "
-                           "each stage learning from its own local loss (no backpropagation between stages).")
-    add = parser.add_argument
-    add("--preset", default=DEFAULT_PRESET, help=f"one of {_choices(PRESETS)} (default {DEFAULT_PRESET})")
-    add("--dataset", help=f"one of {_choices(DATASETS)}")
-    add("--rule", help=f"learning rule: one of {_choices(RULES)}")
-    add("--loss", help=f"sigprop loss: one of {_choices(SIGPROP_LOSSES)}")
-    add("--positives", help=f"sigprop contrastive loss, which same-label samples are positives: one of "
-                            f"{_choices(POSITIVES)}")
-    add("--topk", type=int, help="sigprop --positives topk: how many")
-    add("--target-layer", help=f"sigprop target layer: one of {_choices(TARGET_LAYERS)}")
-    add("--temperature", type=float, help="sigprop score temperature (0: sqrt of the features per position)")
-    add("--ff-threshold", type=float, help="ff goodness threshold per unit (theta)")
-    add("--hard-negatives", "--ff-hard-negatives", action=argparse.BooleanOptionalAction, default=None,
-        dest="ff_hard_negatives", help="ff: negatives carry the most confusable wrong label instead of a "
-                                       "random one (on in the ff presets; --no-hard-negatives: random)")
-    add("--head-width", type=int, help="local: hidden units of each stage's classifier (0: linear)")
-    add("--epochs", type=int)
-    add("--batch-size", type=int, help="training microbatch size")
-    add("--lr", type=float, help="learning rate of every stage's optimizer")
-    add("--stages", type=int, help="number of pipeline stages (default: one per layer; 1 for bp)")
-    add("--device", help="auto, cpu, cuda or cuda:N")
-    add("--data-dir", help="where the dataset's files are (default: $FORWARDFLOW_DATA_DIR, then the set-up path's)")
-    add("--seed", type=int)
-    add("--address", help="an existing Ray cluster (HOST:PORT, ray://HOST:PORT or auto); default: local Ray")
-    add("--out", help="write summary.json, weights.pt and metrics.jsonl into this directory")
-    add("--executor", help=f"one of {_choices(EXECUTORS)} (default ray)")
-    add("--window", type=int, help="microbatches in flight in the Ray pipeline (default 8)")
-    add("--placement", help=f"one of {_choices(PLACEMENTS)}: stages on one node or across nodes")
-    add("--threads", type=int, dest="torch_threads", help="torch threads per stage (default 1)")
-    add("--train-limit", type=int, help="use only the first N training samples")
-    add("--test-limit", type=int, help="use only the first N test samples")
-    add("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: off)")
-    add("--metrics-host", help="address the metrics endpoint binds to (default 127.0.0.1)")
-    add("--metrics-interval", type=float, default=1.0,
-        help="seconds between metrics collections (endpoint and metrics.jsonl; default 1)")
-    add("--metrics-linger", type=float, default=0.0,
-        help="keep serving metrics this many seconds after the run, for a last scrape (default 0)")
-    add("--plot", action="store_true", help="write PNG plots of the run into --out")
-    add("--no-progress", action="store_true", help="no progress bar")
-    return parser
+def _add(group, item: Field, owner: type[Section], dest: str, default: Any) -> None:
+    kind, _ = plain_type(owner.field_types()[item.name])
+    choices = item.metadata.get("choices")
+    shown = "on" if default is True else "off" if default is False else default
+    help_text = item.metadata.get("help", "") + ("" if default is None else f" (default: {shown})")
+    help_text = help_text.replace("%", "%%")  # argparse formats help with %
+    if kind is bool:
+        group.add_argument(field_flag(item), dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                           help=help_text)
+    else:
+        metavar = "{" + ",".join(choices) + "}" if choices else item.name.upper()
+        group.add_argument(field_flag(item), dest=dest, type=kind if kind in (int, float) else str, default=None,
+                           metavar=metavar, help=help_text)
 
 
-# Which TrainConfig section each flag overrides.
-SECTIONS = {
-    "data": ("dataset", "batch_size", "data_dir", "train_limit", "test_limit"),
-    "optim": ("lr",),
-    "execution": ("device", "address", "executor", "window", "placement", "torch_threads",
-                  "metrics_port", "metrics_host"),
-    "top": ("epochs", "seed", "out"),
-    "rule": tuple(RULE_OPTIONS),
-}
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Flag]]:
+    """The parser and, by argparse destination, what each flag sets."""
+    parser = OneLineParser(
+        prog="launch/train.py",
+        description="Train a network layer-parallel, each stage learning from its own local loss (no "
+        "backpropagation between stages). Defaults shown are the default preset's; another preset "
+        "changes some of them.",
+    )
+    parser.add_argument("--preset", default=DEFAULT_PRESET, metavar="{" + ",".join(PRESETS) + "}",
+                        help=f"starting configuration (default: {DEFAULT_PRESET})")
+    parser.add_argument("--config", metavar="FILE", help="a TOML or JSON config file, or a run's summary.json, "
+                        "applied over the preset (the flags given apply over both)")
+    defaults = PRESETS[DEFAULT_PRESET]()
+    flags: dict[str, Flag] = {}
+    for section_name in SECTIONS + ("",):
+        section = getattr(defaults, section_name) if section_name else defaults
+        group = parser.add_argument_group(section_name or "run")
+        for item in _leaf_fields(type(section)):
+            dest = f"{section_name}.{item.name}"
+            _add(group, item, type(section), dest, getattr(section, item.name))
+            flags[dest] = Flag(field_flag(item), section_name, item.name)
+    for rule in RULES.values():
+        group = parser.add_argument_group(f"--rule {rule.name} options")
+        for item in _leaf_fields(rule.Options):
+            dest = f"rule.options.{field_flag(item)}"
+            if dest in flags:  # the same flag in several rules: one argument, several owners
+                flags[dest] = replace(flags[dest], rules=flags[dest].rules + (rule.name,))
+                continue
+            _add(group, item, rule.Options, dest, getattr(rule.Options(), item.name))
+            flags[dest] = Flag(field_flag(item), "rule.options", item.name, (rule.name,))
+    return parser, flags
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The preset with the given flags applied; raises ConfigError for a bad value."""
-    if args.preset not in PRESETS:
-        raise ConfigError("preset", f"{args.preset!r} is not one of {_choices(PRESETS)}")
-    config = PRESETS[args.preset]()
-    given = {name: value for name, value in vars(args).items() if value is not None}
-    sections = {"data": config.data, "optim": config.optim, "execution": config.execution}
-    for section, names in SECTIONS.items():
-        changes = {name: given[name] for name in names if name in given}
-        if changes and section in sections:
-            sections[section] = replace(sections[section], **changes)
+def _with_rule_options(rule: RuleConfig, given: dict[Flag, Any]) -> RuleConfig:
+    """The rule section with the rule's own option flags applied; a flag of another rule is refused
+    rather than silently ignored."""
+    changes = {}
+    for flag, value in given.items():
+        if rule.name not in flag.rules:
+            raise ConfigError(flag.flag, f"applies to --rule {', '.join(flag.rules)} only (the rule is {rule.name})")
+        changes[flag.name] = value
+    return replace(rule, options=replace(rule.options, **changes)) if changes else rule
+
+
+def parse_config(argv: list[str] | None = None) -> RunConfig:
+    """The resolved config of a command line; raises ConfigError for anything bad."""
+    parser, flags = build_parser()
+    args = vars(parser.parse_args(argv))
+    preset = args.pop("preset")
+    if preset not in PRESETS:
+        raise ConfigError("--preset", f"{preset!r} is not one of {', '.join(PRESETS)}")
+    config = PRESETS[preset]()
+    config_file = args.pop("config")
+    if config_file:
+        config = load_config_file(config_file, config)
+    given = {flags[dest]: value for dest, value in args.items() if value is not None}
+    sections: dict[str, dict[str, Any]] = {}
+    for flag in given:
+        if flag.section != "rule.options":
+            sections.setdefault(flag.section, {})[flag.name] = given[flag]
+    rule_name = sections.pop("rule", {}).get("name")
     rule = config.rule
-    if "rule" in given:
-        rule = replace(rule, name=given["rule"])
-    rule_changes = {name: given[name] for name in SECTIONS["rule"] if name in given}
-    for name in rule_changes:
-        if rule.name not in RULE_OPTIONS[name]:  # a flag that would silently do nothing
-            raise ConfigError(name, f"applies to --rule {', '.join(RULE_OPTIONS[name])} only (the rule is {rule.name})")
-    rule = replace(rule, **rule_changes)
-    model = config.model if "stages" not in given else replace(config.model, stages=given["stages"])
-    if "stages" in given and given["stages"] < 1:
-        raise ConfigError("stages", f"must be at least 1 (got {given['stages']})")
-    top = {name: given[name] for name in SECTIONS["top"] if name in given}
-    return replace(config, model=model, rule=rule, **sections, **top)
-
-
-def parse(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-    args = build_parser().parse_args(argv)
-    try:
-        return config_from_args(args), args
-    except ConfigError as error:
-        fail(str(error))
-    except TypeError as error:  # a value of the wrong type reached a dataclass
-        fail(f"{flag_name('config')}: {error}")
+    if rule_name is not None and rule_name != rule.name:
+        rule = RuleConfig(name=rule_name)  # another rule: its own defaults
+    rule = _with_rule_options(rule, {flag: value for flag, value in given.items() if flag.section == "rule.options"})
+    changes: dict[str, Any] = {"rule": rule, **sections.pop("", {})}
+    for name, values in sections.items():
+        changes[name] = replace(getattr(config, name), **values)
+    return replace(config, **changes)

@@ -7,8 +7,8 @@ import sys
 
 from tqdm import tqdm
 
-from pipeline.messages import Prediction
-from pipeline.training import EvalResult, Progress, RunObserver, RunResult
+from forwardflow.pipeline.messages import EVAL, Prediction
+from forwardflow.pipeline.training import EvalResult, Progress, RunObserver, RunResult
 
 
 class ProgressBar(RunObserver):
@@ -20,16 +20,16 @@ class ProgressBar(RunObserver):
             self.bar = tqdm(total=progress.microbatches_total, unit="mb", file=sys.stderr,
                             dynamic_ncols=True, mininterval=0.5)
         self.bar.update(1)
-        if self.bar.n % 10 == 0 or prediction.phase == "eval":
-            accuracy = progress.latest.best_accuracy if progress.latest else None
+        if self.bar.n % 10 == 0 or prediction.phase == EVAL:
+            accuracy = progress.latest.accuracy if progress.latest else None
             self.bar.set_postfix_str(f"{progress.samples_per_s:,.0f} samples/s, test acc "
                                      + ("-" if accuracy is None else f"{100 * accuracy:.2f}%"), refresh=False)
 
     def on_evaluation(self, result: EvalResult, progress: Progress) -> None:
-        accuracy = result.best_accuracy
-        message = f"epoch {result.epoch + 1}: test accuracy {100 * accuracy:.2f}%"
-        if result.accuracy_head is not None and result.accuracy is not None:
-            message += f" (head {100 * result.accuracy_head:.2f}%)"
+        message = f"epoch {result.epoch + 1}: test accuracy {100 * result.accuracy:.2f}%"
+        others = [f"{key} {100 * value:.2f}%" for key, value in result.accuracies.items() if key != result.primary]
+        if others:
+            message += f" ({', '.join(others)})"
         (self.bar.write if self.bar else print)(message, file=sys.stderr)
 
     def on_end(self, result: RunResult) -> None:

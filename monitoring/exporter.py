@@ -1,26 +1,31 @@
-"""The Prometheus endpoint of one run: ``prometheus_client`` in the driver, with a registry of its
-own (not the process-wide default), fed with the batched records of ``monitoring.records``.
+"""The Prometheus endpoint of one run: a ``prometheus_client`` custom collector over the run's latest
+metrics record (``monitoring.records``), served from a registry of its own.
 
-Every metric starts with ``forwardflow_``, carries the run id, and per-stage metrics carry the
-stage index and its device. Counters end in ``_total``, units are in the names (``_seconds``,
-``_bytes``, ``_ratio``). The README's metrics reference lists each one.
+The record already holds every counter as the cumulative value the stages and the driver keep, so a
+scrape reports it as it is: nothing is derived from deltas here (the interval values, such as the
+loss since the previous collection, are derived once, in ``monitoring.records.stage_record``).
+
+Every metric starts with ``forwardflow_``, carries the run id, and per-stage metrics carry the stage
+index and its device. Counters end in ``_total``, units are in the names (``_seconds``, ``_bytes``,
+``_ratio``). The README's metrics reference lists each one.
 """
 
 from __future__ import annotations
 
-import math
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 from prometheus_client.exposition import generate_latest, start_http_server
+from prometheus_client.registry import Collector
 
-from monitoring.records import RunRecord, StageRecord
+from forwardflow.monitoring.records import RunRecord, StageRecord
+from forwardflow.pipeline.messages import STEP_BUCKETS
 
 PREFIX = "forwardflow_"
-STAGE_LABELS = ("run_id", "stage", "device")
-# Step times from tens of microseconds (a tiny layer on a GPU) to seconds (a conv stage on a CPU).
-STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                2.5, 5.0, 10.0)
+STAGE_LABELS = ["run_id", "stage", "device"]
 NON_FINITE_LOSS = "non_finite_loss"  # the error kind every run exports from the start (at 0)
 
 
@@ -37,138 +42,137 @@ class RunInfo:
     stages: int
     epochs: int
 
-    def __post_init__(self):
-        if not self.run_id:
-            raise ValueError("a run needs a run id")
+
+# (name without prefix, kind, help, StageRecord attribute)
+STAGE_SERIES = (
+    ("stage_samples", "counter", "Training samples processed by the stage", "samples"),
+    ("stage_microbatches", "counter", "Microbatches (training and evaluation) processed by the stage", "microbatches"),
+    ("stage_compute_seconds", "counter", "Time the stage spent computing (forward, local loss, update)", "compute_s"),
+    ("stage_wait_seconds", "counter", "Time the stage spent between steps, waiting for its input", "wait_s"),
+    ("stage_handoff_seconds", "counter", "Time the stage spent handing its output on (copy to the host)", "handoff_s"),
+    ("stage_loss", "gauge", "The stage's local loss, mean over the training microbatches since the previous "
+     "collection", "loss"),
+    ("stage_train_accuracy_ratio", "gauge", "The stage's own accuracy on training microbatches since the previous "
+     "collection", "train_accuracy"),
+    ("stage_learning_rate", "gauge", "The stage optimizer's learning rate", "lr"),
+    ("stage_weight_norm", "gauge", "L2 norm of all the stage's weights", "weight_norm"),
+    ("stage_update_norm", "gauge", "L2 norm of the change of the stage's weights since the previous collection",
+     "update_norm"),
+    ("stage_memory_bytes", "gauge", "GPU memory allocated by the stage (process RSS on a CPU)", "memory_bytes"),
+    ("stage_peak_memory_bytes", "gauge", "Peak GPU memory allocated by the stage (peak RSS on a CPU)",
+     "peak_memory_bytes"),
+)
+# (name without prefix, kind, help, RunRecord attribute)
+RUN_SERIES = (
+    ("train_samples", "counter", "Training samples whose predictions came back to the driver", "train_samples"),
+    ("train_samples_per_second", "gauge", "Training samples per second since the previous collection",
+     "samples_per_s"),
+    ("epoch", "gauge", "Epoch of the latest completed microbatch (1-based)", "epoch"),
+    ("progress_ratio", "gauge", "Fraction of the run's microbatches completed", "progress"),
+    ("eta_seconds", "gauge", "Estimated time left", "eta_s"),
+    ("microbatches_in_flight", "gauge", "Microbatches submitted whose predictions have not come back", "in_flight"),
+    ("actor_restarts", "counter", "Stage actors recreated after a failure", "restarts"),
+)
 
 
-class PrometheusExporter:
+class RunCollector(Collector):
+    """Yields the run's metrics from the latest record at every scrape."""
+
     def __init__(self, info: RunInfo, devices: list[str]):
         self.info = info
         self.devices = devices
-        self.registry = CollectorRegistry(auto_describe=True)
-        self._server = None
-        self._last_stages: dict[int, StageRecord] = {}
-        self._train_samples = 0
-        self._errors_seen: dict[str, int] = {}
-        reg = self.registry
-
-        def stage_metric(kind, name, documentation, **extra):
-            return kind(PREFIX + name, documentation, STAGE_LABELS, registry=reg, **extra)
-
-        def run_metric(kind, name, documentation, labels=("run_id",)):
-            return kind(PREFIX + name, documentation, labels, registry=reg)
-
-        # prometheus_client appends _total to a Counter's name itself.
-        self.stage_samples = stage_metric(Counter, "stage_samples", "Training samples processed by the stage")
-        self.stage_microbatches = stage_metric(Counter, "stage_microbatches",
-                                               "Microbatches (training and evaluation) processed by the stage")
-        self.stage_backlog = stage_metric(Gauge, "stage_queued_microbatches",
-                                          "Microbatches handed to the stage that it has not finished "
-                                          "(its input queue plus the one it is computing)")
-        self.stage_compute = stage_metric(Counter, "stage_compute_seconds",
-                                          "Time the stage spent computing (forward, local loss, update)")
-        self.stage_wait = stage_metric(Counter, "stage_wait_seconds",
-                                       "Time the stage spent between steps, waiting for its input")
-        self.stage_handoff = stage_metric(Counter, "stage_handoff_seconds",
-                                          "Time the stage spent handing its output on (copy to the host)")
-        self.stage_step = stage_metric(Histogram, "stage_step_seconds",
-                                       "Compute time of one training microbatch in the stage", buckets=STEP_BUCKETS)
-        self.stage_loss = stage_metric(Gauge, "stage_loss",
-                                       "The stage's local loss, mean over the training microbatches since "
-                                       "the previous collection")
-        self.stage_accuracy = stage_metric(Gauge, "stage_train_accuracy_ratio",
-                                           "The stage's own nearest-target accuracy on training microbatches "
-                                           "since the previous collection")
-        self.stage_lr = stage_metric(Gauge, "stage_learning_rate", "The stage optimizer's learning rate")
-        self.stage_weight_norm = stage_metric(Gauge, "stage_weight_norm", "L2 norm of all the stage's weights")
-        self.stage_update_norm = stage_metric(Gauge, "stage_update_norm",
-                                              "L2 norm of the change of the stage's weights since the "
-                                              "previous collection")
-        self.stage_memory = stage_metric(Gauge, "stage_memory_bytes",
-                                         "GPU memory allocated by the stage (process RSS on a CPU)")
-        self.stage_peak_memory = stage_metric(Gauge, "stage_peak_memory_bytes",
-                                              "Peak GPU memory allocated by the stage (peak RSS on a CPU)")
-        self.train_samples = run_metric(Counter, "train_samples",
-                                        "Training samples whose predictions came back to the driver")
-        self.samples_per_second = run_metric(Gauge, "train_samples_per_second",
-                                             "Training samples per second since the previous collection")
-        self.test_accuracy = run_metric(Gauge, "test_accuracy_ratio",
-                                        "Test accuracy after the latest epoch, per predictor",
-                                        labels=("run_id", "predictor"))
-        self.epoch = run_metric(Gauge, "epoch", "Epoch of the latest completed microbatch (1-based)")
-        self.progress = run_metric(Gauge, "progress_ratio", "Fraction of the run's microbatches completed")
-        self.eta = run_metric(Gauge, "eta_seconds", "Estimated time left")
-        self.in_flight = run_metric(Gauge, "microbatches_in_flight",
-                                    "Microbatches submitted whose predictions have not come back")
-        self.restarts = run_metric(Counter, "actor_restarts",
-                                   "Stage actor restarts (stages run with max_restarts=0: a failed "
-                                   "stage stops the run and counts in errors instead)")
-        self.errors = run_metric(Counter, "errors", "Errors that stopped the run, per kind",
-                                 labels=("run_id", "kind"))
-        Info(PREFIX + "run", "The run's dataset, rule, model, executor, stages and epochs", ["run_id"],
-             registry=reg).labels(info.run_id).info(
-            {"dataset": info.dataset, "rule": info.rule, "model": info.model, "executor": info.executor,
-             "stages": str(info.stages), "epochs": str(info.epochs)})
-        # Series that exist from the start, so that a dashboard shows 0 rather than "no data".
-        self.restarts.labels(info.run_id)
-        self.errors.labels(info.run_id, NON_FINITE_LOSS)
-        self.train_samples.labels(info.run_id)
+        self._lock = threading.Lock()  # scrapes come from the server's thread
+        self._record: RunRecord | None = None
+        self._stages: dict[int, StageRecord] = {}
 
     def update(self, record: RunRecord) -> None:
+        with self._lock:
+            self._record = record
+            for stage in record.stages or ():  # a record without stage statistics keeps the last ones
+                self._stages[stage.stage] = stage
+
+    def collect(self) -> Iterator:
+        with self._lock:
+            record, stages = self._record, dict(self._stages)
         run = self.info.run_id
-        self.train_samples.labels(run).inc(max(0, record.train_samples - self._train_samples))
-        self._train_samples = max(self._train_samples, record.train_samples)
-        self.samples_per_second.labels(run).set(record.samples_per_s)
-        self.epoch.labels(run).set(record.epoch)
-        self.progress.labels(run).set(record.progress)
-        self.eta.labels(run).set(record.eta_s)
-        self.in_flight.labels(run).set(record.in_flight)
-        for predictor, accuracy in record.test_accuracy.items():
-            self.test_accuracy.labels(run, predictor).set(accuracy)
-        for kind, count in record.errors.items():
-            self.errors.labels(run, kind).inc(count - self._errors_seen.get(kind, 0))
-            self._errors_seen[kind] = count
-        for stage in record.stages or ():
-            self._update_stage(stage)
-        for stage, depth in enumerate(record.backlog):
-            self.stage_backlog.labels(run, str(stage), self.devices[stage]).set(depth)
+        info = InfoMetricFamily(PREFIX + "run", "The run's dataset, rule, model, executor, stages and epochs",
+                                labels=["run_id"])
+        info.add_metric([run], {"dataset": self.info.dataset, "rule": self.info.rule, "model": self.info.model,
+                                "executor": self.info.executor, "stages": str(self.info.stages),
+                                "epochs": str(self.info.epochs)})
+        yield info
+        for name, kind, documentation, attribute in RUN_SERIES:
+            family = _family(kind, name, documentation, ["run_id"])
+            value = getattr(record, attribute) if record is not None else 0
+            if value is not None:  # an unknown ETA is left out rather than exported as NaN
+                family.add_metric([run], value)
+            yield family
+        yield from self._run_labelled(record)
+        for name, kind, documentation, attribute in STAGE_SERIES:
+            family = _family(kind, name, documentation, STAGE_LABELS)
+            for index, stage in sorted(stages.items()):
+                value = getattr(stage, attribute)
+                if value is not None:
+                    family.add_metric([run, str(index), stage.device], value)
+            yield family
+        yield self._step_histogram(stages)
+        queued = GaugeMetricFamily(PREFIX + "stage_queued_microbatches", "Microbatches handed to the stage that "
+                                   "it has not finished (its input queue plus the one it is computing)",
+                                   labels=STAGE_LABELS)
+        for index, depth in enumerate(record.backlog if record is not None else ()):
+            queued.add_metric([run, str(index), self.devices[index]], depth)
+        yield queued
 
-    def _update_stage(self, stage: StageRecord) -> None:
-        labels = (self.info.run_id, str(stage.stage), stage.device)
-        previous = self._last_stages.get(stage.stage)
-        self._last_stages[stage.stage] = stage
+    def _run_labelled(self, record: RunRecord | None) -> Iterator:
+        run = self.info.run_id
+        accuracy = GaugeMetricFamily(PREFIX + "test_accuracy_ratio", "Test accuracy after the latest epoch, per "
+                                     "predictor", labels=["run_id", "predictor"])
+        for predictor, value in (record.test_accuracy if record is not None else {}).items():
+            accuracy.add_metric([run, predictor], value)
+        yield accuracy
+        errors = CounterMetricFamily(PREFIX + "errors", "Errors that stopped the run, per kind",
+                                     labels=["run_id", "kind"])
+        for kind, count in {NON_FINITE_LOSS: 0, **(record.errors if record is not None else {})}.items():
+            errors.add_metric([run, kind], count)
+        yield errors
 
-        def advance(counter: Counter, now: float, before: float) -> None:
-            counter.labels(*labels).inc(max(0.0, now - before))  # counters only go up
+    def _step_histogram(self, stages: dict[int, StageRecord]) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(PREFIX + "stage_step_seconds", "Compute time of one training microbatch in "
+                                       "the stage", labels=STAGE_LABELS)
+        for index, stage in sorted(stages.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip((*STEP_BUCKETS, float("inf")), stage.step_counts):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            family.add_metric([self.info.run_id, str(index), stage.device], buckets, stage.step_seconds)
+        return family
 
-        advance(self.stage_samples, stage.samples, previous.samples if previous else 0)
-        advance(self.stage_microbatches, stage.microbatches, previous.microbatches if previous else 0)
-        advance(self.stage_compute, stage.compute_s, previous.compute_s if previous else 0.0)
-        advance(self.stage_wait, stage.wait_s, previous.wait_s if previous else 0.0)
-        advance(self.stage_handoff, stage.handoff_s, previous.handoff_s if previous else 0.0)
-        if stage.loss is not None:
-            self.stage_loss.labels(*labels).set(stage.loss)
-        if stage.train_accuracy is not None:
-            self.stage_accuracy.labels(*labels).set(stage.train_accuracy)
-        self.stage_lr.labels(*labels).set(stage.lr)
-        self.stage_weight_norm.labels(*labels).set(stage.weight_norm)
-        self.stage_update_norm.labels(*labels).set(stage.update_norm)
-        self.stage_memory.labels(*labels).set(stage.memory_bytes)
-        self.stage_peak_memory.labels(*labels).set(stage.peak_memory_bytes)
 
-    def observe_step_times(self, stage: int, device: str, step_times: list[float]) -> None:
-        histogram = self.stage_step.labels(self.info.run_id, str(stage), device)
-        for seconds in step_times:
-            if math.isfinite(seconds):
-                histogram.observe(seconds)
+def _family(kind: str, name: str, documentation: str, labels: list[str]):
+    if kind == "counter":  # prometheus_client appends _total to a counter's name itself
+        return CounterMetricFamily(PREFIX + name, documentation, labels=labels)
+    return GaugeMetricFamily(PREFIX + name, documentation, labels=labels)
+
+
+class PrometheusExporter:
+    """The collector in a registry of the run's own (not the process-wide default), served over
+    HTTP from a daemon thread when asked."""
+
+    def __init__(self, info: RunInfo, devices: list[str]):
+        self.collector = RunCollector(info, devices)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.collector)
+        self._server = None
+
+    def update(self, record: RunRecord) -> None:
+        self.collector.update(record)
 
     def text(self) -> bytes:
         """The exposition in Prometheus text format, as the endpoint serves it."""
         return generate_latest(self.registry)
 
     def serve(self, host: str, port: int) -> int:
-        """Serve ``/metrics`` on ``host:port`` from a daemon thread; returns the bound port."""
+        """Serve ``/metrics`` on ``host:port``; returns the bound port (``port`` 0: a free one)."""
         self._server, _ = start_http_server(port, addr=host, registry=self.registry)
         return self._server.server_address[1]
 

@@ -6,40 +6,27 @@ in ``after_submit`` and an attribute store in ``on_prediction``."""
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass
 
-from monitoring.exporter import NON_FINITE_LOSS, PrometheusExporter, RunInfo
-from monitoring.records import END, ERROR, EVALUATION, PROGRESS, MetricsLog, RunRecord, stage_record
-from pipeline.config import ConfigError
-from pipeline.messages import NonFiniteLossError, Prediction, StageStats
-from pipeline.runner import Executor
-from pipeline.training import EvalResult, Progress, RunObserver, RunResult
+from forwardflow.monitoring.exporter import NON_FINITE_LOSS, PrometheusExporter, RunInfo
+from forwardflow.monitoring.records import END, ERROR, EVALUATION, PROGRESS, MetricsLog, RunRecord, stage_record
+from forwardflow.pipeline.config import MonitoringConfig
+from forwardflow.pipeline.messages import NonFiniteLossError, Prediction, StageStats
+from forwardflow.pipeline.runner import Executor
+from forwardflow.pipeline.training import EvalResult, Progress, RunObserver, RunResult
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
+    """What the observer needs: the run's monitoring settings (checked in the config tree) and
+    facts known once the stages are placed."""
+
+    settings: MonitoringConfig
     info: RunInfo
     devices: tuple[str, ...]  # each stage's device label
-    port: int = 0  # 0: no Prometheus endpoint
-    host: str = "127.0.0.1"
     out: str | None = None  # where metrics.jsonl goes; None: no log
-    interval_s: float = 1.0
-    linger_s: float = 0.0  # keep serving this long after the run, for a last scrape
-
-    def __post_init__(self):
-        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
-            raise ConfigError("metrics_port", f"must be a port number, 0 to 65535 (got {self.port!r})")
-        if not self.host:
-            raise ConfigError("metrics_host", "must be an address to bind to, such as 127.0.0.1")
-        if not (isinstance(self.interval_s, (int, float)) and 0.05 <= self.interval_s <= 3600):
-            raise ConfigError("metrics_interval", f"must be between 0.05 and 3600 seconds (got {self.interval_s!r})")
-        if not (isinstance(self.linger_s, (int, float)) and 0 <= self.linger_s <= 3600):
-            raise ConfigError("metrics_linger", f"must be between 0 and 3600 seconds (got {self.linger_s!r})")
-        if len(self.devices) != self.info.stages:
-            raise ConfigError("stages", f"{len(self.devices)} device labels for {self.info.stages} stages")
 
 
 def error_kind(error: BaseException) -> str:
@@ -51,15 +38,16 @@ def error_kind(error: BaseException) -> str:
 class MetricsObserver(RunObserver):
     def __init__(self, config: MetricsConfig):
         self.config = config
-        self.exporter = PrometheusExporter(config.info, list(config.devices)) if config.port else None
+        settings = config.settings
+        self.exporter = PrometheusExporter(config.info, list(config.devices)) if settings.metrics_port else None
         self.log = MetricsLog(config.out) if config.out else None
         self.port: int | None = None  # the endpoint's port once it serves
         if self.exporter is not None:
             try:
-                self.port = self.exporter.serve(config.host, config.port)
+                self.port = self.exporter.serve(settings.metrics_host, settings.metrics_port)
             except OSError as error:  # in use, or not an address of this machine
-                raise ConfigError("metrics_port", f"cannot serve on {config.host}:{config.port} "
-                                                  f"({error.strerror or error})") from None
+                raise settings.error("metrics_port", f"cannot serve on {settings.metrics_host}:"
+                                                     f"{settings.metrics_port} ({error.strerror or error})") from None
         self._due = 0.0
         self._progress: Progress | None = None
         self._previous: dict[int, StageStats] = {}
@@ -77,7 +65,7 @@ class MetricsObserver(RunObserver):
         now = time.monotonic()
         if now < self._due:
             return
-        self._due = now + self.config.interval_s
+        self._due = now + self.config.settings.metrics_interval
         self._progress = progress
         snapshots = executor.poll_snapshots()
         self._backlog = executor.stage_backlog()
@@ -89,8 +77,7 @@ class MetricsObserver(RunObserver):
 
     def on_evaluation(self, result: EvalResult, progress: Progress) -> None:
         self._progress = progress
-        outputs = {"nearest_target": result.accuracy, "head": result.accuracy_head, **result.extra}
-        self._accuracy.update({name: value for name, value in outputs.items() if value is not None})
+        self._accuracy.update(result.accuracies)
         self._collect(EVALUATION, None)
 
     def on_end(self, result: RunResult) -> None:
@@ -114,8 +101,6 @@ class MetricsObserver(RunObserver):
             for stats in snapshots:
                 device = self.config.devices[stats.stage]
                 stages.append(stage_record(stats, self._previous.get(stats.stage), device))
-                if self.exporter is not None:
-                    self.exporter.observe_step_times(stats.stage, device, stats.step_times)
                 self._previous[stats.stage] = stats
         elapsed = progress.elapsed_s
         samples = progress.train_samples_done
@@ -124,7 +109,7 @@ class MetricsObserver(RunObserver):
         if kind != EVALUATION:  # an evaluation line is an event, not a step of the rate's clock
             self._last_elapsed, self._last_samples = elapsed, samples
         done = progress.microbatches_done / progress.microbatches_total if progress.microbatches_total else 0.0
-        eta = elapsed * (1 - done) / done if done > 0 else math.nan
+        eta = elapsed * (1 - done) / done if done > 0 else None
         record = RunRecord(
             kind=kind, run_id=self.config.info.run_id, time=time.time(), elapsed_s=elapsed,
             train_samples=samples, samples_per_s=rate, microbatches_done=progress.microbatches_done,
@@ -136,12 +121,18 @@ class MetricsObserver(RunObserver):
         if self.log is not None:
             self.log.append(record)
 
+    @property
+    def url(self) -> str | None:
+        """Where the endpoint serves, once it does."""
+        return None if self.port is None else f"http://{self.config.settings.metrics_host}:{self.port}/metrics"
+
     def close(self) -> None:
-        """Stop serving, after ``linger_s`` so that Prometheus can scrape the final values."""
+        """Stop serving, after ``--metrics-linger`` so that Prometheus can scrape the final values."""
         if self.exporter is None:
             return
-        if self.config.linger_s > 0:
-            print(f"forwardflow: serving the final metrics on {self.config.host}:{self.port} "
-                  f"for {self.config.linger_s:g} s", file=sys.stderr)
-            time.sleep(self.config.linger_s)
+        linger = self.config.settings.metrics_linger
+        if linger > 0:
+            print(f"forwardflow: serving the final metrics on {self.url} for {linger:g} s (--metrics-linger)",
+                  file=sys.stderr)
+            time.sleep(linger)
         self.exporter.stop()

@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.messages import StageStats
+from forwardflow.pipeline.messages import StageStats
 
 LOG_NAME = "metrics.jsonl"
 
@@ -42,8 +42,9 @@ class StageRecord:
     update_norm: float
     memory_bytes: int
     peak_memory_bytes: int
-    steps: int  # training steps timed since the previous collection
-    step_mean_s: float | None
+    step_counts: list[int]  # cumulative histogram of training-step times over STEP_BUCKETS (+ above)
+    step_seconds: float  # cumulative
+    step_mean_s: float | None  # mean step time since the previous collection
 
 
 @dataclass
@@ -57,11 +58,12 @@ class RunRecord:
     microbatches_done: int
     microbatches_total: int
     epoch: int  # 1-based epoch of the latest completed microbatch (0 before the first)
-    eta_s: float
+    eta_s: float | None  # None until the first microbatch is done
     in_flight: int
     backlog: list[int]  # per stage: microbatches handed to it that it has not finished (live)
     test_accuracy: dict[str, float] = field(default_factory=dict)  # latest, per predictor
     errors: dict[str, int] = field(default_factory=dict)  # per kind, cumulative
+    restarts: int = 0  # stage actors restarted, cumulative
     stages: list[StageRecord] | None = None  # None: no new stage statistics at this collection
 
     @property
@@ -69,27 +71,29 @@ class RunRecord:
         return self.microbatches_done / self.microbatches_total if self.microbatches_total else 0.0
 
 
-def _finite_or_none(value: float) -> float | None:
+def finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
 def stage_record(current: StageStats, previous: StageStats | None, device: str) -> StageRecord:
-    """A record of ``current``, with the interval values taken against ``previous``."""
+    """A record of ``current``, with the interval values taken against ``previous``: the one
+    place where values over an interval are derived from the stage's cumulative counters."""
     loss_count = current.loss_count - (previous.loss_count if previous else 0)
     loss_sum = current.loss_sum - (previous.loss_sum if previous else 0.0)
     scored = current.train_scored - (previous.train_scored if previous else 0)
     correct = current.train_correct - (previous.train_correct if previous else 0)
+    steps = current.steps - (previous.steps if previous else 0)
+    step_seconds = current.step_seconds - (previous.step_seconds if previous else 0.0)
     # Without a new training step in the interval the stage's latest values stand.
-    loss = loss_sum / loss_count if loss_count else _finite_or_none(current.last_loss)
-    accuracy = correct / scored if scored else None
-    steps = len(current.step_times)
+    loss = loss_sum / loss_count if loss_count else finite_or_none(current.last_loss)
     return StageRecord(
         stage=current.stage, device=device, samples=current.samples, microbatches=current.microbatches,
         compute_s=current.busy_s, wait_s=current.wait_s, handoff_s=current.handoff_s,
-        loss=loss, train_accuracy=accuracy, lr=current.lr, weight_norm=current.weight_norm,
-        update_norm=current.update_norm, memory_bytes=current.memory_bytes,
-        peak_memory_bytes=current.peak_memory_bytes, steps=steps,
-        step_mean_s=sum(current.step_times) / steps if steps else None)
+        loss=finite_or_none(loss) if loss is not None else None,
+        train_accuracy=correct / scored if scored else None, lr=current.lr,
+        weight_norm=current.weight_norm, update_norm=current.update_norm, memory_bytes=current.memory_bytes,
+        peak_memory_bytes=current.peak_memory_bytes, step_counts=list(current.step_counts),
+        step_seconds=current.step_seconds, step_mean_s=step_seconds / steps if steps else None)
 
 
 class MetricsLog:
@@ -101,11 +105,20 @@ class MetricsLog:
 
     def append(self, record: RunRecord) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # NaN and inf are written as Python's json writes them (a diverged norm must not stop the
-        # run's monitoring); read_log reads them back.
-        line = json.dumps(asdict(record)) + "\n"
+        # Strict JSON: a non-finite number (a diverged norm, an unknown ETA) is written as null.
+        line = json.dumps(_strict(asdict(record)), allow_nan=False) + "\n"
         with open(self.path, "a") as handle:
             handle.write(line)
+
+
+def _strict(value):
+    if isinstance(value, float):
+        return finite_or_none(value)
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_strict(item) for item in value]
+    return value
 
 
 def read_log(path: str | Path, run_id: str | None = None) -> list[RunRecord]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from monitoring.records import EVALUATION, LOG_NAME, RunRecord, read_log
+from forwardflow.monitoring.records import EVALUATION, LOG_NAME, RunRecord, read_log
 
 PLOT_WIDTH, PLOT_HEIGHT, PLOT_DPI = 1200, 800, 100
 PLOT_NAMES = ("throughput.png", "time_split.png", "loss.png", "accuracy.png")

@@ -1,214 +1,228 @@
-"""Configuration dataclasses, one per component, each validated in ``__post_init__``.
+"""The one config tree of a run: a frozen dataclass per component, each checked when it is built.
 
-A validation failure raises :class:`ConfigError` naming the field the way the command line spells
-it (``--batch-size``), so the launcher can print one line and exit with status 2 before any actor
-starts.
+    RunConfig
+      data        DataConfig        which dataset, where, how much of it
+      model       ModelConfig       the blocks and how they split into stages (pipeline/model.py)
+      rule        RuleConfig        the learning rule and its own options (pipeline/rules/)
+      optim       OptimConfig       every stage's optimizer and learning-rate schedule
+      schedule    ScheduleConfig    epochs and microbatch sizes
+      execution   ExecutionConfig   sequential or Ray, devices, placement, threads
+      monitoring  MonitoringConfig  progress bar, Prometheus endpoint, plots
+      output      OutputConfig      where the run's files go
+      seed
+
+Every problem is a ConfigError naming the flag as the user types it. Presets (pipeline/presets.py)
+are plain functions returning a RunConfig; the command line (launch/cli.py) is generated from the
+fields declared here; a config file (TOML or JSON, or a run's summary.json) is read by
+:func:`load_config_file` and overrides a preset the same way.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+import json
+import tomllib
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from forwardflow.pipeline.model import BlockSpec, ModelConfig
+from forwardflow.pipeline.rules.base import Rule, RuleOptions
+from forwardflow.pipeline.rules.registry import RULES
+from forwardflow.pipeline.validation import ConfigError, Section, option
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "synthetic")
-RULES = ("sigprop", "ff", "local", "efp", "bp")
-SIGPROP_LOSSES = ("contrastive", "per-class")
-POSITIVES = ("all", "one", "topk")
-TARGET_LAYERS = ("learned", "fixed")
-# RuleConfig fields that only some rules read: a command-line flag for another rule is refused.
-RULE_OPTIONS = {
-    "loss": ("sigprop",), "positives": ("sigprop",), "topk": ("sigprop",), "target_layer": ("sigprop",),
-    "temperature": ("sigprop",), "ff_threshold": ("ff",), "ff_hard_negatives": ("ff",), "head_width": ("local",),
-}
-OPTIMIZERS = ("adam", "sgd")
-SCHEDULES = ("constant", "cosine")
-EXECUTORS = ("ray", "sequential")
-PLACEMENTS = ("pack", "spread")
-BLOCK_KINDS = (
-    "linear", "conv", "batchnorm", "layernorm", "relu", "tanh", "gelu",
-    "maxpool", "avgpool", "flatten", "dropout",
-)
-LAYER_KINDS = ("linear", "conv")  # blocks that carry weights and start a new layer
-
-
-class ConfigError(ValueError):
-    """Bad input: names the field (as a command-line flag) and what is allowed."""
-
-    def __init__(self, field_name: str, message: str):
-        self.field_name = field_name
-        self.message = message
-        super().__init__(f"{flag_name(field_name)}: {message}")
-
-
-def flag_name(field_name: str) -> str:
-    return field_name if field_name.startswith("-") else "--" + field_name.replace("_", "-")
-
-
-def _one_of(field_name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(field_name, f"{value!r} is not one of {', '.join(allowed)}")
-
-
-def _in_range(field_name: str, value: float, low: float, high: float, kind: type = int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
-        raise ConfigError(field_name, f"must be {'an integer' if kind is int else 'a number'} (got {value!r})")
-    if not (math.isfinite(value) and low <= value <= high):
-        raise ConfigError(field_name, f"must be between {low:g} and {high:g} (got {value!r})")
 
 
 @dataclass(frozen=True)
-class BlockSpec:
-    """One block of a model: ``width`` is out features (linear) or out channels (conv)."""
-
-    kind: str
-    width: int = 0
-    kernel_size: int = 3
-    padding: int = 1
-    p: float = 0.0
-
-    def __post_init__(self):
-        _one_of("model", self.kind, BLOCK_KINDS)
-        if self.kind in LAYER_KINDS:
-            _in_range("model", self.width, 1, 1 << 16)
-        if self.kind == "dropout":
-            _in_range("model", self.p, 0.0, 0.99, float)
+class DataConfig(Section):
+    dataset: str = option("mnist", "the dataset", choices=DATASETS)
+    data_dir: str | None = option(
+        None, "where the dataset's files are (default: $FORWARDFLOW_DATA_DIR, then where launch/setup.sh puts them)"
+    )
+    train_limit: int = option(0, "use only the first N training samples (0: all)", low=0, high=10**9)
+    test_limit: int = option(0, "use only the first N test samples (0: all)", low=0, high=10**9)
+    augment: bool = option(False, "random crops with 4-pixel padding and horizontal flips (3-channel images)")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """A network as a list of blocks; ``stages`` groups consecutive layers (0 = one per layer)."""
+class ScheduleConfig(Section):
+    epochs: int = option(1, "passes over the training set", low=1, high=10000)
+    batch_size: int = option(512, "training microbatch size", low=1, high=65536)
+    eval_batch_size: int = option(1000, "evaluation microbatch size", low=1, high=65536)
 
-    name: str
-    blocks: tuple[BlockSpec, ...]
-    stages: int = 0
-    head: bool = True  # a linear output layer trained on detached last features
 
-    def __post_init__(self):
-        if not self.blocks:
-            raise ConfigError("model", "needs at least one block")
-        _in_range("stages", self.stages, 0, 1024)
-        if self.stages > self.num_layers:
-            raise ConfigError("stages", f"must be between 1 and {self.num_layers}, the number of "
-                                        f"layers of model {self.name} (got {self.stages})")
+@dataclass(frozen=True)
+class RuleConfig(Section):
+    """The learning rule and its own options; ``options`` left out means the rule's defaults."""
+
+    name: str = option("sigprop", "the learning rule", flag="--rule", choices=tuple(RULES))
+    options: RuleOptions | None = option(None, "the rule's own options", cli=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.options is None:
+            object.__setattr__(self, "options", self.rule_class.Options())  # frozen: set once, here
+
+    def check(self) -> None:
+        expected = self.rule_class.Options
+        if self.options is not None and type(self.options) is not expected:
+            raise self.error("name", f"rule {self.name} takes {expected.__name__}, not {type(self.options).__name__}")
 
     @property
-    def num_layers(self) -> int:
-        return sum(block.kind in LAYER_KINDS for block in self.blocks)
+    def rule_class(self) -> type[Rule]:
+        return RULES[self.name]
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    dataset: str = "mnist"
-    data_dir: str | None = None  # None: $FORWARDFLOW_DATA_DIR, then the set-up path's locations
-    batch_size: int = 512
-    eval_batch_size: int = 1000
-    train_limit: int = 0  # use only the first N training samples (0 = all)
-    test_limit: int = 0
-    augment: bool = False  # random crop with padding and horizontal flip (images with 3 channels)
+class OptimConfig(Section):
+    name: str = option("adam", "every stage's optimizer", flag="--optimizer", choices=("adam", "sgd"))
+    lr: float = option(1e-3, "learning rate of every stage's optimizer, in (0, 10]")
+    weight_decay: float = option(0.0, "weight decay", low=0.0, high=1.0)
+    momentum: float = option(0.9, "sgd momentum", low=0.0, high=0.999)
+    lr_schedule: str = option(
+        "constant", "constant, or cosine decay to 0 over the run's training microbatches", choices=("constant", "cosine")
+    )
 
-    def __post_init__(self):
-        _one_of("dataset", self.dataset, DATASETS)
-        _in_range("batch_size", self.batch_size, 1, 65536)
-        _in_range("eval_batch_size", self.eval_batch_size, 1, 65536)
-        _in_range("train_limit", self.train_limit, 0, 10**9)
-        _in_range("test_limit", self.test_limit, 0, 10**9)
+    def check(self) -> None:
+        if not 0 < self.lr <= 10:
+            raise self.error("lr", f"must be a number in (0, 10] (got {self.lr!r})")
 
 
 @dataclass(frozen=True)
-class RuleConfig:
-    """The learning rule: what the target signal is and what each stage's local loss is."""
+class ExecutionConfig(Section):
+    """Where and how the stages run: the Ray pipeline, or the in-process sequential runner."""
 
-    name: str = "sigprop"
-    loss: str = "contrastive"  # sigprop: contrastive (batch) or per-class
-    positives: str = "all"  # contrastive: which same-label samples count as positives
-    topk: int = 4
-    temperature: float = 0.0  # scores are <h, t> / temperature; 0: sqrt(features per position)
-    target_loss: bool = True  # sigprop, learned target layer: its own local loss at the input
-    target_layer: str = "learned"  # sigprop: learned projection of the label, or fixed random
-    ff_threshold: float = 0.25  # forward-forward goodness threshold theta, per unit (see rules/ff.py)
-    ff_hard_negatives: bool = False
-    head_width: int = 0  # local heads: hidden width of each stage's classifier (0 = linear)
+    executor: str = option("ray", "ray: one actor per stage; sequential: every stage in this process",
+                           choices=("ray", "sequential"))
+    device: str = option("auto", "auto, cpu, cuda, or cuda:N (cuda:N with --executor sequential)")
+    window: int = option(8, "microbatches in flight in the Ray pipeline (bounds memory for any run length)",
+                         low=1, high=1024)
+    address: str | None = option(None, "an existing Ray cluster: HOST:PORT, ray://HOST:PORT or auto (default: a "
+                                 "local Ray, or $RAY_ADDRESS under ray job submit)")
+    placement: str = option("pack", "pack: stages on one node; spread: across nodes", choices=("pack", "spread"))
+    threads: int = option(1, "torch threads per stage (per actor; the sequential runner's process)", low=1, high=256)
 
-    def __post_init__(self):
-        _one_of("rule", self.name, RULES)
-        _one_of("loss", self.loss, SIGPROP_LOSSES)
-        _one_of("positives", self.positives, POSITIVES)
-        _one_of("target_layer", self.target_layer, TARGET_LAYERS)
-        _in_range("topk", self.topk, 1, 65536)
-        _in_range("temperature", self.temperature, 0.0, 1e6, float)
-        _in_range("ff_threshold", self.ff_threshold, 0.0, 1e6, float)
-        _in_range("head_width", self.head_width, 0, 1 << 16)
-        if self.loss == "per-class" and self.positives != "all":
-            raise ConfigError("positives", "chooses the positives of --loss contrastive; --loss per-class "
-                                           "scores each sample against one target per class")
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    name: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd only
-    schedule: str = "constant"  # cosine: decay to 0 over the run's training microbatches
-
-    def __post_init__(self):
-        _one_of("optimizer", self.name, OPTIMIZERS)
-        _one_of("schedule", self.schedule, SCHEDULES)
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (0 < self.lr <= 10):
-            raise ConfigError("lr", f"must be a number in (0, 10] (got {self.lr!r})")
-        _in_range("weight_decay", self.weight_decay, 0.0, 1.0, float)
-        _in_range("momentum", self.momentum, 0.0, 0.999, float)
-
-
-@dataclass(frozen=True)
-class ExecutionConfig:
-    """Where and how stages run: the Ray pipeline or the in-process sequential runner."""
-
-    executor: str = "ray"
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    window: int = 8  # microbatches in flight; bounds memory for any run length
-    address: str | None = None  # an existing Ray cluster; None starts a local one
-    placement: str = "pack"
-    torch_threads: int = 1  # per stage (per actor); more threads per actor was slower on CPU
-    metrics_port: int = 0  # 0: no Prometheus endpoint
-    metrics_host: str = "127.0.0.1"
-
-    def __post_init__(self):
-        _one_of("executor", self.executor, EXECUTORS)
-        _one_of("placement", self.placement, PLACEMENTS)
-        _in_range("window", self.window, 1, 1024)
-        _in_range("torch_threads", self.torch_threads, 1, 256)
-        _in_range("metrics_port", self.metrics_port, 0, 65535)
+    def check(self) -> None:
         device = self.device
         if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
-            raise ConfigError("device", f"{device!r} is not one of auto, cpu, cuda, cuda:N")
+            raise self.error("device", f"{device!r} is not one of auto, cpu, cuda, cuda:N")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig | None = None
-    rule: RuleConfig = field(default_factory=RuleConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
-    epochs: int = 1
-    seed: int = 0
-    out: str | None = None
-    run_id: str = ""
+class MonitoringConfig(Section):
+    progress: bool = option(True, "a progress bar on stderr")
+    metrics_port: int = option(0, "serve Prometheus metrics on this port (0: off)", low=0, high=65535)
+    metrics_host: str = option("127.0.0.1", "address the metrics endpoint binds to")
+    metrics_interval: float = option(1.0, "seconds between metrics collections (endpoint and metrics.jsonl)",
+                                     low=0.05, high=3600)
+    metrics_linger: float = option(5.0, "with --metrics-port: keep serving the final values this many seconds "
+                                   "after the run, so that Prometheus scrapes them", low=0, high=3600)
+    plot: bool = option(False, "write PNG plots of the run into --out")
 
-    def __post_init__(self):
-        if self.model is None:
-            raise ConfigError("model", "a model is required")
-        _in_range("epochs", self.epochs, 1, 10000)
-        _in_range("seed", self.seed, 0, 2**31 - 1)
-        if self.rule.name == "bp" and self.model.stages > 1:
-            raise ConfigError("stages", "rule bp trains end to end through one stage; use --stages 1")
-        if self.rule.name == "efp" and not self.model.head:
-            raise ConfigError("rule", f"efp feeds the output head's error back to the front; model "
-                                      f"{self.model.name} has no output head")
+    def check(self) -> None:
+        if not self.metrics_host:
+            raise self.error("metrics_host", "must be an address to bind to, such as 127.0.0.1")
+
+
+@dataclass(frozen=True)
+class OutputConfig(Section):
+    out: str | None = option(None, "write summary.json, weights.pt and metrics.jsonl into this directory")
+
+
+@dataclass(frozen=True)
+class RunConfig(Section):
+    model: ModelConfig = option(cli=False, default_factory=ModelConfig)
+    data: DataConfig = option(cli=False, default_factory=DataConfig)
+    rule: RuleConfig = option(cli=False, default_factory=RuleConfig)
+    optim: OptimConfig = option(cli=False, default_factory=OptimConfig)
+    schedule: ScheduleConfig = option(cli=False, default_factory=ScheduleConfig)
+    execution: ExecutionConfig = option(cli=False, default_factory=ExecutionConfig)
+    monitoring: MonitoringConfig = option(cli=False, default_factory=MonitoringConfig)
+    output: OutputConfig = option(cli=False, default_factory=OutputConfig)
+    seed: int = option(0, "weights, shuffling, dropout masks: same seed, same run", low=0, high=2**31 - 1)
+
+    def check(self) -> None:
+        if self.monitoring.plot and not self.output.out:
+            raise self.monitoring.error("plot", "needs --out: the plots are drawn from the run's metrics log there")
 
     @property
     def num_stages(self) -> int:
-        if self.model.stages:
-            return self.model.stages
-        return 1 if self.rule.name == "bp" else self.model.num_layers
+        return self.model.stages or self.rule.rule_class.default_stages(self.model.num_layers)
+
+
+# ---------------------------------------------------------------- dictionaries and files
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    """The whole tree as JSON values (what summary.json keeps under ``config``)."""
+    return json.loads(json.dumps(asdict(config)))
+
+
+def _section_from_dict(base: Section, data: Any, path: str) -> Section:
+    """``base`` with the values of ``data`` (a mapping, possibly partial) put in; checked."""
+    if not isinstance(data, dict):
+        raise ConfigError(path or "config", f"must be a table of settings (got {data!r})")
+    known = {item.name for item in fields(base)}  # type: ignore[arg-type]
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{path}{key}", f"unknown setting; {path or 'the top level'} has {', '.join(sorted(known))}")
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        current = getattr(base, key)
+        if isinstance(base, RuleConfig) and key == "options":
+            continue  # below, once the rule's name is known
+        if is_dataclass(current) and isinstance(current, Section):
+            changes[key] = _section_from_dict(current, value, f"{path}{key}.")
+        elif isinstance(base, ModelConfig) and key == "blocks":
+            if not isinstance(value, list):
+                raise ConfigError(f"{path}blocks", "must be a list of blocks")
+            changes[key] = tuple(_section_from_dict(BlockSpec(kind="relu"), block, f"{path}blocks[].") for block in value)
+        else:
+            changes[key] = value
+    if isinstance(base, RuleConfig):
+        name = changes.get("name", base.name)
+        if name not in RULES:
+            raise ConfigError("--rule", f"{name!r} is not one of {', '.join(RULES)}")
+        options = base.options if name == base.name and base.options is not None else RULES[name].Options()
+        changes["options"] = _section_from_dict(options, data.get("options", {}), f"{path}options.")
+    try:
+        return replace(base, **changes)
+    except TypeError as error:  # a required field missing from a block
+        raise ConfigError(path.rstrip(".") or "config", str(error)) from None
+
+
+def config_from_dict(data: dict[str, Any], base: RunConfig) -> RunConfig:
+    """``base`` (a preset) with the settings of ``data`` put in. Accepts a run's summary.json,
+    whose resolved config is under ``config``."""
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):
+        data = data["config"]
+    result = _section_from_dict(base, data, "")
+    assert isinstance(result, RunConfig)
+    return result
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The settings of a TOML or JSON file; ConfigError (naming the file) when it cannot be read."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError("--config", f"cannot read {path} ({getattr(error, 'strerror', None) or error})") from None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+        kind = "TOML" if path.suffix == ".toml" else "JSON"
+        raise ConfigError("--config", f"{path} is not valid {kind} ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError("--config", f"{path} must hold a table of settings")
+    return data
+
+
+def load_config_file(path: str | Path, base: RunConfig) -> RunConfig:
+    try:
+        return config_from_dict(read_config_file(path), base)
+    except ConfigError as error:
+        if error.where == "--config":
+            raise
+        raise ConfigError("--config", f"{path}: {error}") from None
+

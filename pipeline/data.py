@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError, DataConfig
+from forwardflow.pipeline.config import DataConfig
+from forwardflow.pipeline.validation import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR_ENV = "FORWARDFLOW_DATA_DIR"
@@ -177,7 +178,7 @@ def locate(config: DataConfig) -> Path:
             return directory
     where = ", ".join(str(d) for d in candidate_dirs(config)) or "(no default location)"
     field = "data_dir" if (config.data_dir or os.environ.get(DATA_DIR_ENV)) else "dataset"
-    raise ConfigError(field, f"no {config.dataset} files in {where}; {HOW_TO_GET[config.dataset]}")
+    raise ConfigError(config.flag(field), f"no {config.dataset} files in {where}; {HOW_TO_GET[config.dataset]}")
 
 
 def _normalise(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

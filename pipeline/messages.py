@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import warnings
 from dataclasses import dataclass, field, fields, replace
 
@@ -10,6 +11,9 @@ import torch
 
 TRAIN = "train"
 EVAL = "eval"
+# Upper bounds (seconds) of the step-time histogram: from tens of microseconds (a tiny layer on a
+# GPU) to seconds (a conv stage on a CPU).
+STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass
@@ -86,15 +90,17 @@ def _rebuild_microbatch(*values) -> Microbatch:
 
 @dataclass
 class Prediction:
-    """What the last stage returns to the driver: class predictions, not activations."""
+    """What the last stage returns to the driver: class predictions, not activations.
+
+    ``outputs`` maps a predictor's key (``nearest_target``, ``head``, ...) to the predicted class
+    of every sample; which keys a rule fills, how reports label them and which one is the rule's
+    own prediction is declared by the rule (``Rule.predictors``)."""
 
     index: int
     phase: str
     epoch: int
     labels: torch.Tensor
-    nearest_target: torch.Tensor | None = None  # argmax over classes of <h, t_k>
-    head: torch.Tensor | None = None  # the linear output layer's argmax
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # rule-specific predictions
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     # Error forward-propagation: the output error (softmax - one-hot) of a training microbatch,
     # which the training loop feeds back to the front of the pipeline.
     feedback: torch.Tensor | None = None
@@ -104,12 +110,12 @@ class Prediction:
         return self.labels.shape[0]
 
     def cpu(self) -> "Prediction":
-        def move(tensor):
-            return None if tensor is None else tensor.cpu()
-
-        return replace(self, labels=move(self.labels), nearest_target=move(self.nearest_target),
-                       head=move(self.head), extra={k: v.cpu() for k, v in self.extra.items()},
-                       feedback=move(self.feedback))
+        return replace(
+            self,
+            labels=self.labels.cpu(),
+            outputs={key: value.cpu() for key, value in self.outputs.items()},
+            feedback=None if self.feedback is None else self.feedback.cpu(),
+        )
 
 
 @dataclass
@@ -133,7 +139,10 @@ class StageStats:
     last_loss: float = float("nan")
     train_correct: int = 0  # this stage's own nearest-target hits on training microbatches
     train_scored: int = 0
-    step_times: list[float] = field(default_factory=list)  # since the last fetch
+    # Compute time of the training steps as a cumulative histogram over STEP_BUCKETS (the last
+    # entry counts the steps above the largest bound): bounded, whoever collects it and how often.
+    step_counts: list[int] = field(default_factory=lambda: [0] * (len(STEP_BUCKETS) + 1))
+    step_seconds: float = 0.0
     weight_norm: float = 0.0
     update_norm: float = 0.0
     lr: float = 0.0
@@ -145,6 +154,14 @@ class StageStats:
     @property
     def mean_loss(self) -> float:
         return self.loss_sum / self.loss_count if self.loss_count else float("nan")
+
+    @property
+    def steps(self) -> int:
+        return sum(self.step_counts)
+
+    def count_step(self, seconds: float) -> None:
+        self.step_counts[bisect.bisect_left(STEP_BUCKETS, seconds)] += 1
+        self.step_seconds += seconds
 
 
 class NonFiniteLossError(RuntimeError):

@@ -9,12 +9,71 @@ the pipeline's bottleneck by construction.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 
 import torch
 from torch import nn
 
-from pipeline.config import LAYER_KINDS, BlockSpec, ConfigError, ModelConfig
+from forwardflow.pipeline.validation import ConfigError, Section, option
+
+BLOCK_KINDS = (
+    "linear",
+    "conv",
+    "batchnorm",
+    "layernorm",
+    "relu",
+    "tanh",
+    "gelu",
+    "maxpool",
+    "avgpool",
+    "flatten",
+    "dropout",
+)
+LAYER_KINDS = ("linear", "conv")  # blocks that carry weights and start a new layer
+BLOCKS = "model.blocks"  # where a bad block is reported: it comes from a preset or a config file
+
+
+@dataclass(frozen=True)
+class BlockSpec(Section):
+    """One block of a model: ``width`` is out features (linear) or out channels (conv)."""
+
+    kind: str = option(MISSING, "block kind", flag=BLOCKS, choices=BLOCK_KINDS)
+    width: int = option(0, "out features or channels", flag=BLOCKS, low=0, high=1 << 16)
+    kernel_size: int = option(3, "conv or pooling size", flag=BLOCKS, low=1, high=64)
+    padding: int = option(1, "conv zero padding", flag=BLOCKS, low=0, high=64)
+    p: float = option(0.0, "dropout probability", flag=BLOCKS, low=0.0, high=0.99)
+
+    def check(self) -> None:
+        if self.kind in LAYER_KINDS and self.width < 1:
+            raise self.error("width", f"a {self.kind} block needs a width of at least 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig(Section):
+    """A network as a list of blocks, split into contiguous stages balanced by compute."""
+
+    name: str = option("model", "the model's name in reports", cli=False)
+    blocks: tuple[BlockSpec, ...] = option((), "the blocks, in order", cli=False)
+    stages: int = option(
+        0, "pipeline stages; layers are grouped into contiguous stages balanced by multiply-accumulates "
+        "(0: one per layer, 1 for end-to-end rules)", low=0, high=1024)
+    head: bool = option(True, "a linear output layer trained on the detached last features")
+
+    def check(self) -> None:
+        if not self.blocks:
+            raise ConfigError(BLOCKS, f"model {self.name} needs at least one block")
+        if not any(block.kind in LAYER_KINDS for block in self.blocks):
+            raise ConfigError(BLOCKS, f"model {self.name} needs at least one linear or conv block")
+        if self.stages > self.num_layers:
+            raise self.error(
+                "stages",
+                f"must be between 1 and {self.num_layers}, the number of layers of model {self.name} "
+                f"(got {self.stages})",
+            )
+
+    @property
+    def num_layers(self) -> int:
+        return sum(block.kind in LAYER_KINDS for block in self.blocks)
 
 
 class SeededDropout(nn.Module):
@@ -50,13 +109,13 @@ def build_block(spec: BlockSpec, in_shape: tuple[int, ...]) -> tuple[nn.Module, 
     if kind == "layernorm":
         return nn.LayerNorm(in_shape), in_shape
     if len(in_shape) != 3:
-        raise ConfigError("model", f"block {kind} needs image-shaped input (C, H, W), got {in_shape}")
+        raise ConfigError(BLOCKS, f"block {kind} needs image-shaped input (C, H, W), got {in_shape}")
     channels, height, width = in_shape
     if kind == "conv":
         out_h = height + 2 * spec.padding - spec.kernel_size + 1
         out_w = width + 2 * spec.padding - spec.kernel_size + 1
         if out_h < 1 or out_w < 1:
-            raise ConfigError("model", f"conv kernel {spec.kernel_size} is larger than its input {in_shape}")
+            raise ConfigError(BLOCKS, f"conv kernel {spec.kernel_size} is larger than its input {in_shape}")
         return (nn.Conv2d(channels, spec.width, spec.kernel_size, padding=spec.padding),
                 (spec.width, out_h, out_w))
     if kind == "batchnorm":
@@ -64,10 +123,10 @@ def build_block(spec: BlockSpec, in_shape: tuple[int, ...]) -> tuple[nn.Module, 
     if kind in ("maxpool", "avgpool"):
         size = spec.kernel_size if spec.kernel_size > 1 else 2
         if height < size or width < size:
-            raise ConfigError("model", f"{kind} of size {size} does not fit input {in_shape}")
+            raise ConfigError(BLOCKS, f"{kind} of size {size} does not fit input {in_shape}")
         pool = nn.MaxPool2d(size) if kind == "maxpool" else nn.AvgPool2d(size)
         return pool, (channels, height // size, width // size)
-    raise ConfigError("model", f"unknown block {kind!r}")
+    raise ConfigError(BLOCKS, f"unknown block {kind!r}")
 
 
 def _layer_cost(spec: BlockSpec, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> int:
@@ -109,7 +168,7 @@ def _split_layers(blocks: tuple[BlockSpec, ...]) -> list[list[BlockSpec]]:
         else:
             leading.append(spec)
     if not layers:
-        raise ConfigError("model", "needs at least one linear or conv block")
+        raise ConfigError(BLOCKS, "needs at least one linear or conv block")
     return layers
 
 
@@ -139,7 +198,7 @@ def _balanced_split(costs: list[int], parts: int) -> list[int]:
 def plan_stages(model: ModelConfig, input_shape: tuple[int, ...], num_stages: int) -> list[StageSpec]:
     layers = _split_layers(model.blocks)
     if not 1 <= num_stages <= len(layers):
-        raise ConfigError("stages", f"must be between 1 and {len(layers)} (got {num_stages})")
+        raise ConfigError("--stages", f"must be between 1 and {len(layers)} (got {num_stages})")
     shapes, costs, shape = [input_shape], [], input_shape
     for layer in layers:
         cost = 0

@@ -1,10 +1,12 @@
-"""Presets: plain functions returning a TrainConfig. The command line overrides a few fields."""
+"""Presets: plain functions returning a RunConfig. The command line and config files override them."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from pipeline.config import BlockSpec, DataConfig, ModelConfig, OptimConfig, RuleConfig, TrainConfig
+from forwardflow.pipeline.config import DataConfig, OptimConfig, RuleConfig, RunConfig, ScheduleConfig
+from forwardflow.pipeline.model import BlockSpec, ModelConfig
+from forwardflow.pipeline.rules.ff import ForwardForwardOptions
 
 
 def fc_model(widths: tuple[int, ...] = (1000, 1000, 1000), name: str = "", dropout: float = 0.0) -> ModelConfig:
@@ -21,8 +23,12 @@ def fc_model(widths: tuple[int, ...] = (1000, 1000, 1000), name: str = "", dropo
     return ModelConfig(name=name or "fc-" + "x".join(str(w) for w in widths), blocks=tuple(blocks))
 
 
-def vgg_model(channels: tuple[int, ...] = (64, 128, 256, 256, 512, 512), fc_width: int = 1024,
-              pool_after: tuple[int, ...] = (0, 1, 3, 5), name: str = "") -> ModelConfig:
+def vgg_model(
+    channels: tuple[int, ...] = (64, 128, 256, 256, 512, 512),
+    fc_width: int = 1024,
+    pool_after: tuple[int, ...] = (0, 1, 3, 5),
+    name: str = "",
+) -> ModelConfig:
     """VGG-style conv blocks (conv 3x3, batch norm, ReLU, max-pool where listed), then one fully
     connected layer."""
     blocks = []
@@ -34,68 +40,90 @@ def vgg_model(channels: tuple[int, ...] = (64, 128, 256, 256, 512, 512), fc_widt
     return ModelConfig(name=name or f"vgg{len(channels) + 1}", blocks=tuple(blocks))
 
 
-def mnist_fc() -> TrainConfig:
+def mnist_fc() -> RunConfig:
     """The default run: MNIST, Signal Propagation, 3 x 1000 fully connected, one stage per layer."""
-    return TrainConfig(data=DataConfig("mnist", batch_size=512), model=fc_model(),
-                       rule=RuleConfig("sigprop"), optim=OptimConfig("adam", lr=1e-3, schedule="cosine"),
-                       epochs=8)
+    return RunConfig(
+        data=DataConfig("mnist"),
+        model=fc_model(),
+        rule=RuleConfig("sigprop"),
+        optim=OptimConfig("adam", lr=1e-3, lr_schedule="cosine"),
+        schedule=ScheduleConfig(epochs=8, batch_size=512),
+    )
 
 
-def mnist_fc4() -> TrainConfig:
+def mnist_fc4() -> RunConfig:
     """4 x 1000: splits into 2 stages of nearly equal cost (the throughput benchmark's net)."""
     return replace(mnist_fc(), model=fc_model((1000, 1000, 1000, 1000)))
 
 
-def fashion_fc() -> TrainConfig:
+def fashion_fc() -> RunConfig:
     """Fashion-MNIST needs longer than MNIST: 15 epochs (89.7% against 88.9% after 8)."""
-    return replace(mnist_fc(), data=DataConfig("fashion-mnist", batch_size=512), epochs=15)
+    config = mnist_fc()
+    return replace(config, data=DataConfig("fashion-mnist"), schedule=replace(config.schedule, epochs=15))
 
 
-def cifar_vgg() -> TrainConfig:
-    return TrainConfig(data=DataConfig("cifar10", batch_size=128, augment=True), model=vgg_model(),
-                       rule=RuleConfig("sigprop"), optim=OptimConfig("adam", lr=5e-4), epochs=100)
+def cifar_vgg() -> RunConfig:
+    return RunConfig(
+        data=DataConfig("cifar10", augment=True),
+        model=vgg_model(),
+        rule=RuleConfig("sigprop"),
+        optim=OptimConfig("adam", lr=5e-4),
+        schedule=ScheduleConfig(epochs=100, batch_size=128),
+    )
 
 
-def cifar_vgg_small() -> TrainConfig:
+def cifar_vgg_small() -> RunConfig:
     """A conv net small enough for a 2-core CPU."""
-    return TrainConfig(data=DataConfig("cifar10", batch_size=256, augment=True),
-                       model=vgg_model(channels=(32, 64, 128), fc_width=256, pool_after=(0, 1, 2), name="vgg4-small"),
-                       rule=RuleConfig("sigprop"), optim=OptimConfig("adam", lr=1e-3), epochs=5)
+    return RunConfig(
+        data=DataConfig("cifar10", augment=True),
+        model=vgg_model(channels=(32, 64, 128), fc_width=256, pool_after=(0, 1, 2), name="vgg4-small"),
+        rule=RuleConfig("sigprop"),
+        optim=OptimConfig("adam", lr=1e-3),
+        schedule=ScheduleConfig(epochs=5, batch_size=256),
+    )
 
 
-def synthetic_small() -> TrainConfig:
+def synthetic_small() -> RunConfig:
     """Tiny and fast: the tests' and the smoke run's preset."""
-    return TrainConfig(data=DataConfig("synthetic", batch_size=64, eval_batch_size=128),
-                       model=fc_model((32, 32), name="fc-32x32"), rule=RuleConfig("sigprop"),
-                       optim=OptimConfig("adam", lr=2e-3), epochs=3)
+    return RunConfig(
+        data=DataConfig("synthetic"),
+        model=fc_model((32, 32), name="fc-32x32"),
+        rule=RuleConfig("sigprop"),
+        optim=OptimConfig("adam", lr=2e-3),
+        schedule=ScheduleConfig(epochs=3, batch_size=64, eval_batch_size=128),
+    )
 
 
-def with_rule(config: TrainConfig, rule: str) -> TrainConfig:
+def with_rule(config: RunConfig, rule: str) -> RunConfig:
     """``config`` trained by ``rule``: same data, same net, same epochs and optimizer, plus what the
-    rule needs of its own (found on MNIST, fully connected). bp runs as one stage (TrainConfig)."""
+    rule needs of its own (found on MNIST, fully connected)."""
     if rule == "ff":
         # Forward-Forward learns from many small steps: batch 64 gave 91% label-scan accuracy after
         # one MNIST epoch, 89% with 128. After 3 MNIST epochs (label scan): 96.29% with random
         # negatives and Adam 1e-3; 96.86% with hard negatives; 97.01% with hard negatives and 5e-4
         # (2e-3: 95.57%; batch 32: 96.44%; threshold 0.5 per unit: 96.45%).
-        return replace(config, rule=RuleConfig("ff", ff_hard_negatives=True),
-                       data=replace(config.data, batch_size=64), optim=replace(config.optim, lr=5e-4))
+        return replace(
+            config,
+            rule=RuleConfig("ff", ForwardForwardOptions(hard_negatives=True)),
+            schedule=replace(config.schedule, batch_size=64),
+            optim=replace(config.optim, lr=5e-4),
+        )
     return replace(config, rule=RuleConfig(rule))
 
 
-def mnist_ff() -> TrainConfig:
+def mnist_ff() -> RunConfig:
     return with_rule(mnist_fc(), "ff")
 
 
-def mnist_local() -> TrainConfig:
+def mnist_local() -> RunConfig:
     return with_rule(mnist_fc(), "local")
 
 
-def mnist_efp() -> TrainConfig:
+def mnist_efp() -> RunConfig:
     return with_rule(mnist_fc(), "efp")
 
 
-def mnist_bp() -> TrainConfig:
+def mnist_bp() -> RunConfig:
     return with_rule(mnist_fc(), "bp")
 
 

@@ -8,8 +8,8 @@ from typing import Protocol
 
 import torch
 
-from pipeline.messages import Microbatch, Prediction, StageStats
-from pipeline.stage import Stage, StageSetup
+from forwardflow.pipeline.messages import Microbatch, Prediction, StageStats
+from forwardflow.pipeline.stage import Stage, StageSetup
 
 
 class Executor(Protocol):

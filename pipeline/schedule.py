@@ -8,22 +8,13 @@ in stream order), and the next epoch's training microbatches follow without a pa
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.data import Dataset
-from pipeline.messages import EVAL, TRAIN, Microbatch
-
-
-@dataclass(frozen=True)
-class ScheduleConfig:
-    batch_size: int
-    eval_batch_size: int
-    epochs: int
-    seed: int
-    augment: bool = False
+from forwardflow.pipeline.config import ScheduleConfig
+from forwardflow.pipeline.data import Dataset
+from forwardflow.pipeline.messages import EVAL, TRAIN, Microbatch
 
 
 def augment_images(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
@@ -41,9 +32,11 @@ def augment_images(images: torch.Tensor, generator: torch.Generator, padding: in
 
 
 class MicrobatchSchedule:
-    def __init__(self, dataset: Dataset, config: ScheduleConfig):
+    def __init__(self, dataset: Dataset, config: ScheduleConfig, seed: int, augment: bool = False):
         self.dataset = dataset
         self.config = config
+        self.seed = seed
+        self.augment = augment
 
     @property
     def train_microbatches_per_epoch(self) -> int:
@@ -54,6 +47,10 @@ class MicrobatchSchedule:
         return -(-len(self.dataset.test_y) // self.config.eval_batch_size)
 
     @property
+    def total_train_microbatches(self) -> int:
+        return self.train_microbatches_per_epoch * self.config.epochs
+
+    @property
     def total_train_samples(self) -> int:
         return len(self.dataset.train_y) * self.config.epochs
 
@@ -62,14 +59,14 @@ class MicrobatchSchedule:
 
     def __iter__(self) -> Iterator[Microbatch]:
         data, config = self.dataset, self.config
-        generator = torch.Generator().manual_seed(config.seed)
+        generator = torch.Generator().manual_seed(self.seed)
         index = 0
         for epoch in range(config.epochs):
             order = torch.randperm(len(data.train_y), generator=generator)
             for start in range(0, len(order), config.batch_size):
                 chosen = order[start:start + config.batch_size]
                 inputs = data.train_x[chosen]
-                if config.augment and inputs.dim() == 4:
+                if self.augment and inputs.dim() == 4:
                     inputs = augment_images(inputs, generator)
                 yield Microbatch(index, TRAIN, epoch, inputs, data.train_y[chosen])
                 index += 1

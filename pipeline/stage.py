@@ -10,11 +10,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from pipeline.config import OptimConfig, RuleConfig, TrainConfig
-from pipeline.messages import TRAIN, Microbatch, NonFiniteLossError, Prediction, StageStats
-from pipeline.model import SeededDropout, StageSpec, build_stage_blocks, plan_stages
-from pipeline.rules.base import RuleContext
-from pipeline.rules.registry import make_rule
+from forwardflow.pipeline.config import OptimConfig, RuleConfig, RunConfig
+from forwardflow.pipeline.messages import TRAIN, Microbatch, NonFiniteLossError, Prediction, StageStats
+from forwardflow.pipeline.model import SeededDropout, StageSpec, build_stage_blocks, plan_stages
+from forwardflow.pipeline.rules.base import RuleContext
 
 
 @dataclass(frozen=True)
@@ -29,9 +28,6 @@ class StageSetup:
     head: bool
     seed: int
     total_steps: int = 0  # training microbatches in the run (for learning-rate schedules)
-
-
-MAX_STEP_TIMES = 10_000
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,8 +51,10 @@ class Stage:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(setup.seed * 1000 + self.index)
             self.blocks = build_stage_blocks(setup.spec)
-            self.rule = make_rule(RuleContext(setup.rule, setup.spec, setup.num_classes,
-                                              setup.model_input_shape, setup.head))
+            assert setup.rule.options is not None
+            context = RuleContext(setup.rule.options, setup.spec, setup.num_classes, setup.model_input_shape,
+                                  setup.head)
+            self.rule = setup.rule.rule_class(context)
         self.blocks.to(self.device)
         self.rule.to(self.device)
         generator = torch.Generator(device=self.device)
@@ -125,8 +123,7 @@ class Stage:
             stats.eval_samples += mb.size
             return
         stats.samples += mb.size
-        if len(stats.step_times) < MAX_STEP_TIMES:  # bounded if nobody collects them
-            stats.step_times.append(elapsed)
+        stats.count_step(elapsed)
         if scores is not None:
             stats.train_correct += int((scores.argmax(1) == mb.labels).sum())
             stats.train_scored += mb.size
@@ -144,8 +141,8 @@ class Stage:
         return math.sqrt(weight_sq), math.sqrt(update_sq)
 
     def snapshot(self) -> StageStats:
-        """Counters so far plus norms and memory; resets the step-time list. Called at the
-        metrics cadence, never per microbatch (the norms read every weight)."""
+        """Counters so far plus norms and memory. Called at the metrics cadence, never per
+        microbatch (the norms read every weight)."""
         stats = self.stats
         stats.weight_norm, stats.update_norm = self._weight_and_update_norms()
         stats.lr = self.optimizer.param_groups[0]["lr"]
@@ -155,9 +152,7 @@ class Stage:
         else:
             stats.memory_bytes = _current_rss_bytes()
             stats.peak_memory_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        snapshot = replace(stats, step_times=list(stats.step_times))
-        stats.step_times.clear()
-        return snapshot
+        return replace(stats, step_counts=list(stats.step_counts))
 
     def state_dict(self) -> dict[str, dict]:
         """Weights (and the rule's own parameters), on the CPU."""
@@ -175,13 +170,13 @@ def _build_optimizer(config: OptimConfig, params: list[torch.nn.Parameter]) -> t
 
 
 def _build_schedule(config: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int):
-    if config.schedule == "constant" or total_steps <= 0:
+    if config.lr_schedule == "constant" or total_steps <= 0:
         return None
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
 
 
-def stage_setups(config: TrainConfig, num_classes: int, input_shape: tuple[int, ...],
+def stage_setups(config: RunConfig, num_classes: int, input_shape: tuple[int, ...],
                  total_steps: int = 0) -> list[StageSetup]:
     """One StageSetup per stage of ``config``'s model, balanced by compute."""
     specs = plan_stages(config.model, input_shape, config.num_stages)

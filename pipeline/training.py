@@ -5,14 +5,15 @@ decide for themselves when it is time to act."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.messages import EVAL, Prediction, StageStats
-from pipeline.rules.base import Feedback
-from pipeline.runner import Executor
-from pipeline.schedule import MicrobatchSchedule
+from forwardflow.pipeline.messages import EVAL, Prediction, StageStats
+from forwardflow.pipeline.rules.base import Feedback
+from forwardflow.pipeline.runner import Executor
+from forwardflow.pipeline.schedule import MicrobatchSchedule
 
 
 @dataclass
@@ -20,19 +21,15 @@ class EvalResult:
     """Test accuracy after an epoch, from the evaluation microbatches that followed it."""
 
     epoch: int
-    accuracy: float | None  # nearest-target prediction (None for rules without targets)
-    accuracy_head: float | None  # the linear output layer
-    extra: dict[str, float]  # rule-specific predictions (e.g. forward-forward label scanning)
+    accuracies: dict[str, float]  # per predictor key (Rule.predictors)
+    primary: str  # the key of the rule's own prediction
     train_samples_seen: int
     wall_s: float
 
     @property
-    def best_accuracy(self) -> float:
-        """The rule's own prediction: the nearest target, else forward-forward's label scan, else
-        the output head."""
-        if self.accuracy is not None:
-            return self.accuracy
-        return self.extra.get("scan", self.accuracy_head or 0.0)
+    def accuracy(self) -> float:
+        """The rule's own prediction: what a run's test accuracy reports."""
+        return self.accuracies[self.primary]
 
 
 @dataclass
@@ -68,8 +65,9 @@ class RunObserver:
 class AccuracyTracker:
     """Counts correct evaluation predictions until a whole pass over the test set is in."""
 
-    def __init__(self, test_size: int):
+    def __init__(self, test_size: int, primary: str):
         self.test_size = test_size
+        self.primary = primary
         self._reset()
 
     def _reset(self) -> None:
@@ -79,18 +77,15 @@ class AccuracyTracker:
     def observe(self, prediction: Prediction, progress: Progress) -> EvalResult | None:
         if prediction.phase != EVAL:
             return None
-        labels = prediction.labels
-        outputs = {"nearest_target": prediction.nearest_target, "head": prediction.head, **prediction.extra}
-        for name, predicted in outputs.items():
-            if predicted is not None:
-                self.correct[name] = self.correct.get(name, 0) + int((predicted == labels).sum())
+        for key, predicted in prediction.outputs.items():
+            # One host read per evaluation microbatch and predictor (not on a stage's hot path).
+            self.correct[key] = self.correct.get(key, 0) + int((predicted == prediction.labels).sum())
         self.seen += prediction.size
         if self.seen < self.test_size:
             return None
-        fractions = {name: hits / self.seen for name, hits in self.correct.items()}
-        result = EvalResult(epoch=prediction.epoch, accuracy=fractions.pop("nearest_target", None),
-                            accuracy_head=fractions.pop("head", None), extra=fractions,
-                            train_samples_seen=progress.train_samples_done, wall_s=progress.elapsed_s)
+        result = EvalResult(epoch=prediction.epoch, accuracies={k: v / self.seen for k, v in self.correct.items()},
+                            primary=self.primary, train_samples_seen=progress.train_samples_done,
+                            wall_s=progress.elapsed_s)
         self._reset()
         return result
 
@@ -108,13 +103,15 @@ class RunResult:
         return self.train_samples / max(self.wall_s, 1e-9)
 
 
-def train(schedule: MicrobatchSchedule, executor: Executor, observers: list[RunObserver] = (),
+def train(schedule: MicrobatchSchedule, executor: Executor, primary: str, observers: Sequence[RunObserver] = (),
           feedback: Feedback | None = None) -> RunResult:
-    """``feedback``: the rule's loop from the output back to the front of the pipeline, if any
-    (see ``pipeline.rules.registry.make_feedback``)."""
+    """Feed the stream to ``executor`` and collect its predictions in order. ``primary``: the key
+    of the rule's own prediction; ``feedback``: the rule's loop from the output back to the front
+    of the pipeline, if any (``Rule.make_feedback``). Called by ``launch.build.Run``, which wires
+    both from the rule."""
     feedback = feedback or Feedback()
     progress = Progress(train_samples_total=schedule.total_train_samples, microbatches_total=len(schedule))
-    tracker = AccuracyTracker(len(schedule.dataset.test_y))
+    tracker = AccuracyTracker(len(schedule.dataset.test_y), primary)
     evaluations: list[EvalResult] = []
 
     def handle(prediction: Prediction) -> None:

@@ -1,13 +1,20 @@
-"""Bad input: one line naming the field and what is allowed, exit status 2, before any actor
+"""The command line generated from the config tree, config files and reruns from summary.json, and
+bad input: one line naming the flag (or file) and what is allowed, exit status 2, before any actor
 starts, and nothing written."""
 
+from __future__ import annotations
+
+import json
 import socket
 
 import pytest
+import torch
+from helpers import assert_same_weights
 
-import actors.cluster
-from launch import train
-from launch.cli import parse
+import forwardflow.actors.cluster
+from forwardflow.launch.cli import build_parser, parse_config
+from forwardflow.launch.train import main
+from forwardflow.pipeline.config import config_to_dict
 
 
 def closed_port() -> int:
@@ -21,18 +28,22 @@ BAD_INPUTS = [
     (["--rule", "magic"], "--rule", "sigprop"),
     (["--preset", "huge"], "--preset", "mnist-fc"),
     (["--stages", "9"], "--stages", "between 1 and 3"),
-    (["--stages", "0"], "--stages", "at least 1"),
+    (["--stages", "-1"], "--stages", "between 0 and 1024"),
     (["--batch-size", "0"], "--batch-size", "between 1 and 65536"),
     (["--epochs", "0"], "--epochs", "between 1 and 10000"),
     (["--epochs", "two"], "--epochs", "invalid int value"),
     (["--lr", "-0.1"], "--lr", "(0, 10]"),
-    (["--lr", "nan"], "--lr", "(0, 10]"),
+    (["--lr", "nan"], "--lr", "must be a number"),
     (["--device", "tpu"], "--device", "auto, cpu, cuda, cuda:N"),
     (["--device", "cuda:7", "--dataset", "synthetic"], "--device", "does not exist"),
+    (["--threads", "0"], "--threads", "between 1 and 256"),
+    (["--metrics-interval", "0"], "--metrics-interval", "between 0.05 and 3600"),
     (["--data-dir", "/nonexistent/forwardflow"], "--data-dir", "no mnist files"),
     (["--dataset", "cifar10", "--data-dir", "/tmp"], "--data-dir", "CIFAR-10 python batches"),
     (["--dataset", "synthetic", "--address", f"127.0.0.1:{closed_port()}"], "--address", "no Ray cluster answers"),
     (["--dataset", "synthetic", "--address", "nowhere"], "--address", "HOST:PORT"),
+    (["--config", "/nonexistent/run.toml"], "--config", "cannot read"),
+    (["--no-such-flag"], "--no-such-flag", "unknown flag"),
 ]
 
 
@@ -41,11 +52,9 @@ def test_bad_input_exits_2_with_one_line_before_any_actor(argv, field, allowed, 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray must not start for bad input")
 
-    monkeypatch.setattr(actors.cluster, "connect", no_ray)
+    monkeypatch.setattr(forwardflow.actors.cluster, "connect", no_ray)
     out = tmp_path / "run"
-    with pytest.raises(SystemExit) as caught:
-        train.main(argv + ["--out", str(out), "--no-progress"])
-    assert caught.value.code == 2
+    assert main(argv + ["--out", str(out), "--no-progress"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"forwardflow: error: {field}") and allowed in lines[0], lines[0]
@@ -55,24 +64,70 @@ def test_bad_input_exits_2_with_one_line_before_any_actor(argv, field, allowed, 
 def test_out_must_not_be_a_file(tmp_path, capsys):
     target = tmp_path / "file"
     target.write_text("keep me")
-    with pytest.raises(SystemExit) as caught:
-        train.main(["--dataset", "synthetic", "--out", str(target)])
-    assert caught.value.code == 2 and "--out" in capsys.readouterr().err
-    assert target.read_text() == "keep me"
+    assert main(["--dataset", "synthetic", "--out", str(target)]) == 2
+    assert "--out" in capsys.readouterr().err and target.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("text, where", [
+    ('[schedule]\nbatchsize = 5\n', "schedule.batchsize: unknown setting"),
+    ('[schedule]\nbatch_size = "many"\n', "--batch-size: must be an integer"),
+    ('[rule]\nname = "ff"\n[rule.options]\nloss = "per-class"\n', "rule.options.loss: unknown setting"),
+    ('[model]\nblocks = [{kind = "linear"}]\n', "model.blocks: a linear block needs a width"),
+    ("epochs = [", "is not valid TOML"),
+])
+def test_a_bad_config_file_is_one_line_naming_the_file_and_the_setting(tmp_path, capsys, text, where):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    assert main(["--config", str(path), "--dataset", "synthetic"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"forwardflow: error: --config: {path}") or "TOML" in lines[0]
+    assert where in lines[0], lines[0]
+
+
+def test_every_flag_has_help_and_shows_its_default():
+    parser, flags = build_parser()
+    text = parser.format_help()
+    for flag in flags.values():
+        assert flag.flag in text
+    for action in parser._actions:
+        if action.dest in flags:
+            assert action.help and action.help.strip(), action.dest
+    for shown in ("--epochs EPOCHS", "(default: 8)", "--seed SEED", "(default: 0)", "(default: 512)",
+                  "(default: 0.001)"):
+        assert shown in text
+
+
+def test_command_line_config_file_and_summary_rerun_train_identical_weights(tmp_path):
+    flags = ["--preset", "synthetic", "--executor", "sequential", "--device", "cpu", "--epochs", "2", "--lr", "0.003",
+             "--positives", "one", "--no-progress"]
+    assert main([*flags, "--out", str(tmp_path / "cli")]) == 0
+    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert summary["config"] == config_to_dict(parse_config([*flags, "--out", str(tmp_path / "cli")]))
+    # The same settings as a TOML file (only what differs from the preset), and the summary itself.
+    (tmp_path / "run.toml").write_text('[schedule]\nepochs = 2\n[optim]\nlr = 0.003\n[rule.options]\n'
+                                       'positives = "one"\n[execution]\nexecutor = "sequential"\ndevice = "cpu"\n')
+    assert main(["--preset", "synthetic", "--config", str(tmp_path / "run.toml"), "--no-progress",
+                 "--out", str(tmp_path / "toml")]) == 0
+    assert main(["--config", str(tmp_path / "cli" / "summary.json"), "--out", str(tmp_path / "rerun")]) == 0
+    weights = {name: torch.load(tmp_path / name / "weights.pt") for name in ("cli", "toml", "rerun")}
+    assert_same_weights(weights["cli"], weights["toml"])
+    assert_same_weights(weights["cli"], weights["rerun"])
+    rerun = json.loads((tmp_path / "rerun" / "summary.json").read_text())
+    assert rerun["config"]["optim"]["lr"] == 0.003 and rerun["config"]["rule"]["options"]["positives"] == "one"
 
 
 def test_sequential_run_writes_the_documented_summary(tmp_path):
-    import json
-
     out = tmp_path / "run"
-    assert train.main(["--preset", "synthetic", "--executor", "sequential", "--epochs", "2",
-                       "--out", str(out), "--no-progress"]) == 0
+    assert main(["--preset", "synthetic", "--executor", "sequential", "--device", "cpu", "--epochs", "2",
+                 "--out", str(out), "--no-progress"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("dataset", "rule", "model", "epochs", "test_accuracy", "test_accuracy_head",
-                "train_samples_per_s", "wall_s", "stages"):
+    for key in ("run_id", "dataset", "rule", "model", "epochs", "prediction", "predictions", "test_accuracy",
+                "test_accuracies", "train_samples_per_s", "wall_s", "evaluations", "stages", "config"):
         assert key in summary, key
     assert summary["dataset"] == "synthetic" and summary["rule"] == "sigprop" and summary["epochs"] == 2
-    assert 0.5 < summary["test_accuracy"] <= 1.0
+    assert summary["prediction"] == "nearest_target"
+    assert summary["test_accuracy"] == summary["test_accuracies"]["nearest_target"] > 0.5
+    assert summary["evaluations"][-1]["test_accuracies"] == summary["test_accuracies"]
     assert len(summary["stages"]) == 2
     for stage in summary["stages"]:
         assert {"device", "samples", "busy_fraction", "mean_loss"} <= stage.keys()
@@ -81,17 +136,17 @@ def test_sequential_run_writes_the_documented_summary(tmp_path):
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "no temporary files left behind"
 
 
-def test_ff_run_reports_its_label_scan_as_the_test_accuracy_and_a_table_column(tmp_path, capsys):
-    import json
-
+@pytest.mark.parametrize("rule, primary, label", [("ff", "scan", "label scan"), ("local", "local_head", "last local head"),
+                                                  ("bp", "head", "output head")])
+def test_the_rules_own_prediction_is_the_test_accuracy_and_the_first_column(tmp_path, capsys, rule, primary, label):
     out = tmp_path / "run"
-    assert train.main(["--preset", "synthetic", "--rule", "ff", "--executor", "sequential", "--epochs", "1",
-                       "--out", str(out), "--no-progress"]) == 0
+    assert main(["--preset", "synthetic", "--rule", rule, "--executor", "sequential", "--epochs", "1",
+                 "--out", str(out), "--no-progress"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    last = summary["evaluations"][-1]
-    assert summary["test_accuracy"] == last["test_accuracy_scan"]
+    assert summary["prediction"] == primary
+    assert summary["test_accuracy"] == summary["evaluations"][-1]["test_accuracies"][primary]
     header = next(line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("epoch"))
-    assert header.split() == ["epoch", "test", "acc", "head", "acc", "scan", "acc", "wall", "s"]
+    assert header.split("  ")[1].strip() == label
 
 
 def test_cluster_yaml_passes_rays_own_schema():
@@ -104,10 +159,3 @@ def test_cluster_yaml_passes_rays_own_schema():
     validate_config(prepare_config(config))  # raises on a key Ray does not know
     assert config["provider"]["type"] == "local"
     assert any("launch/setup.sh" in command for command in config["setup_commands"])
-
-
-def test_ff_preset_hard_negatives_can_be_turned_off_from_the_command_line():
-    preset, _ = parse(["--preset", "mnist-ff"])
-    random_negatives, _ = parse(["--preset", "mnist-ff", "--no-hard-negatives"])
-    assert preset.rule.ff_hard_negatives and not random_negatives.rule.ff_hard_negatives
-    assert random_negatives.optim == preset.optim and random_negatives.data == preset.data

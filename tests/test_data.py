@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ConfigError, DataConfig
-from pipeline.data import DATA_DIR_ENV, load_dataset, read_idx
-from pipeline.schedule import MicrobatchSchedule, ScheduleConfig, augment_images
+from forwardflow.pipeline.config import DataConfig, ScheduleConfig
+from forwardflow.pipeline.data import DATA_DIR_ENV, load_dataset, read_idx
+from forwardflow.pipeline.schedule import MicrobatchSchedule, augment_images
+from forwardflow.pipeline.validation import ConfigError
 
 
 def write_idx(path, array: np.ndarray, gz: bool):
@@ -93,14 +94,14 @@ def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch):
 
 def test_schedule_is_seeded_and_puts_a_test_pass_after_each_epoch():
     dataset = load_dataset(DataConfig("synthetic"))
-    config = ScheduleConfig(batch_size=100, eval_batch_size=100, epochs=2, seed=3)
-    first, second = list(MicrobatchSchedule(dataset, config)), list(MicrobatchSchedule(dataset, config))
+    config = ScheduleConfig(batch_size=100, eval_batch_size=100, epochs=2)
+    first, second = list(MicrobatchSchedule(dataset, config, seed=3)), list(MicrobatchSchedule(dataset, config, seed=3))
     assert all(torch.equal(a.inputs, b.inputs) for a, b in zip(first, second))
     phases = [(mb.epoch, mb.phase) for mb in first]
     per_epoch = [("train",) * 11 + ("eval",) * 3] * 2
     assert [p for _, p in phases] == list(per_epoch[0] + per_epoch[1])
     assert [mb.index for mb in first] == list(range(len(first)))
-    other = list(MicrobatchSchedule(dataset, ScheduleConfig(100, 100, 2, seed=4)))
+    other = list(MicrobatchSchedule(dataset, config, seed=4))
     assert not torch.equal(first[0].inputs, other[0].inputs)
 
 

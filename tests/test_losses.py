@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.losses import batch_contrastive_loss, per_class_loss, similarity
+from forwardflow.pipeline.losses import batch_contrastive_loss, per_class_loss, similarity
 
 
 def explicit_batch_contrastive(h: np.ndarray, targets: np.ndarray, labels: np.ndarray) -> float:

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pipeline.config import BlockSpec, ConfigError, ModelConfig
-from pipeline.model import build_stage_blocks, plan_stages
-from pipeline.presets import fc_model, vgg_model
+from forwardflow.pipeline.model import BlockSpec, ModelConfig, build_stage_blocks, plan_stages
+from forwardflow.pipeline.presets import fc_model, vgg_model
+from forwardflow.pipeline.validation import ConfigError
 
 
 def kinds(spec):

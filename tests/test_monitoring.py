@@ -17,33 +17,36 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from actors.placement import plan_placement
-from actors.ray_pipeline import RayPipeline
-from launch.observers import make_observers
-from launch.train import main, prepare
-from monitoring.dashboard import DASHBOARD_PATH, ROWS, dashboard_json, panel_queries
-from monitoring.exporter import NON_FINITE_LOSS, PREFIX, PrometheusExporter, RunInfo
-from monitoring.observer import MetricsConfig, MetricsObserver
-from monitoring.records import END, ERROR, EVALUATION, LOG_NAME, PROGRESS, read_log
-from monitoring.report import PLOT_HEIGHT, PLOT_NAMES, PLOT_WIDTH
-from monitoring.report import main as report_main
-from monitoring.watch import free_port, prometheus_config
-from pipeline.messages import NonFiniteLossError
-from pipeline.runner import SequentialRunner
-from pipeline.training import train
+from helpers import small_config
+
+from forwardflow.launch.build import build_run
+from forwardflow.launch.train import main
+from forwardflow.monitoring.dashboard import DASHBOARD_PATH, ROWS, dashboard_json, panel_queries
+from forwardflow.monitoring.exporter import NON_FINITE_LOSS, PREFIX, PrometheusExporter, RunInfo
+from forwardflow.monitoring.observer import MetricsConfig, MetricsObserver
+from forwardflow.monitoring.records import END, ERROR, EVALUATION, LOG_NAME, PROGRESS, read_log
+from forwardflow.monitoring.report import PLOT_HEIGHT, PLOT_NAMES, PLOT_WIDTH
+from forwardflow.monitoring.report import main as report_main
+from forwardflow.monitoring.watch import free_port, prometheus_config
+from forwardflow.pipeline.config import MonitoringConfig, OutputConfig
+from forwardflow.pipeline.messages import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parent.parent
 SHORT_RUN = ["--preset", "synthetic", "--executor", "sequential", "--epochs", "2", "--no-progress"]
 
 
-def observed_run(tiny, **config_changes):
-    """A tiny sequential run watched by a MetricsObserver that collects at every submit."""
-    config, _, schedule, setups = tiny()
-    info = RunInfo(run_id="test-run", dataset="synthetic", rule="sigprop", model=config.model.name,
-                   executor="sequential", stages=len(setups), epochs=config.epochs)
-    observer = MetricsObserver(MetricsConfig(info=info, devices=("cpu",) * len(setups), interval_s=0.05,
-                                             **config_changes))
-    result = train(schedule, SequentialRunner(setups), [observer])
+def observed_run(port: int = 0, out=None):
+    """A tiny sequential run watched by its metrics observer, collecting every 50 ms; returns the
+    observer (its endpoint stopped) and the result."""
+    config = small_config(monitoring=MonitoringConfig(progress=False, metrics_port=port, metrics_interval=0.05,
+                                                      metrics_linger=0),
+                          output=OutputConfig(None if out is None else str(out)))
+    with build_run(config, run_id="test-run") as run:
+        observer = run.metrics
+        result = run.train()
+        if port:  # scrape before the run closes the endpoint
+            with urllib.request.urlopen(observer.url, timeout=5) as response:
+                observer.scraped = response.read().decode()
     return observer, result
 
 
@@ -73,13 +76,9 @@ def test_dashboard_has_the_panels_the_issue_asks_for_and_a_run_selector():
     assert all('run_id=~"$run_id"' in expr for _, expr in queries)
 
 
-def test_exporter_serves_valid_text_format_with_every_metric_the_dashboard_names(tiny):
-    observer, _ = observed_run(tiny, port=free_port())
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{observer.port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-    finally:
-        observer.close()
+def test_exporter_serves_valid_text_format_with_every_metric_the_dashboard_names():
+    observer, _ = observed_run(port=free_port())
+    text = observer.scraped
     families = list(text_string_to_metric_families(text))
     samples = {sample.name for family in families for sample in family.samples}
     missing = dashboard_metric_names() - samples
@@ -96,9 +95,8 @@ def test_exporter_serves_valid_text_format_with_every_metric_the_dashboard_names
         assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
-def test_exported_values_follow_the_run(tiny):
-    observer, result = observed_run(tiny, port=free_port())
-    observer.close()
+def test_exported_values_follow_the_run():
+    observer, result = observed_run(port=free_port())
     registry = observer.exporter.registry
 
     def value(name, **labels):
@@ -111,7 +109,8 @@ def test_exported_values_follow_the_run(tiny):
         assert value("stage_samples_total", **stage) == stats.samples
         assert value("stage_compute_seconds_total", **stage) == pytest.approx(stats.busy_s)
         assert value("stage_wait_seconds_total", **stage) == 0.0  # sequential: never waits by construction
-        assert value("stage_step_seconds_count", **stage) > 0
+        assert value("stage_step_seconds_count", **stage) == stats.steps > 0
+        assert value("stage_step_seconds_sum", **stage) == pytest.approx(stats.step_seconds)
         assert math.isfinite(value("stage_loss", **stage))
         assert 0.0 <= value("stage_train_accuracy_ratio", **stage) <= 1.0
         assert value("stage_memory_bytes", **stage) > 0
@@ -119,10 +118,9 @@ def test_exported_values_follow_the_run(tiny):
     assert value("errors_total", kind=NON_FINITE_LOSS) == 0
 
 
-def test_an_error_is_counted_and_logged(tiny, tmp_path):
-    observer, _ = observed_run(tiny, port=free_port(), out=str(tmp_path))
+def test_an_error_is_counted_and_logged(tmp_path):
+    observer, _ = observed_run(port=free_port(), out=tmp_path)
     observer.on_error(NonFiniteLossError(stage=1, microbatch=3, value=math.nan))
-    observer.close()
     assert observer.exporter.registry.get_sample_value(
         PREFIX + "errors_total", {"run_id": "test-run", "kind": NON_FINITE_LOSS}) == 1
     last = read_log(tmp_path / LOG_NAME)[-1]
@@ -130,23 +128,20 @@ def test_an_error_is_counted_and_logged(tiny, tmp_path):
 
 
 def test_metrics_port_in_use_is_rejected_in_one_line(tmp_path, capsys):
-    port = free_port()
-    config, _, _, args = prepare([*SHORT_RUN, "--metrics-port", str(port)])
-    holder = make_observers(config, args, ["cpu", "cpu"])[-1]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main([*SHORT_RUN, "--metrics-port", str(port), "--out", str(tmp_path / "run")])
-    finally:
-        holder.close()
-    assert exit_info.value.code == 2
-    assert "--metrics-port" in capsys.readouterr().err
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert main([*SHORT_RUN, "--metrics-port", str(port), "--out", str(tmp_path / "run")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("forwardflow: error: --metrics-port: cannot serve")
     assert not (tmp_path / "run").exists()
 
 
 def test_plot_without_out_is_rejected_before_anything_runs(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main([*SHORT_RUN, "--plot"])
-    assert exit_info.value.code == 2
+    assert main([*SHORT_RUN, "--plot"]) == 2
     assert "--plot: needs --out" in capsys.readouterr().err
 
 
@@ -184,28 +179,27 @@ def test_watch_config_is_valid_for_prometheus(tmp_path):
         assert check.returncode == 0, check.stdout + check.stderr
 
 
-# Serves the endpoint the way the launcher does (parse, make_observers), once with the default host
-# and once with --metrics-host 0.0.0.0, and tries to connect to each on the addresses given.
+# Serves the endpoint the way the launcher does (the command line's settings, the run's metrics
+# observer), once with the default host and once with --metrics-host 0.0.0.0, and tries to connect to
+# each on the addresses given.
 PROBE = r"""
 import json, socket, sys
-from launch.observers import close_observers, make_observers
-from launch.train import prepare
-from monitoring.watch import free_port
+from forwardflow.launch.build import build_run
+from forwardflow.launch.cli import parse_config
+from forwardflow.monitoring.watch import free_port
 
 found = {}
 for extra in ([], ["--metrics-host", "0.0.0.0"]):
-    config, _, _, args = prepare(["--preset", "synthetic", "--no-progress", "--metrics-port", str(free_port())]
-                                 + extra)
-    observers = make_observers(config, args, ["cpu", "cpu"])
-    port = observers[-1].port
-    for address in sys.argv[1:]:
-        try:
-            socket.create_connection((address, port), timeout=2).close()
-            reached = True
-        except OSError:
-            reached = False
-        found[f"{config.execution.metrics_host} {address}"] = reached
-    close_observers(observers)
+    config = parse_config(["--preset", "synthetic", "--no-progress", "--executor", "sequential", "--metrics-port",
+                           str(free_port()), "--metrics-linger", "0"] + extra)
+    with build_run(config) as run:
+        for address in sys.argv[1:]:
+            try:
+                socket.create_connection((address, run.metrics.port), timeout=2).close()
+                reached = True
+            except OSError:
+                reached = False
+            found[f"{config.monitoring.metrics_host} {address}"] = reached
 print(json.dumps(found))
 """
 NAMESPACE_ADDRESS = "10.200.0.1"  # exists only inside the test's own network namespace
@@ -240,10 +234,11 @@ def test_endpoint_is_not_reachable_on_a_non_loopback_address_by_default():
 
 
 def test_ray_pipeline_reports_queues_and_the_time_split_without_draining(ray_cluster, tiny):
-    _, _, schedule, setups = tiny()
-    pipeline = RayPipeline(setups, plan_placement(len(setups), "cpu", {"CPU": 2.0}), window=8)
-    try:
-        for mb in itertools.islice(iter(schedule), 5):
+    run = tiny(execution=small_config("ray").execution)
+    setups = run.setups
+    with run:
+        pipeline = run.executor
+        for mb in itertools.islice(iter(run.schedule), 5):
             pipeline.submit(mb)
         assert pipeline.in_flight == 5
         backlog = pipeline.stage_backlog()
@@ -257,5 +252,3 @@ def test_ray_pipeline_reports_queues_and_the_time_split_without_draining(ray_clu
         assert len(pipeline.completed()) == 5 and pipeline.in_flight == 0
         stats = pipeline.snapshots()
         assert all(s.microbatches == 5 and s.handoff_s > 0 and s.wait_s > 0 for s in stats)
-    finally:
-        pipeline.close()

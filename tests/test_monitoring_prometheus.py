@@ -11,12 +11,11 @@ import urllib.request
 
 import pytest
 
-from launch.observers import close_observers, make_observers
-from launch.train import make_executor, prepare
-from monitoring.dashboard import DASHBOARD_PATH, panel_queries
-from monitoring.records import LOG_NAME, PROGRESS
-from monitoring.watch import free_port, prometheus_config, start_prometheus, stop, wait_ready
-from pipeline.training import train
+from forwardflow.launch.build import build_run
+from forwardflow.launch.cli import parse_config
+from forwardflow.monitoring.dashboard import DASHBOARD_PATH, panel_queries
+from forwardflow.monitoring.records import LOG_NAME, PROGRESS
+from forwardflow.monitoring.watch import free_port, prometheus_config, start_prometheus, stop, wait_ready
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 # The dashboard's Grafana variables, as Grafana would fill them in for a range covering the run.
@@ -42,6 +41,18 @@ def wait_for(base: str, promql: str, timeout_s: float = 20.0) -> list[dict]:
     raise AssertionError(f"Prometheus never answered {promql!r} within {timeout_s:g} s")
 
 
+def wait_for_target(base: str, timeout_s: float = 20.0) -> None:
+    """Prometheus hands new targets to its scrapers in batches, up to 5 s after it starts: a run
+    that began before would be scraped only after it ended."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{base}/api/v1/targets", timeout=10) as response:
+            if any(t["labels"].get("job") == "forwardflow" for t in json.load(response)["data"]["activeTargets"]):
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"Prometheus did not take up the target within {timeout_s:g} s")
+
+
 def finite_values(result: list[dict]) -> list[float]:
     return [float(item["value"][1]) for item in result if math.isfinite(float(item["value"][1]))]
 
@@ -55,47 +66,46 @@ def test_every_dashboard_panel_query_returns_data_from_a_real_prometheus(ray_clu
     (tmp_path / "data").mkdir()
     prometheus = start_prometheus(config_file, tmp_path / "data", "127.0.0.1", prometheus_port, PROMETHEUS)
     base = f"http://127.0.0.1:{prometheus_port}"
-    observers = []
     try:
         wait_ready(base + "/-/ready", prometheus)
+        wait_for_target(base)
         # Rates need values that change between scrapes: the run must span many scrapes (30 epochs:
         # about 4 s on two cores, some 20 scrapes).
-        config, schedule, setups, args = prepare(
-            ["--preset", "synthetic", "--executor", "ray", "--epochs", "30", "--no-progress",
-             "--metrics-port", str(metrics_port), "--metrics-interval", "0.25", "--out", str(tmp_path / "run")])
-        executor, devices = make_executor(config, setups)
-        try:
-            observers = make_observers(config, args, devices)
-            result = train(schedule, executor, observers)
-        finally:
-            executor.close()
-        run = f'run_id="{config.run_id}"'
-        # The endpoint still serves the final values (as with --metrics-linger): wait for their scrape.
-        wait_for(base, f"forwardflow_progress_ratio{{{run}}} == 1")
-        # rate() and increase() need two samples of a series: a run faster than two scrapes leaves
-        # one from its stage counters, so wait for a later scrape of the final values.
-        for series in ("forwardflow_stage_samples_total", "forwardflow_stage_step_seconds_count"):
-            wait_for(base, f"min(count_over_time({series}{{{run}}}[{WINDOW}])) >= 2")
-
-        # The Ray executor measures the whole time split, and the pipeline did overlap stages.
-        assert all(stats.wait_s > 0 and stats.handoff_s > 0 for stats in result.stages)
-        # Microbatches were in flight at the collections taken while training. (Checked in the
-        # metrics log, not through a scrape: a 1 s scrape can fall wholly outside a short run.)
-        records = [json.loads(line) for line in (tmp_path / "run" / LOG_NAME).read_text().splitlines()]
-        assert max(record["in_flight"] for record in records if record["kind"] == PROGRESS) > 0
-        # The run selector's query.
-        with urllib.request.urlopen(f"{base}/api/v1/label/run_id/values?match[]=forwardflow_run_info") as response:
-            assert config.run_id in json.load(response)["data"]
-
-        queries = panel_queries(json.loads(DASHBOARD_PATH.read_text()))
-        assert len(queries) >= 15
-        empty = []
-        for title, expr in queries:
-            promql = (expr.replace("$run_id", config.run_id).replace("$__rate_interval", WINDOW)
-                      .replace("$__range", WINDOW))
-            if not finite_values(query(base, promql)):
-                empty.append(f"{title}: {promql}")
-        assert not empty, "panels without data:\n" + "\n".join(empty)
+        config = parse_config(["--preset", "synthetic", "--executor", "ray", "--epochs", "30", "--no-progress",
+                               "--metrics-port", str(metrics_port), "--metrics-interval", "0.25",
+                               "--metrics-linger", "0", "--out", str(tmp_path / "run")])
+        with build_run(config) as built:  # the endpoint serves until the block ends
+            result = built.train()
+            check_every_panel(base, built.run_id, result, tmp_path)
     finally:
-        close_observers(observers)
         stop(prometheus)
+
+
+def check_every_panel(base: str, run_id: str, result, tmp_path) -> None:
+    run = f'run_id="{run_id}"'
+    # The endpoint still serves the final values (as with --metrics-linger): wait for their scrape.
+    wait_for(base, f"forwardflow_progress_ratio{{{run}}} == 1")
+    # rate() and increase() need two samples of a series: a run faster than two scrapes leaves
+    # one from its stage counters, so wait for a later scrape of the final values.
+    for series in ("forwardflow_stage_samples_total", "forwardflow_stage_step_seconds_count"):
+        wait_for(base, f"min(count_over_time({series}{{{run}}}[{WINDOW}])) >= 2")
+
+    # The Ray executor measures the whole time split, and the pipeline did overlap stages.
+    assert all(stats.wait_s > 0 and stats.handoff_s > 0 for stats in result.stages)
+    # Microbatches were in flight at the collections taken while training. (Checked in the
+    # metrics log, not through a scrape: a 1 s scrape can fall wholly outside a short run.)
+    records = [json.loads(line) for line in (tmp_path / "run" / LOG_NAME).read_text().splitlines()]
+    assert max(record["in_flight"] for record in records if record["kind"] == PROGRESS) > 0
+    # The run selector's query.
+    with urllib.request.urlopen(f"{base}/api/v1/label/run_id/values?match[]=forwardflow_run_info") as response:
+        assert run_id in json.load(response)["data"]
+
+    queries = panel_queries(json.loads(DASHBOARD_PATH.read_text()))
+    assert len(queries) >= 15
+    empty = []
+    for title, expr in queries:
+        promql = (expr.replace("$run_id", run_id).replace("$__rate_interval", WINDOW)
+                  .replace("$__range", WINDOW))
+        if not finite_values(query(base, promql)):
+            empty.append(f"{title}: {promql}")
+    assert not empty, "panels without data:\n" + "\n".join(empty)

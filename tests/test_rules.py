@@ -1,35 +1,34 @@
 """The learning rules: each local loss against a hand computation, Forward-Forward's negatives and
-its two kinds of prediction, learning through the Ray pipeline, locality of every update, the
-executors' agreement under the rules with state (negatives, the feedback loop), and refusal of
-rule/model combinations that cannot work."""
+its two kinds of prediction, and the error forward-propagation loop. Through the executors and the
+command line: tests/test_rules_pipeline.py."""
+
+from __future__ import annotations
 
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from helpers import small_config, tweak
 
-from actors.placement import plan_placement
-from actors.ray_pipeline import RayPipeline
-from pipeline.config import BlockSpec, ConfigError, DataConfig, ModelConfig, OptimConfig, RuleConfig, TrainConfig
-from pipeline.data import load_dataset, make_synthetic
-from pipeline.messages import EVAL, TRAIN, Microbatch, Prediction
-from pipeline.model import StageSpec, build_stage_blocks
-from pipeline.presets import fc_model
-from pipeline.rules.base import RuleContext
-from pipeline.rules.efp import ErrorFeedback
-from pipeline.rules.ff import hardest_wrong_labels, wrong_labels
-from pipeline.rules.registry import check_rule, make_feedback, make_rule
-from pipeline.runner import SequentialRunner
-from pipeline.schedule import MicrobatchSchedule, ScheduleConfig
-from pipeline.stage import stage_setups
-from pipeline.training import RunObserver, train
+from forwardflow.launch.build import build_run
+from forwardflow.pipeline.config import RuleConfig, RunConfig
+from forwardflow.pipeline.messages import EVAL, TRAIN, Microbatch, Prediction
+from forwardflow.pipeline.model import BlockSpec, ModelConfig, StageSpec, build_stage_blocks
+from forwardflow.pipeline.presets import fc_model
+from forwardflow.pipeline.rules.base import RuleContext
+from forwardflow.pipeline.rules.efp import ErrorFeedback
+from forwardflow.pipeline.rules.ff import ForwardForwardOptions, hardest_wrong_labels, wrong_labels
+from forwardflow.pipeline.rules.local import LocalOptions
+from forwardflow.pipeline.rules.sigprop import SigPropOptions
+from forwardflow.pipeline.runner import SequentialRunner
+from forwardflow.pipeline.training import RunObserver
 
 RULE_NAMES = ("sigprop", "ff", "local", "efp", "bp")
 # Per-rule settings that learn the synthetic set in a few epochs.
 RULE_SETTINGS = {
     "sigprop": (RuleConfig("sigprop"), 2e-3, 3),
-    "ff": (RuleConfig("ff", ff_threshold=1.0), 1e-2, 6),
+    "ff": (RuleConfig("ff", ForwardForwardOptions(threshold=1.0)), 1e-2, 6),
     "local": (RuleConfig("local"), 2e-3, 3),
     "efp": (RuleConfig("efp"), 2e-3, 5),
     "bp": (RuleConfig("bp"), 2e-3, 3),
@@ -40,30 +39,11 @@ CONV = ModelConfig("conv-tiny", (BlockSpec("conv", 4), BlockSpec("batchnorm"), B
                                  BlockSpec("linear", 16), BlockSpec("relu"), BlockSpec("layernorm")))
 
 
-def config_for(rule: str, model: ModelConfig | None = None, **changes) -> TrainConfig:
-    rule_config, lr, epochs = RULE_SETTINGS[rule]
-    model = model or fc_model((24, 24, 16), name="fc-tiny")
-    if rule == "bp":
-        model = replace(model, stages=1)
-    config = TrainConfig(data=DataConfig("synthetic", batch_size=64, eval_batch_size=128), model=model,
-                         rule=rule_config, optim=OptimConfig("adam", lr=lr), epochs=epochs,
-                         execution=replace(TrainConfig(model=model).execution, window=4))
-    return replace(config, **changes)
-
-
-def prepared(config: TrainConfig):
-    dataset = load_dataset(config.data, config.seed)
-    check_rule(config, dataset.num_classes, dataset.input_shape)
-    schedule = MicrobatchSchedule(dataset, ScheduleConfig(config.data.batch_size, config.data.eval_batch_size,
-                                                          config.epochs, config.seed))
-    setups = stage_setups(config, dataset.num_classes, dataset.input_shape,
-                          total_steps=schedule.train_microbatches_per_epoch * config.epochs)
-    return dataset, schedule, setups, make_feedback(config, dataset.num_classes, dataset.input_shape)
-
-
-def primary_accuracy(rule: str, evaluation) -> float:
-    return {"sigprop": evaluation.accuracy, "ff": evaluation.extra.get("scan"),
-            "local": evaluation.extra.get("local_head")}.get(rule, evaluation.accuracy_head)
+def config_for(rule: str, model: ModelConfig | None = None, epochs: int | None = None) -> RunConfig:
+    """A small synthetic run of ``rule`` (sequential unless changed), window 4."""
+    rule_config, lr, rule_epochs = RULE_SETTINGS[rule]
+    config = replace(small_config(), model=model or fc_model((24, 24, 16), name="fc-tiny"), rule=rule_config)
+    return tweak(config, optim={"lr": lr}, schedule={"epochs": epochs or rule_epochs}, execution={"window": 4})
 
 
 def lone_stage(rule: RuleConfig, blocks: tuple[BlockSpec, ...], input_shape, output_shape, index=1,
@@ -73,7 +53,7 @@ def lone_stage(rule: RuleConfig, blocks: tuple[BlockSpec, ...], input_shape, out
                      output_shape=output_shape, cost=0)
     torch.manual_seed(0)
     modules = build_stage_blocks(spec)
-    return make_rule(RuleContext(rule, spec, num_classes, input_shape, head)), modules
+    return rule.rule_class(RuleContext(rule.options, spec, num_classes, input_shape, head)), modules
 
 
 def set_linear(module: torch.nn.Linear, weight, bias) -> None:
@@ -117,7 +97,7 @@ def explicit_contrastive(h, t, labels, positives, k, temperature):
 
 @pytest.mark.parametrize("positives", ["all", "one", "topk"])
 def test_sigprop_contrastive_loss_matches_the_explicit_batch_matrix(positives):
-    rule, _ = lone_stage(RuleConfig("sigprop", positives=positives, topk=2, temperature=2.0),
+    rule, _ = lone_stage(RuleConfig("sigprop", SigPropOptions(positives=positives, topk=2, temperature=2.0)),
                          (BlockSpec("linear", 3),), (4,), (3,), num_classes=3)
     h = np.array([[1.0, 0.0, 2.0], [0.5, -1.0, 0.0], [0.0, 1.0, 1.0], [2.0, 0.5, -0.5], [1.0, 1.0, 1.0]])
     t = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 1.0]])
@@ -128,7 +108,8 @@ def test_sigprop_contrastive_loss_matches_the_explicit_batch_matrix(positives):
 
 
 def test_sigprop_per_class_loss_is_cross_entropy_against_the_class_targets():
-    rule, _ = lone_stage(RuleConfig("sigprop", loss="per-class", temperature=1.0), (BlockSpec("linear", 2),),
+    rule, _ = lone_stage(RuleConfig("sigprop", SigPropOptions(loss="per-class", temperature=1.0)),
+                         (BlockSpec("linear", 2),),
                          (4,), (2,))
     h, t, labels = np.array([[1.0, 2.0], [0.0, -1.0]]), np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([1, 0])
     loss = rule.local_loss(rule.scores(torch.tensor(h), torch.tensor(t)), torch.tensor(labels))
@@ -139,19 +120,19 @@ def test_sigprop_per_class_loss_is_cross_entropy_against_the_class_targets():
 
 @pytest.mark.parametrize("target_layer", ["fixed", "learned"])
 def test_sigprop_fixed_target_layer_never_moves_and_a_learned_one_does(target_layer):
-    config = replace(config_for("sigprop"), rule=RuleConfig("sigprop", target_layer=target_layer))
-    _, schedule, setups, _ = prepared(config)
-    runner = SequentialRunner(setups)
+    config = replace(config_for("sigprop"), rule=RuleConfig("sigprop", SigPropOptions(target_layer=target_layer)))
+    run = build_run(config)
+    runner = SequentialRunner(run.setups)
     target = runner.stages[0].rule.target_layer
     before = target.weight.detach().clone()
-    runner.submit(next(iter(schedule)))
+    runner.submit(next(iter(run.schedule)))
     assert isinstance(target.weight, torch.nn.Parameter) == (target_layer == "learned")
     assert torch.equal(before, target.weight.detach()) == (target_layer == "fixed")
 
 
 def test_ff_loss_goodness_and_label_scan_sum_by_hand():
-    rule, blocks = lone_stage(RuleConfig("ff", ff_threshold=0.5), (BlockSpec("linear", 3), BlockSpec("relu")),
-                              (4,), (3,))
+    rule, blocks = lone_stage(RuleConfig("ff", ForwardForwardOptions(threshold=0.5)),
+                              (BlockSpec("linear", 3), BlockSpec("relu")), (4,), (3,))
     set_linear(blocks[0], W, B)
     neutral = [[0.2, 0.1, 0.0, 0.3], [0.0, 0.0, 1.0, 0.0]]
     positive = [[1.0, 0.5, 0.0, -0.5], [0.0, 2.0, 1.0, 0.0]]
@@ -172,11 +153,12 @@ def test_ff_loss_goodness_and_label_scan_sum_by_hand():
     step = rule(blocks, eval_mb, training=False)
     expected_sum = so_far.numpy() + (np_relu_layer(scan) ** 2).sum(1).reshape(2, 2)
     assert np.allclose(step.handed_on.extra["goodness"].numpy(), expected_sum, rtol=1e-6)
-    assert rule.predict(eval_mb, step).extra["scan"].tolist() == expected_sum.argmax(1).tolist()
+    assert rule.predict(eval_mb, step).outputs["scan"].tolist() == expected_sum.argmax(1).tolist()
 
 
 def test_local_head_loss_is_the_cross_entropy_of_the_stage_classifier():
-    rule, blocks = lone_stage(RuleConfig("local"), (BlockSpec("linear", 3), BlockSpec("relu")), (4,), (3,))
+    rule, blocks = lone_stage(RuleConfig("local", LocalOptions()), (BlockSpec("linear", 3), BlockSpec("relu")),
+                              (4,), (3,))
     set_linear(blocks[0], W, B)
     head_w, head_b = [[1.0, -0.5, 0.25], [-1.0, 0.5, 0.75]], [0.0, 0.1]
     set_linear(rule.local_head.net[-1], head_w, head_b)
@@ -199,7 +181,7 @@ def test_efp_loss_contrasts_clean_and_modulated_replays_by_hand():
 
 
 def test_efp_feedback_replays_the_error_a_fixed_number_of_training_microbatches_later():
-    feedback = ErrorFeedback(delay=2, num_classes=2, input_shape=(3,), seed=0)
+    feedback = ErrorFeedback(delay=2, num_classes=2, input_shape=(3,), seed=0, scale=0.5)
     inputs = [torch.full((2, 3), float(i)) for i in range(4)]
     error = torch.tensor([[0.5, -0.5], [-0.25, 0.25]])
     first = feedback.attach(Microbatch(0, TRAIN, 0, inputs[0], torch.tensor([0, 1])))
@@ -247,11 +229,10 @@ def test_ff_hard_negatives_pick_the_best_wrong_label_even_when_the_true_one_wins
 @pytest.mark.parametrize("hard", [False, True])
 @pytest.mark.parametrize("model", [None, CONV], ids=["fc", "conv"])
 def test_ff_first_stage_negative_rows_never_carry_the_true_label(hard, model):
-    config = config_for("ff", model=model)
-    config = replace(config, rule=replace(config.rule, ff_hard_negatives=hard))
-    _, schedule, setups, _ = prepared(config)
-    stage = SequentialRunner(setups).stages[0]
-    for mb in list(schedule)[:5]:
+    config = replace(config_for("ff", model=model), rule=RuleConfig("ff", ForwardForwardOptions(hard_negatives=hard)))
+    run = build_run(config)
+    stage = SequentialRunner(run.setups).stages[0]
+    for mb in list(run.schedule)[:5]:
         if mb.phase != TRAIN:
             continue
         _, label_rows = stage.rule._first_stage_rows(stage.blocks, mb, training=True)
@@ -274,141 +255,12 @@ class LastEvaluation(RunObserver):
 
 def test_ff_label_scanning_and_one_pass_prediction_agree_on_an_easy_set():
     config = config_for("ff")
-    _, schedule, setups, _ = prepared(config)
-    observer = LastEvaluation(config.epochs - 1)
-    final = train(schedule, SequentialRunner(setups), [observer]).evaluations[-1]
-    scan = torch.cat([p.extra["scan"] for p in observer.predictions])
-    one_pass = torch.cat([p.head for p in observer.predictions])
+    observer = LastEvaluation(config.schedule.epochs - 1)
+    with build_run(config, [observer]) as run:
+        final = run.train().evaluations[-1]
+    scan = torch.cat([p.outputs["scan"] for p in observer.predictions])
+    one_pass = torch.cat([p.outputs["head"] for p in observer.predictions])
     assert len(scan) == 256
-    assert final.extra["scan"] >= 0.9 and final.accuracy_head >= 0.9
+    assert final.accuracies["scan"] >= 0.9 and final.accuracies["head"] >= 0.9
     assert (scan == one_pass).float().mean().item() >= 0.9
-
-
-# ---------------------------------------------------------------- through the pipeline
-
-def ray_pipeline(setups, window):
-    return RayPipeline(setups, plan_placement(len(setups), "cpu", {"CPU": 2.0}), window=window)
-
-
-def assert_same_weights(left, right):
-    for stage, (a, b) in enumerate(zip(left, right)):
-        assert a.keys() == b.keys()
-        for name in a:
-            assert torch.equal(a[name], b[name]), f"stage {stage} {name} differs"
-
-
-@pytest.mark.parametrize("rule", RULE_NAMES)
-def test_every_rule_learns_the_synthetic_set_through_the_ray_pipeline(ray_cluster, rule):
-    config = config_for(rule)
-    _, schedule, setups, feedback = prepared(config)
-    pipeline = ray_pipeline(setups, config.execution.window)
-    try:
-        pipelined = train(schedule, pipeline, feedback=feedback)
-    finally:
-        pipeline.close()
-    assert primary_accuracy(rule, pipelined.evaluations[-1]) >= 0.9
-    if rule in ("ff", "efp"):  # rules with state of their own: wrong labels drawn, errors fed back
-        _, schedule, setups, feedback = prepared(config)
-        sequential = train(schedule, SequentialRunner(setups), feedback=feedback)
-        assert_same_weights(sequential.weights, pipelined.weights)
-        assert [e.extra for e in sequential.evaluations] == [e.extra for e in pipelined.evaluations]
-
-
-def test_efp_learns_from_the_feedback_loop_not_only_from_its_head():
-    # Without the loop the hidden stages never change; with it they do, and accuracy is higher.
-    config = config_for("efp")
-    _, schedule, setups, feedback = prepared(config)
-    with_loop = train(schedule, SequentialRunner(setups), feedback=feedback)
-    without = train(schedule, SequentialRunner(setups))
-    first_weight = "blocks.1.weight"
-    initial = SequentialRunner(setups).stages[0].state_dict()[first_weight]
-    assert torch.equal(without.weights[0][first_weight], initial)
-    assert not torch.equal(with_loop.weights[0][first_weight], initial)
-    assert with_loop.evaluations[-1].accuracy_head > without.evaluations[-1].accuracy_head
-
-
-@pytest.mark.parametrize("rule", ["sigprop", "ff", "local", "efp"])
-def test_each_rule_update_changes_only_its_own_stage(rule):
-    _, schedule, setups, feedback = prepared(config_for(rule))
-    runner = SequentialRunner(setups)
-    stream = [mb for mb in schedule if mb.phase == TRAIN]
-    for mb in stream[:config_for(rule).execution.window]:  # fills the loop: the next one carries a replay
-        runner.submit(feedback.attach(mb))
-        for prediction in runner.completed():
-            feedback.on_prediction(prediction)
-    mb = feedback.attach(stream[config_for(rule).execution.window])
-    handed = runner.stages[0].step(mb)
-    for tensor in [handed.inputs, handed.context, *handed.extra.values()]:
-        assert tensor is None or not tensor.requires_grad
-    before = [stage.state_dict() for stage in runner.stages]
-    runner.stages[1].step(handed)
-    after = [stage.state_dict() for stage in runner.stages]
-    for index, (old, new) in enumerate(zip(before, after)):
-        changed = [name for name in old if not torch.equal(old[name], new[name])]
-        assert bool(changed) == (index == 1), f"stage {index}: {changed}"
-
-
-@pytest.mark.parametrize("rule", RULE_NAMES)
-def test_every_rule_runs_its_conv_form(rule):
-    config = config_for(rule, model=CONV, epochs=1)
-    config = replace(config, data=replace(config.data, train_limit=256, test_limit=128))
-    _, schedule, setups, feedback = prepared(config)
-    result = train(schedule, SequentialRunner(setups), feedback=feedback)
-    assert all(np.isfinite(stage.mean_loss) for stage in result.stages)
-    assert primary_accuracy(rule, result.evaluations[-1]) is not None
-
-
-# ---------------------------------------------------------------- bad input
-
-def test_ff_on_a_model_whose_input_cannot_hold_the_label_is_refused_with_one_line(monkeypatch, capsys):
-    from launch import train as launcher
-
-    def tiny_input(config, seed):  # a user's data set of 3x3 inputs and 10 classes
-        return make_synthetic(seed, num_classes=10, shape=(1, 3, 3))
-
-    monkeypatch.setattr(launcher, "load_dataset", tiny_input)
-    monkeypatch.setattr(launcher, "make_executor", lambda *args: pytest.fail("an executor was started"))
-    with pytest.raises(SystemExit) as exit_info:
-        launcher.main(["--preset", "synthetic", "--rule", "ff", "--no-progress"])
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "--rule" in lines[0] and "first 10 input values" in lines[0]
-
-
-def test_ff_with_a_conv_first_layer_takes_the_label_as_channels_whatever_the_input_size():
-    config = config_for("ff", model=CONV)
-    check_rule(config, 10, (1, 3, 3))  # no error: the label does not need input values
-
-
-@pytest.mark.parametrize("argv, flag", [
-    (["--rule", "ff", "--loss", "per-class"], "--loss"),
-    (["--rule", "sigprop", "--ff-threshold", "3"], "--ff-threshold"),
-    (["--rule", "local", "--hard-negatives"], "--ff-hard-negatives"),
-    (["--rule", "sigprop", "--loss", "per-class", "--positives", "topk"], "--positives"),
-])
-def test_a_flag_the_chosen_rule_cannot_use_is_refused_with_one_line(capsys, argv, flag):
-    from launch.cli import parse
-
-    with pytest.raises(SystemExit) as exit_info:
-        parse(["--preset", "synthetic", *argv])
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"forwardflow: error: {flag}:")
-
-
-def test_rule_flags_reach_the_rule_config():
-    from launch.cli import parse
-
-    config, _ = parse(["--preset", "synthetic", "--rule", "sigprop", "--positives", "topk", "--topk", "3",
-                       "--target-layer", "fixed", "--temperature", "2.5"])
-    assert (config.rule.positives, config.rule.topk, config.rule.target_layer, config.rule.temperature) == \
-        ("topk", 3, "fixed", 2.5)
-    config, _ = parse(["--preset", "synthetic", "--rule", "ff", "--ff-threshold", "1.5", "--hard-negatives"])
-    assert (config.rule.ff_threshold, config.rule.ff_hard_negatives) == (1.5, True)
-    config, _ = parse(["--preset", "synthetic", "--rule", "local", "--head-width", "32"])
-    assert config.rule.head_width == 32
-
-
-def test_efp_without_an_output_head_is_refused():
-    with pytest.raises(ConfigError, match="--rule"):
-        config_for("efp", model=replace(fc_model((8, 8)), head=False))
+    assert final.accuracy == final.accuracies["scan"]  # label scanning is ff's own prediction

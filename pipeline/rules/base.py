@@ -1,22 +1,47 @@
-"""What a learning rule contributes to one stage.
+"""What a learning rule is: one class that owns everything about it.
 
-A rule is a plug-in of the stage, not a trainer: it owns its own parameters (a target layer in
-the first stage, an output head in the last), computes the stage's local loss from the stage's
-own forward pass, and says what to hand on. The stage owns the blocks, the optimizer and the
-update; the rule never sees another stage.
+A rule class declares its name, its options (a config section of its own, whose flags the command
+line accepts only with that rule), its checks against a model and data, the feedback loop from the
+output back to the front of the pipeline if it has one, and its predictions: which ones it makes,
+how reports label them, and which one is its own (the primary). Reports, summaries, the progress
+bar and the benchmarks ask the rule class; nothing outside ``pipeline/rules/`` tests a rule's name.
+
+An *instance* is the rule's part of one stage: a module holding the rule's own parameters (a target
+layer in the first stage, an output head in the last), computing the stage's local loss from the
+stage's own forward pass and saying what to hand on. The stage owns the blocks, the optimizer and
+the update; the rule never sees another stage.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import RuleConfig, TrainConfig
-from pipeline.messages import Microbatch, Prediction
-from pipeline.model import StageSpec
+from forwardflow.pipeline.messages import Microbatch, Prediction
+from forwardflow.pipeline.model import StageSpec
+from forwardflow.pipeline.validation import Section
+
+if TYPE_CHECKING:
+    from forwardflow.pipeline.config import RunConfig
+
+HEAD = "head"  # the predictor key of the linear output layer
+
+
+@dataclass(frozen=True)
+class RuleOptions(Section):
+    """A rule's own options; rules without any use this empty section."""
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """One kind of prediction a rule makes: its key in ``Prediction.outputs`` and its label."""
+
+    key: str
+    label: str
 
 
 @dataclass
@@ -26,60 +51,18 @@ class LocalStep:
     handed_on: Microbatch  # detached: what the next stage receives
     loss: torch.Tensor | None  # the local loss (None for evaluation microbatches)
     features: torch.Tensor  # this stage's h, for prediction in the last stage
-    scores: torch.Tensor | None = None  # per-class scores of this stage (its own accuracy)
+    scores: torch.Tensor | None = None  # per-class scores of this stage (its own training accuracy)
 
 
 @dataclass(frozen=True)
 class RuleContext:
     """What a rule needs to know about its stage and the data."""
 
-    config: RuleConfig
+    options: RuleOptions
     stage: StageSpec
     num_classes: int
     model_input_shape: tuple[int, ...]
     head: bool
-
-
-class StageRule(nn.Module):
-    """Base class: a linear output head on detached last features, when the model asks for one."""
-
-    def __init__(self, context: RuleContext):
-        super().__init__()
-        self.context = context
-        self.output_head: nn.Linear | None = None
-        if context.stage.is_last and context.head:
-            features = int(torch.Size(context.stage.output_shape).numel())
-            self.output_head = nn.Linear(features, context.num_classes)
-
-    @classmethod
-    def check(cls, config: TrainConfig, num_classes: int, input_shape: tuple[int, ...]) -> None:
-        """Raise ConfigError if the rule cannot work with this model and data. Called by the
-        launcher before any actor starts; rules with requirements override it."""
-
-    @classmethod
-    def make_feedback(cls, config: TrainConfig, num_classes: int, input_shape: tuple[int, ...]) -> Feedback:
-        """What the training loop feeds back from the output to the front: nothing, unless the
-        rule overrides it."""
-        return Feedback()
-
-    def forward(self, blocks: nn.ModuleList, mb: Microbatch, training: bool) -> LocalStep:
-        raise NotImplementedError
-
-    def head_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the output head on *detached* features: it learns to read the last
-        stage without changing it."""
-        return F.cross_entropy(self.output_head(features.detach().flatten(1)), labels)
-
-    def predict(self, mb: Microbatch, step: LocalStep) -> Prediction:
-        scores = step.scores
-        head = None
-        if self.output_head is not None:
-            head = self.output_head(step.features.flatten(1)).argmax(1)
-        return Prediction(index=mb.index, phase=mb.phase, epoch=mb.epoch, labels=mb.labels,
-                          nearest_target=None if scores is None else scores.argmax(1), head=head)
-
-    def after_update(self) -> None:
-        """Called after the stage's optimizer step (rules with extra state override it)."""
 
 
 class Feedback:
@@ -99,3 +82,79 @@ class Feedback:
 
     def attach(self, mb: Microbatch) -> Microbatch:
         return mb
+
+
+class Rule(nn.Module):
+    """Base class: a linear output head on detached last features, when the model asks for one."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[RuleOptions]] = RuleOptions
+    # One stage with gradients through every block (backprop): its default stage count is 1 and
+    # more stages are refused.
+    end_to_end: ClassVar[bool] = False
+    # The rule's own prediction first; the output head is added where the model has one.
+    own_predictors: ClassVar[tuple[Predictor, ...]] = ()
+    head_label: ClassVar[str] = "output head"
+
+    def __init__(self, context: RuleContext):
+        super().__init__()
+        self.context = context
+        self.output_head: nn.Linear | None = None
+        if context.stage.is_last and context.head:
+            features = int(torch.Size(context.stage.output_shape).numel())
+            self.output_head = nn.Linear(features, context.num_classes)
+
+    # ---------------------------------------------------------------- what the rule declares
+
+    @classmethod
+    def predictors(cls, head: bool) -> tuple[Predictor, ...]:
+        """Every prediction the rule makes with (``head``) or without an output head; the first
+        is the rule's own, the one a run's test accuracy reports."""
+        return cls.own_predictors + ((Predictor(HEAD, cls.head_label),) if head else ())
+
+    @classmethod
+    def default_stages(cls, num_layers: int) -> int:
+        return 1 if cls.end_to_end else num_layers
+
+    @classmethod
+    def check(cls, config: RunConfig, num_classes: int, input_shape: tuple[int, ...]) -> None:
+        """Raise ConfigError if the rule cannot work with this model and data. Called by the
+        builder before any actor starts; rules with requirements extend it."""
+        if cls.end_to_end and config.model.stages > 1:
+            raise config.model.error("stages", f"rule {cls.name} trains end to end through one stage; use --stages 1")
+        if not cls.predictors(config.model.head):
+            raise config.model.error("head", f"rule {cls.name} predicts with the output head; the model needs one")
+
+    @classmethod
+    def make_feedback(cls, config: RunConfig, num_classes: int, input_shape: tuple[int, ...]) -> Feedback:
+        """What the training loop feeds back from the output to the front: nothing, unless the
+        rule overrides it."""
+        return Feedback()
+
+    # ---------------------------------------------------------------- the rule in one stage
+
+    @property
+    def options(self) -> RuleOptions:
+        return self.context.options
+
+    def forward(self, blocks: nn.ModuleList, mb: Microbatch, training: bool) -> LocalStep:
+        raise NotImplementedError
+
+    def head_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the output head on *detached* features: it learns to read the last
+        stage without changing it."""
+        assert self.output_head is not None
+        return F.cross_entropy(self.output_head(features.detach().flatten(1)), labels)
+
+    def own_outputs(self, mb: Microbatch, step: LocalStep) -> dict[str, torch.Tensor]:
+        """The rule's own predictions of the last stage, by predictor key."""
+        return {}
+
+    def predict(self, mb: Microbatch, step: LocalStep) -> Prediction:
+        outputs = self.own_outputs(mb, step)
+        if self.output_head is not None:
+            outputs[HEAD] = self.output_head(step.features.flatten(1)).argmax(1)
+        return Prediction(index=mb.index, phase=mb.phase, epoch=mb.epoch, labels=mb.labels, outputs=outputs)
+
+    def after_update(self) -> None:
+        """Called after the stage's optimizer step (rules with extra state override it)."""

@@ -40,21 +40,29 @@ microbatches carry no replay (their stages only train the output head) and the e
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import TrainConfig
-from pipeline.messages import TRAIN, Microbatch, Prediction
-from pipeline.model import run_blocks
-from pipeline.rules.base import Feedback, LocalStep, StageRule
+from forwardflow.pipeline.messages import TRAIN, Microbatch, Prediction
+from forwardflow.pipeline.model import run_blocks
+from forwardflow.pipeline.rules.base import Feedback, LocalStep, Rule, RuleOptions
+from forwardflow.pipeline.validation import option
 
-# Standard deviation of the loop connection's entries: an error of norm ~1 (an untrained output)
-# shifts each input value by about this much, against inputs normalised to std 1. Large enough to
-# change the activations measurably, small enough that the contrast stays close to linear.
-FEEDBACK_SCALE = 0.5
+if TYPE_CHECKING:
+    from forwardflow.pipeline.config import RunConfig
+
+
+@dataclass(frozen=True)
+class ErrorForwardOptions(RuleOptions):
+    # An error of norm ~1 (an untrained output) shifts each input value by about this much, against
+    # inputs normalised to std 1: large enough to change the activations measurably, small enough
+    # that the contrast stays close to linear.
+    feedback_scale: float = option(0.5, "standard deviation of the fixed loop connection's entries "
+                                   "(output error -> input)", low=1e-6, high=1e3)
 
 
 class ErrorFeedback(Feedback):
@@ -62,10 +70,10 @@ class ErrorFeedback(Feedback):
     microbatches and the errors that have come back, and attaches replays ``delay`` training
     microbatches later. Holds at most ``delay`` + window microbatches of inputs."""
 
-    def __init__(self, delay: int, num_classes: int, input_shape: tuple[int, ...], seed: int):
+    def __init__(self, delay: int, num_classes: int, input_shape: tuple[int, ...], seed: int, scale: float):
         self.delay = delay
         generator = torch.Generator().manual_seed(seed * 1000 + 977)
-        self.projection = torch.randn(num_classes, math.prod(input_shape), generator=generator) * FEEDBACK_SCALE
+        self.projection = torch.randn(num_classes, math.prod(input_shape), generator=generator) * scale
         self._position = 0  # training microbatches attached so far
         self._in_flight: dict[int, tuple[int, torch.Tensor]] = {}  # stream index -> (position, inputs)
         self._errors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # position -> (inputs, error)
@@ -94,10 +102,18 @@ class ErrorFeedback(Feedback):
         return replace(mb, context=torch.cat([inputs, modulated]))
 
 
-class ErrorForwardRule(StageRule):
+class ErrorForwardRule(Rule):
+    """No targets: the output head's error, fed back to the front, is what every stage learns from;
+    the head is also the prediction (the model must have one)."""
+
+    name = "efp"
+    Options = ErrorForwardOptions
+
     @classmethod
-    def make_feedback(cls, config: TrainConfig, num_classes: int, input_shape: tuple[int, ...]) -> ErrorFeedback:
-        return ErrorFeedback(config.execution.window, num_classes, input_shape, config.seed)
+    def make_feedback(cls, config: RunConfig, num_classes: int, input_shape: tuple[int, ...]) -> ErrorFeedback:
+        options = config.rule.options
+        assert isinstance(options, ErrorForwardOptions)
+        return ErrorFeedback(config.execution.window, num_classes, input_shape, config.seed, options.feedback_scale)
 
     def forward(self, blocks: nn.ModuleList, mb: Microbatch, training: bool) -> LocalStep:
         h, _ = run_blocks(blocks, mb.inputs, None)
@@ -126,8 +142,8 @@ class ErrorForwardRule(StageRule):
 
     def predict(self, mb: Microbatch, step: LocalStep) -> Prediction:
         prediction = super().predict(mb, step)
-        prediction.nearest_target = None  # no targets under this rule; the head is the prediction
         if mb.phase == TRAIN:
+            assert self.output_head is not None
             with torch.no_grad():
                 # The stage predicts after its update: the error fed back is the updated head's.
                 logits = self.output_head(step.features.detach().flatten(1))

@@ -37,16 +37,21 @@ shape and the stage plan is the same for every rule.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import LAYER_KINDS, BlockSpec, ConfigError, TrainConfig
-from pipeline.losses import forward_forward_loss, goodness
-from pipeline.messages import Microbatch, Prediction
-from pipeline.model import StageSpec, build_block
-from pipeline.rules.base import LocalStep, RuleContext, StageRule
+from forwardflow.pipeline.losses import forward_forward_loss, goodness
+from forwardflow.pipeline.messages import Microbatch
+from forwardflow.pipeline.model import BLOCKS, LAYER_KINDS, BlockSpec, StageSpec, build_block
+from forwardflow.pipeline.rules.base import LocalStep, Predictor, Rule, RuleContext, RuleOptions
+from forwardflow.pipeline.validation import ConfigError, option
+
+if TYPE_CHECKING:
+    from forwardflow.pipeline.config import RunConfig
 
 # The value of the true label's slot, against inputs normalised to mean 0 / std 1 per channel: about
 # twice the brightest MNIST pixel (2.8), so that the label has a strong say from the first steps
@@ -58,6 +63,13 @@ EVAL_CHUNK_ROWS = 4096
 
 
 NORMALISATIONS = ("layernorm", "batchnorm")
+
+
+@dataclass(frozen=True)
+class ForwardForwardOptions(RuleOptions):
+    threshold: float = option(0.25, "goodness threshold theta, per unit", flag="--ff-threshold", low=0.0, high=1e6)
+    hard_negatives: bool = option(False, "negatives carry the most confusable wrong label instead of a random one "
+                                  "(on in the ff presets; --no-hard-negatives: random)")
 
 
 def activity_position(blocks: tuple[BlockSpec, ...]) -> int:
@@ -73,7 +85,7 @@ def first_layer(blocks: tuple[BlockSpec, ...]) -> tuple[int, BlockSpec]:
     for position, spec in enumerate(blocks):
         if spec.kind in LAYER_KINDS:
             return position, spec
-    raise ConfigError("model", "needs at least one linear or conv block")
+    raise ConfigError(BLOCKS, "needs at least one linear or conv block")
 
 
 def normalise(h: torch.Tensor) -> torch.Tensor:
@@ -127,13 +139,20 @@ class LabelInput(nn.Module):
         return torch.einsum("bk,kchw->bchw", label_rows, maps)
 
 
-class ForwardForwardRule(StageRule):
+class ForwardForwardRule(Rule):
+    name = "ff"
+    Options = ForwardForwardOptions
+    own_predictors = (Predictor("scan", "label scan"),)
+    head_label = "one pass"  # the output head reads the neutral-label pass
+
     def __init__(self, context: RuleContext):
         super().__init__(context)
+        assert isinstance(context.options, ForwardForwardOptions)
+        self.ff = context.options
         stage = context.stage
         self.label_input = LabelInput(stage, context.num_classes) if stage.is_first else None
         self.activity_position = activity_position(stage.blocks)
-        self.threshold = context.config.ff_threshold * self._units_per_position(stage)
+        self.threshold = self.ff.threshold * self._units_per_position(stage)
         self.generator = None
         if stage.is_first:
             # The stage builds its rule under its own seed, so this draw makes the negatives'
@@ -150,13 +169,14 @@ class ForwardForwardRule(StageRule):
         return shape[0]
 
     @classmethod
-    def check(cls, config: TrainConfig, num_classes: int, input_shape: tuple[int, ...]) -> None:
+    def check(cls, config: RunConfig, num_classes: int, input_shape: tuple[int, ...]) -> None:
+        super().check(config, num_classes, input_shape)
         if num_classes < 2:
-            raise ConfigError("dataset", "rule ff draws a wrong label for every negative: it needs 2 or more classes")
+            raise ConfigError("--dataset", "rule ff draws a wrong label for every negative: it needs 2 or more classes")
         _, layer = first_layer(config.model.blocks)
         values = math.prod(input_shape)
         if layer.kind == "linear" and values <= num_classes:
-            raise ConfigError("rule", f"ff writes the label into the first {num_classes} input values, but the "
+            raise ConfigError("--rule", f"ff writes the label into the first {num_classes} input values, but the "
                                       f"input of model {config.model.name} has only {values} ({input_shape}); "
                                       f"it needs more than {num_classes} values, or a conv first layer")
 
@@ -187,7 +207,7 @@ class ForwardForwardRule(StageRule):
 
     def _negatives(self, blocks: nn.ModuleList, mb: Microbatch) -> torch.Tensor:
         num_classes = self.context.num_classes
-        if not self.context.config.ff_hard_negatives:
+        if not self.ff.hard_negatives:
             return wrong_labels(mb.labels, num_classes, self.generator)
         # Scan the labels through this stage alone (the only goodness it can see), without
         # gradient and in eval mode so that no normalisation statistic moves.
@@ -233,9 +253,6 @@ class ForwardForwardRule(StageRule):
         handed_on = mb.handed_on(normalise(neutral), None, context=normalise(others), extra=extra)
         return LocalStep(handed_on=handed_on, loss=loss, features=neutral)
 
-    def predict(self, mb: Microbatch, step: LocalStep) -> Prediction:
-        prediction = super().predict(mb, step)
-        total = step.handed_on.extra.get("goodness")
-        if total is not None:
-            prediction.extra["scan"] = total.argmax(1)
-        return prediction
+    def own_outputs(self, mb: Microbatch, step: LocalStep) -> dict[str, torch.Tensor]:
+        total = step.handed_on.extra.get("goodness")  # evaluation microbatches only
+        return {} if total is None else {"scan": total.argmax(1)}

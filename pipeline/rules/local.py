@@ -11,16 +11,23 @@ size (as in DGL's auxiliary nets).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.messages import Microbatch, Prediction
-from pipeline.model import run_blocks
-from pipeline.rules.base import LocalStep, RuleContext, StageRule
+from forwardflow.pipeline.messages import Microbatch
+from forwardflow.pipeline.model import run_blocks
+from forwardflow.pipeline.rules.base import LocalStep, Predictor, Rule, RuleContext, RuleOptions
+from forwardflow.pipeline.validation import option
 
 POOLED_SIZE = 2  # conv maps are pooled to POOLED_SIZE x POOLED_SIZE before the local classifier
+
+
+@dataclass(frozen=True)
+class LocalOptions(RuleOptions):
+    head_width: int = option(0, "hidden units of each stage's classifier (0: linear)", low=0, high=1 << 16)
 
 
 class LocalHead(nn.Module):
@@ -44,10 +51,15 @@ class LocalHead(nn.Module):
         return self.net(h)
 
 
-class LocalHeadsRule(StageRule):
+class LocalHeadsRule(Rule):
+    name = "local"
+    Options = LocalOptions
+    own_predictors = (Predictor("local_head", "last local head"),)
+
     def __init__(self, context: RuleContext):
         super().__init__(context)
-        self.local_head = LocalHead(context.stage.output_shape, context.num_classes, context.config.head_width)
+        assert isinstance(context.options, LocalOptions)
+        self.local_head = LocalHead(context.stage.output_shape, context.num_classes, context.options.head_width)
 
     def forward(self, blocks: nn.ModuleList, mb: Microbatch, training: bool) -> LocalStep:
         h, _ = run_blocks(blocks, mb.inputs, None)
@@ -59,10 +71,6 @@ class LocalHeadsRule(StageRule):
                 loss = loss + self.head_loss(h, mb.labels)
         return LocalStep(handed_on=mb.handed_on(h, None), loss=loss, features=h, scores=logits.detach())
 
-    def predict(self, mb: Microbatch, step: LocalStep) -> Prediction:
-        prediction = super().predict(mb, step)
-        # The last stage's own classifier; ``nearest_target`` (from the base class) is dropped:
-        # there are no targets under this rule.
-        prediction.nearest_target = None
-        prediction.extra["local_head"] = step.scores.argmax(1)
-        return prediction
+    def own_outputs(self, mb: Microbatch, step: LocalStep) -> dict[str, torch.Tensor]:
+        assert step.scores is not None  # the last stage's own classifier
+        return {"local_head": step.scores.argmax(1)}

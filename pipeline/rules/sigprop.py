@@ -5,14 +5,35 @@ own class's ``t`` and away from the others."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from pipeline.losses import batch_contrastive_loss, default_temperature, per_class_loss, similarity
-from pipeline.messages import Microbatch
-from pipeline.model import run_blocks
-from pipeline.rules.base import LocalStep, RuleContext, StageRule
+from forwardflow.pipeline.losses import batch_contrastive_loss, default_temperature, per_class_loss, similarity
+from forwardflow.pipeline.messages import Microbatch
+from forwardflow.pipeline.model import run_blocks
+from forwardflow.pipeline.rules.base import LocalStep, Predictor, Rule, RuleContext, RuleOptions
+from forwardflow.pipeline.validation import option
+
+
+@dataclass(frozen=True)
+class SigPropOptions(RuleOptions):
+    loss: str = option("contrastive", "local loss: batch contrastive, or cross-entropy against the class "
+                       "targets", choices=("contrastive", "per-class"))
+    positives: str = option("all", "contrastive loss: which same-label samples count as positives",
+                            choices=("all", "one", "topk"))
+    topk: int = option(4, "--positives topk: how many", low=1, high=65536)
+    temperature: float = option(0.0, "scores are <h, t> / temperature (0: sqrt of the features per position)",
+                                low=0.0, high=1e6)
+    target_layer: str = option("learned", "the label's projection to the input: learned, or fixed random",
+                               choices=("learned", "fixed"))
+    target_loss: bool = option(True, "a learned target layer also learns from its own local loss at the input")
+
+    def check(self) -> None:
+        if self.loss == "per-class" and self.positives != "all":
+            raise self.error("positives", "chooses the positives of --loss contrastive; --loss per-class "
+                                          "scores each sample against one target per class")
 
 
 class TargetProjection(nn.Module):
@@ -26,6 +47,7 @@ class TargetProjection(nn.Module):
     def __init__(self, num_classes: int, input_shape: tuple[int, ...], learned: bool):
         super().__init__()
         self.input_shape = input_shape
+        self.learned = learned
         weight = torch.randn(num_classes, math.prod(input_shape)) / math.sqrt(num_classes)
         if learned:
             self.weight = nn.Parameter(weight)
@@ -36,34 +58,42 @@ class TargetProjection(nn.Module):
         return self.weight.view(-1, *self.input_shape)
 
 
-class SigPropRule(StageRule):
+class SigPropRule(Rule):
+    name = "sigprop"
+    Options = SigPropOptions
+    own_predictors = (Predictor("nearest_target", "nearest target"),)
+
     def __init__(self, context: RuleContext):
         super().__init__(context)
-        config = context.config
         self.target_layer = None
         if context.stage.is_first:
             self.target_layer = TargetProjection(context.num_classes, context.model_input_shape,
-                                                 learned=config.target_layer == "learned")
+                                                 learned=self.sigprop.target_layer == "learned")
+
+    @property
+    def sigprop(self) -> SigPropOptions:
+        assert isinstance(self.context.options, SigPropOptions)
+        return self.context.options
 
     def scores(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        temperature = self.context.config.temperature or default_temperature(h)
+        temperature = self.sigprop.temperature or default_temperature(h)
         return similarity(h, targets, temperature)
 
     def local_loss(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        config = self.context.config
-        if config.loss == "per-class":
+        options = self.sigprop
+        if options.loss == "per-class":
             return per_class_loss(scores, labels)
-        return batch_contrastive_loss(scores, labels, config.positives, config.topk)
+        return batch_contrastive_loss(scores, labels, options.positives, options.topk)
 
     def forward(self, blocks: nn.ModuleList, mb: Microbatch, training: bool) -> LocalStep:
         targets, loss = mb.targets, None
         if self.target_layer is not None:
             targets = self.target_layer()
-            learned = isinstance(self.target_layer.weight, nn.Parameter)
-            if training and learned and self.context.config.target_loss:
+            if training and self.target_layer.learned and self.sigprop.target_loss:
                 # The target layer's own local loss, at the input.
                 loss = self.local_loss(self.scores(mb.inputs, targets), mb.labels)
         h, t = run_blocks(blocks, mb.inputs, targets)
+        assert t is not None
         scores = self.scores(h, t)
         if training:
             layer_loss = self.local_loss(scores, mb.labels)
@@ -71,3 +101,7 @@ class SigPropRule(StageRule):
             if self.output_head is not None:
                 loss = loss + self.head_loss(h, mb.labels)
         return LocalStep(handed_on=mb.handed_on(h, t), loss=loss, features=h, scores=scores.detach())
+
+    def own_outputs(self, mb: Microbatch, step: LocalStep) -> dict[str, torch.Tensor]:
+        assert step.scores is not None
+        return {"nearest_target": step.scores.argmax(1)}

@@ -1,0 +1,195 @@
+"""The one way to build a run: ``build_run(config)`` turns a resolved RunConfig into a Run.
+
+launch/train.py, every benchmark and the tests call it; nothing else constructs executors or wires
+a rule's feedback loop. Building checks everything that can be checked before any actor starts
+(the output directory, the data, the rule against the model, the stage plan, the device or the
+cluster's address) and raises ConfigError; ``Run.start`` then starts the executor (Ray and its
+actors, or the in-process runner) and the observers, and ``Run.train`` runs the training loop.
+
+    run = build_run(config)
+    with run:                      # start(); close() at the end, whatever happens
+        result = run.train()
+    summary = run.finish(result)   # summary.json, weights.pt, plots
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from forwardflow.launch.report import summary, write_outputs
+from forwardflow.monitoring.exporter import RunInfo
+from forwardflow.monitoring.observer import MetricsConfig, MetricsObserver
+from forwardflow.pipeline.config import RunConfig
+from forwardflow.pipeline.data import Dataset, load_dataset
+from forwardflow.pipeline.rules.base import Predictor, Rule
+from forwardflow.pipeline.runner import Executor, SequentialRunner
+from forwardflow.pipeline.schedule import MicrobatchSchedule
+from forwardflow.pipeline.stage import StageSetup, resolve_device, stage_setups
+from forwardflow.pipeline.training import RunObserver, RunResult, train
+from forwardflow.pipeline.validation import ConfigError
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+def check_local_device(name: str) -> str:
+    """The device a stage in this process would use; ConfigError if this machine has no such device."""
+    device = resolve_device(name)
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(
+            "--device", f"{name!r} does not exist here ({torch.cuda.device_count()} CUDA devices); use cpu or auto"
+        )
+    return str(device)
+
+
+def check_out_dir(out: str | None) -> None:
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError("--out", f"{out!r} exists and is not a directory")
+
+
+@dataclass
+class Run:
+    config: RunConfig
+    run_id: str
+    dataset: Dataset
+    schedule: MicrobatchSchedule
+    setups: list[StageSetup]
+    extra_observers: list[RunObserver] = field(default_factory=list)
+    executor: Executor | None = None
+    devices: list[str] = field(default_factory=list)  # each stage's device, once started
+    observers: list[RunObserver] = field(default_factory=list)
+    metrics: MetricsObserver | None = None
+
+    # ---------------------------------------------------------------- what the rule says
+
+    @property
+    def rule(self) -> type[Rule]:
+        return self.config.rule.rule_class
+
+    @property
+    def predictors(self) -> tuple[Predictor, ...]:
+        """The run's predictions, the rule's own first."""
+        return self.rule.predictors(self.config.model.head)
+
+    # ---------------------------------------------------------------- life cycle
+
+    def start(self) -> Run:
+        """Start the executor and the observers (once); on a failure, stop what was started and raise."""
+        if self.executor is not None:
+            return self
+        try:
+            self.executor, self.devices = self._make_executor()
+            self.observers = self._make_observers()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _make_executor(self) -> tuple[Executor, list[str]]:
+        execution = self.config.execution
+        if execution.executor == "sequential":
+            device = check_local_device(execution.device)
+            torch.set_num_threads(execution.threads)
+            return SequentialRunner(self.setups, device), [device] * len(self.setups)
+        # Ray is imported only when it is used.
+        from forwardflow.actors.cluster import connect
+        from forwardflow.actors.placement import plan_placement
+        from forwardflow.actors.ray_pipeline import RayPipeline
+
+        placement = plan_placement(len(self.setups), execution.device, connect(execution.address))
+        pipeline = RayPipeline(self.setups, placement, execution.window, execution.placement, execution.threads)
+        return pipeline, [stage_device(location) for location in pipeline.locations]
+
+    def _make_observers(self) -> list[RunObserver]:
+        config = self.config
+        observers: list[RunObserver] = []
+        if config.monitoring.progress:
+            from forwardflow.launch.progress import ProgressBar
+
+            observers.append(ProgressBar())
+        if config.monitoring.metrics_port or config.output.out:
+            info = RunInfo(run_id=self.run_id, dataset=config.data.dataset, rule=config.rule.name,
+                           model=config.model.name, executor=config.execution.executor, stages=len(self.setups),
+                           epochs=config.schedule.epochs)
+            self.metrics = MetricsObserver(MetricsConfig(settings=config.monitoring, info=info,
+                                                         devices=tuple(self.devices), out=config.output.out))
+            observers.append(self.metrics)
+        return observers + self.extra_observers
+
+    def train(self) -> RunResult:
+        """The training loop, with the rule's own prediction and feedback loop."""
+        if self.executor is None:
+            raise RuntimeError("start the run first")
+        feedback = self.rule.make_feedback(self.config, self.dataset.num_classes, self.dataset.input_shape)
+        try:
+            return train(self.schedule, self.executor, self.predictors[0].key, self.observers, feedback)
+        except Exception as error:
+            if self.metrics is not None:
+                self.metrics.on_error(error)  # forwardflow_errors_total and the metrics log
+            raise
+
+    def finish(self, result: RunResult) -> dict[str, Any]:
+        """The summary; with --out, summary.json and weights.pt (and the plots with --plot)."""
+        data = summary(self, result)
+        out = self.config.output.out
+        if out:
+            write_outputs(Path(out), data, result)
+            if self.config.monitoring.plot:
+                from forwardflow.monitoring.report import write_plots
+
+                for path in write_plots(Path(out), self.run_id):
+                    print(f"forwardflow: wrote {path}", file=sys.stderr)
+        return data
+
+    def close(self) -> None:
+        """Stop the executor, then the metrics endpoint (after its linger, so that a last scrape
+        sees the end)."""
+        if self.executor is not None:
+            self.executor.close()
+            self.executor = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+
+    def __enter__(self) -> Run:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def stage_device(location: dict[str, str]) -> str:
+    """A Ray stage's device as its machine numbers it: Ray narrows each actor's
+    CUDA_VISIBLE_DEVICES, so the actor's own name for its GPU is the same on every GPU."""
+    if location["device"].startswith("cuda") and location["gpus"]:
+        return "cuda:" + location["gpus"]
+    return location["device"]
+
+
+def build_run(config: RunConfig, observers: Sequence[RunObserver] = (), run_id: str | None = None) -> Run:
+    """Everything that can reject the input, before any actor starts; raises ConfigError.
+    ``observers`` watch the run beside the ones the config asks for (progress bar, metrics)."""
+    check_out_dir(config.output.out)
+    dataset = load_dataset(config.data, config.seed)
+    config.rule.rule_class.check(config, dataset.num_classes, dataset.input_shape)
+    schedule = MicrobatchSchedule(dataset, config.schedule, config.seed, config.data.augment)
+    setups = stage_setups(config, dataset.num_classes, dataset.input_shape,
+                          total_steps=schedule.total_train_microbatches)
+    execution = config.execution
+    if execution.executor == "ray" and execution.address:
+        from forwardflow.actors.cluster import check_address
+
+        check_address(execution.address)
+    else:  # the stages will run on this machine's devices
+        check_local_device(execution.device)
+    return Run(config=config, run_id=run_id or new_run_id(), dataset=dataset, schedule=schedule, setups=setups,
+               extra_observers=list(observers))

@@ -1,0 +1,71 @@
+"""Helpers the tests share: small configs, built through the one builder."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from forwardflow.launch.build import build_run
+from forwardflow.pipeline.config import RunConfig
+from forwardflow.pipeline.messages import EVAL, Prediction
+from forwardflow.pipeline.presets import fc_model, synthetic_small
+from forwardflow.pipeline.training import RunObserver, RunResult
+
+
+def tweak(config: RunConfig, **sections: dict[str, Any]) -> RunConfig:
+    """``config`` with fields of its sections changed: ``tweak(c, schedule={"epochs": 3})``."""
+    return replace(config, **{name: replace(getattr(config, name), **values) for name, values in sections.items()})
+
+
+def small_config(executor: str = "sequential", **changes: Any) -> RunConfig:
+    """A tiny synthetic run: 3 stages of a small fully connected net, 2 epochs, no progress bar."""
+    config = synthetic_small()
+    config = replace(config, model=fc_model((24, 24, 16), name="fc-tiny"))
+    config = tweak(config, schedule={"epochs": 2}, monitoring={"progress": False},
+                   execution={"executor": executor, "device": "cpu"})
+    return replace(config, **changes)
+
+
+def run_to_end(config: RunConfig, observers=()) -> RunResult:
+    with build_run(config, observers) as run:
+        return run.train()
+
+
+class EvalOutputs(RunObserver):
+    """Every evaluation prediction, per sample and predictor, in stream order."""
+
+    def __init__(self):
+        self.outputs: dict[str, list[torch.Tensor]] = {}
+
+    def on_prediction(self, prediction: Prediction, progress) -> None:
+        if prediction.phase == EVAL:
+            for key, predicted in prediction.outputs.items():
+                self.outputs.setdefault(key, []).append(predicted)
+
+    def stacked(self) -> dict[str, torch.Tensor]:
+        return {key: torch.cat(parts) for key, parts in self.outputs.items()}
+
+
+def assert_same_weights(left, right):
+    assert len(left) == len(right)
+    for stage, (a, b) in enumerate(zip(left, right)):
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), f"stage {stage} {name} differs"
+
+
+def assert_executors_agree(config: RunConfig) -> RunResult:
+    """Sequential and Ray runs of ``config``: identical final weights and identical per-sample
+    predictions of every evaluation pass; returns the sequential result. Needs the Ray fixture."""
+    outputs, results = {}, {}
+    for executor in ("sequential", "ray"):
+        observer = EvalOutputs()
+        results[executor] = run_to_end(tweak(config, execution={"executor": executor}), [observer])
+        outputs[executor] = observer.stacked()
+    assert_same_weights(results["sequential"].weights, results["ray"].weights)
+    assert outputs["sequential"].keys() == outputs["ray"].keys() and outputs["sequential"]
+    for key in outputs["sequential"]:
+        assert torch.equal(outputs["sequential"][key], outputs["ray"][key]), f"{key} predictions differ"
+    return results["sequential"]
