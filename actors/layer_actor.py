@@ -54,5 +54,9 @@ class LayerActor:
         return self.stage.state_dict()
 
     def location(self) -> dict[str, str]:
-        return {"node": socket.gethostname(), "pid": str(os.getpid()), "device": str(self.stage.device),
-                "gpus": ",".join(str(g) for g in ray.get_gpu_ids())}
+        return {
+            "node": socket.gethostname(),
+            "pid": str(os.getpid()),
+            "device": str(self.stage.device),
+            "gpus": ",".join(str(g) for g in ray.get_gpu_ids()),
+        }

@@ -55,19 +55,26 @@ class StageGroup:
         bundle = {"CPU": placement.num_cpus}
         if placement.num_gpus:
             bundle["GPU"] = placement.num_gpus
-        self.group: PlacementGroup = placement_group([dict(bundle) for _ in range(num_stages)],
-                                                     strategy=strategy.upper())
+        self.group: PlacementGroup = placement_group(
+            [dict(bundle) for _ in range(num_stages)], strategy=strategy.upper()
+        )
         ready, _ = ray.wait([self.group.ready()], timeout=PLACEMENT_TIMEOUT_S)
         if not ready:
             remove_placement_group(self.group)
-            raise RuntimeError(f"the Ray cluster could not place {num_stages} stages of {bundle} "
-                               f"with strategy {strategy} within {PLACEMENT_TIMEOUT_S} s")
+            raise RuntimeError(
+                f"the Ray cluster could not place {num_stages} stages of {bundle} "
+                f"with strategy {strategy} within {PLACEMENT_TIMEOUT_S} s"
+            )
         self.placement = placement
 
     def options(self, stage_index: int) -> dict:
-        return {"num_cpus": self.placement.num_cpus, "num_gpus": self.placement.num_gpus,
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                    placement_group=self.group, placement_group_bundle_index=stage_index)}
+        return {
+            "num_cpus": self.placement.num_cpus,
+            "num_gpus": self.placement.num_gpus,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=self.group, placement_group_bundle_index=stage_index
+            ),
+        }
 
     def close(self) -> None:
         remove_placement_group(self.group)

@@ -32,12 +32,20 @@ from forwardflow.pipeline.stage import StageSetup
 
 
 class RayPipeline:
-    def __init__(self, setups: list[StageSetup], placement: StagePlacement, window: int,
-                 strategy: str = "pack", torch_threads: int = 1):
+    def __init__(
+        self,
+        setups: list[StageSetup],
+        placement: StagePlacement,
+        window: int,
+        strategy: str = "pack",
+        torch_threads: int = 1,
+    ):
         self.window = window
         self.group = StageGroup(len(setups), placement, strategy)
-        self.actors = [LayerActor.options(**self.group.options(i)).remote(setup, placement.device, torch_threads)
-                       for i, setup in enumerate(setups)]
+        self.actors: list = [
+            LayerActor.options(**self.group.options(i)).remote(setup, placement.device, torch_threads)  # type: ignore[attr-defined]
+            for i, setup in enumerate(setups)
+        ]
         # Sync point: every actor has built its stage before the first microbatch is sent.
         self.locations = ray.get([actor.location.remote() for actor in self.actors])
         # Per in-flight microbatch: every stage's result reference; the last is the prediction.

@@ -50,6 +50,8 @@ RESULTS = Path(__file__).parent / "results"
 CACHE = REPO_ROOT / ".data-cache"
 DEFAULT_CIFAR = REPO_ROOT.parent / "shared" / "datasets" / "cifar10-jpeg75.tar.gz"
 DATASET_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
+
+
 @dataclass(frozen=True)
 class Budget:
     """How long each dataset trains and on how much of it."""
@@ -62,13 +64,26 @@ class Budget:
     cifar_full_net: bool  # the VGG of the cifar-vgg preset, else the small one
 
 
-CPU_BUDGET = Budget("CPU budget", epochs={"mnist": 4, "fashion-mnist": 4, "cifar10": 3}, seeds=1,
-                    train_limit={"cifar10": 10_000}, test_limit={"cifar10": 2_000}, cifar_full_net=False)
-GPU_BUDGET = Budget("full budget", epochs={"mnist": 20, "fashion-mnist": 20, "cifar10": 100}, seeds=3,
-                    train_limit={}, test_limit={}, cifar_full_net=True)
+CPU_BUDGET = Budget(
+    "CPU budget",
+    epochs={"mnist": 4, "fashion-mnist": 4, "cifar10": 3},
+    seeds=1,
+    train_limit={"cifar10": 10_000},
+    test_limit={"cifar10": 2_000},
+    cifar_full_net=False,
+)
+GPU_BUDGET = Budget(
+    "full budget",
+    epochs={"mnist": 20, "fashion-mnist": 20, "cifar10": 100},
+    seeds=3,
+    train_limit={},
+    test_limit={},
+    cifar_full_net=True,
+)
 
 
 # ---------------------------------------------------------------- CIFAR-10 preparation
+
 
 def _write_batches(arrays: tuple[np.ndarray, ...], out: Path) -> None:
     """The standard python batches (5 training batches, one test batch), as users have them."""
@@ -117,6 +132,7 @@ def prepare_cifar(source: Path) -> Path:
 
 # ---------------------------------------------------------------- runs
 
+
 def base_config(dataset: str, budget: Budget, cifar_dir: Path | None) -> RunConfig:
     if dataset == "mnist":
         config = mnist_fc()
@@ -125,8 +141,9 @@ def base_config(dataset: str, budget: Budget, cifar_dir: Path | None) -> RunConf
     else:
         config = cifar_vgg() if budget.cifar_full_net else cifar_vgg_small()
         config = replace(config, data=replace(config.data, data_dir=str(cifar_dir)))
-    data = replace(config.data, train_limit=budget.train_limit.get(dataset, 0),
-                   test_limit=budget.test_limit.get(dataset, 0))
+    data = replace(
+        config.data, train_limit=budget.train_limit.get(dataset, 0), test_limit=budget.test_limit.get(dataset, 0)
+    )
     return replace(config, data=data, schedule=replace(config.schedule, epochs=budget.epochs[dataset]))
 
 
@@ -141,8 +158,12 @@ class Curve(RunObserver):
     def on_evaluation(self, result: EvalResult, progress) -> None:
         accuracies = {self.labels[key]: value for key, value in result.accuracies.items()}
         self.points.append({"epoch": result.epoch + 1, "wall_s": round(result.wall_s, 2), "accuracies": accuracies})
-        print(f"  {self.label} epoch {result.epoch + 1}: {100 * result.accuracy:.2f}% {accuracies} "
-              f"({result.wall_s:.0f} s)", file=sys.stderr, flush=True)
+        print(
+            f"  {self.label} epoch {result.epoch + 1}: {100 * result.accuracy:.2f}% {accuracies} "
+            f"({result.wall_s:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def run_one(config: RunConfig, label: str) -> dict:
@@ -152,17 +173,30 @@ def run_one(config: RunConfig, label: str) -> dict:
     run.extra_observers.append(curve)
     with run:
         result = run.train()
-    return {"dataset": config.data.dataset, "rule": config.rule.name, "seed": config.seed,
-            "model": config.model.name, "stages": len(run.setups), "epochs": config.schedule.epochs,
-            "batch_size": config.schedule.batch_size, "lr": config.optim.lr, "devices": run.devices,
-            "executor": config.execution.executor, "primary": run.predictors[0].label,
-            "accuracy": curve.points[-1]["accuracies"], "curve": curve.points,
-            "wall_s": result.wall_s, "samples_per_s": result.train_samples_per_s,
-            "peak_memory_mib": [round(s.peak_memory_bytes / 2**20) for s in result.stages],
-            "train_samples": len(run.dataset.train_y), "test_samples": len(run.dataset.test_y)}
+    return {
+        "dataset": config.data.dataset,
+        "rule": config.rule.name,
+        "seed": config.seed,
+        "model": config.model.name,
+        "stages": len(run.setups),
+        "epochs": config.schedule.epochs,
+        "batch_size": config.schedule.batch_size,
+        "lr": config.optim.lr,
+        "devices": run.devices,
+        "executor": config.execution.executor,
+        "primary": run.predictors[0].label,
+        "accuracy": curve.points[-1]["accuracies"],
+        "curve": curve.points,
+        "wall_s": result.wall_s,
+        "samples_per_s": result.train_samples_per_s,
+        "peak_memory_mib": [round(s.peak_memory_bytes / 2**20) for s in result.stages],
+        "train_samples": len(run.dataset.train_y),
+        "test_samples": len(run.dataset.test_y),
+    }
 
 
 # ---------------------------------------------------------------- report
+
 
 def _mean_std(values: list[float]) -> str:
     if len(values) == 1:
@@ -178,17 +212,22 @@ def _memory(runs: list[dict]) -> str:
 
 
 def table(runs: list[dict], budget: Budget, command: str) -> str:
-    lines = [f"# Accuracy: every rule, same data, same net, same pipeline ({today()})", "",
-             f"Machine: {machine()}. Budget: {budget.name}. Command: `{command}`.", "",
-             "Test accuracy after the last epoch (mean ± std over seeds when there are several), from each "
-             "rule's own prediction: sigprop the nearest class target, ff label scanning (goodness summed "
-             "over the stages after the first), local the last stage's local classifier, efp and bp the "
-             "output layer. Other predictions of the same runs in the last column. Samples/s: training "
-             "samples per second of wall time, evaluation included. Peak memory: peak resident set of the "
-             "run's own process (all stages share it in the sequential runner; per stage with `--executor ray`).", "",
-             "| dataset | rule | model, stages | test accuracy | epochs | seeds | wall s | samples/s "
-             "| peak memory MiB | other predictions |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"# Accuracy: every rule, same data, same net, same pipeline ({today()})",
+        "",
+        f"Machine: {machine()}. Budget: {budget.name}. Command: `{command}`.",
+        "",
+        "Test accuracy after the last epoch (mean ± std over seeds when there are several), from each "
+        "rule's own prediction: sigprop the nearest class target, ff label scanning (goodness summed "
+        "over the stages after the first), local the last stage's local classifier, efp and bp the "
+        "output layer. Other predictions of the same runs in the last column. Samples/s: training "
+        "samples per second of wall time, evaluation included. Peak memory: peak resident set of the "
+        "run's own process (all stages share it in the sequential runner; per stage with `--executor ray`).",
+        "",
+        "| dataset | rule | model, stages | test accuracy | epochs | seeds | wall s | samples/s "
+        "| peak memory MiB | other predictions |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     groups: dict[tuple[str, str], list[dict]] = {}
     for run in runs:
         groups.setdefault((run["dataset"], run["rule"]), []).append(run)
@@ -197,13 +236,13 @@ def table(runs: list[dict], budget: Budget, command: str) -> str:
         primary = first["primary"]
         others = [name for name in first["accuracy"] if name != primary]
         other_text = ", ".join(f"{name} {_mean_std([r['accuracy'][name] for r in group])}" for name in others)
-        subset = f" ({first['train_samples']:,} train / {first['test_samples']:,} test)" \
-            if dataset == "cifar10" else ""
+        subset = f" ({first['train_samples']:,} train / {first['test_samples']:,} test)" if dataset == "cifar10" else ""
         lines.append(
             f"| {DATASET_NAMES[dataset]}{subset} | {rule} | {first['model']}, {first['stages']} "
             f"| {_mean_std([r['accuracy'][primary] for r in group])} | {first['epochs']} | {len(group)} "
             f"| {statistics.mean(r['wall_s'] for r in group):,.0f} "
-            f"| {statistics.mean(r['samples_per_s'] for r in group):,.0f} | {_memory(group)} | {other_text} |")
+            f"| {statistics.mean(r['samples_per_s'] for r in group):,.0f} | {_memory(group)} | {other_text} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -221,8 +260,10 @@ def plot(runs: list[dict], path: Path) -> None:
             group = [run for run in runs if run["dataset"] == dataset and run["rule"] == rule]
             primary = group[0]["primary"]
             epochs = [point["epoch"] for point in group[0]["curve"]]
-            values = [100 * statistics.mean(run["curve"][i]["accuracies"][primary] for run in group)
-                      for i in range(len(epochs))]
+            values = [
+                100 * statistics.mean(run["curve"][i]["accuracies"][primary] for run in group)
+                for i in range(len(epochs))
+            ]
             axis.plot(epochs, values, marker="o", label=rule)
         axis.xaxis.get_major_locator().set_params(integer=True)
         axis.set_title(DATASET_NAMES[dataset])
@@ -251,8 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.seeds:
         budget = replace(budget, seeds=args.seeds)
     if args.epochs:
-        budget = replace(budget, name=f"{budget.name}, {args.epochs} epochs",
-                         epochs={name: args.epochs for name in budget.epochs})
+        budget = replace(
+            budget, name=f"{budget.name}, {args.epochs} epochs", epochs={name: args.epochs for name in budget.epochs}
+        )
     cifar_dir = None
     if "cifar10" in args.datasets:
         source = Path(args.cifar)
@@ -268,12 +310,20 @@ def main(argv: list[str] | None = None) -> None:
         for rule in args.rules:
             for seed in range(budget.seeds):
                 config = with_rule(base, rule)
-                config = replace(config, seed=seed, monitoring=replace(config.monitoring, progress=False),
-                                 execution=replace(config.execution, executor=args.executor, device=args.device,
-                                                   threads=args.threads))
+                config = replace(
+                    config,
+                    seed=seed,
+                    monitoring=replace(config.monitoring, progress=False),
+                    execution=replace(
+                        config.execution, executor=args.executor, device=args.device, threads=args.threads
+                    ),
+                )
                 label = f"{dataset_name} {rule} seed {seed}"
-                print(f"accuracy: {label} ({config.model.name}, {config.schedule.epochs} epochs)", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"accuracy: {label} ({config.model.name}, {config.schedule.epochs} epochs)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 started = time.perf_counter()
                 with ProcessPoolExecutor(1, mp_context=spawn) as pool:  # a fresh process per run
                     runs.append(pool.submit(run_one, config, label).result())

@@ -33,14 +33,20 @@ def main() -> None:
         rows[name] = result
         print(name, [round(e.accuracy, 4) for e in result.evaluations], round(result.wall_s, 1))
     epochs = max(len(r.evaluations) for r in rows.values())
-    lines = [f"# Default run and backprop baseline ({today()}, {machine()})", "",
-             "Command: `python -m benchmarks.default_run`. Test accuracy after each epoch: nearest-target "
-             "prediction for sigprop, the output layer for backprop.", "",
-             "| run | " + " | ".join(f"ep {e + 1}" for e in range(epochs)) + " | samples/s | wall s |",
-             "|---|" + "---:|" * (epochs + 2)]
+    lines = [
+        f"# Default run and backprop baseline ({today()}, {machine()})",
+        "",
+        "Command: `python -m benchmarks.default_run`. Test accuracy after each epoch: nearest-target "
+        "prediction for sigprop, the output layer for backprop.",
+        "",
+        "| run | " + " | ".join(f"ep {e + 1}" for e in range(epochs)) + " | samples/s | wall s |",
+        "|---|" + "---:|" * (epochs + 2),
+    ]
     for name, result in rows.items():
         cells = [f"{100 * e.accuracy:.2f}%" for e in result.evaluations]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {result.train_samples_per_s:,.0f} | {result.wall_s:.0f} |")
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {result.train_samples_per_s:,.0f} | {result.wall_s:.0f} |"
+        )
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

@@ -55,9 +55,23 @@ class BenchConfig:
             raise ValueError("the metrics interval must be positive")
 
     def argv(self) -> list[str]:
-        return ["--preset", self.preset, "--train-limit", str(self.train_limit), "--test-limit",
-                str(self.test_limit), "--epochs", str(self.epochs), "--executor", "ray", "--device", "cpu",
-                "--no-progress", "--metrics-interval", str(self.interval_s)]
+        return [
+            "--preset",
+            self.preset,
+            "--train-limit",
+            str(self.train_limit),
+            "--test-limit",
+            str(self.test_limit),
+            "--epochs",
+            str(self.epochs),
+            "--executor",
+            "ray",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--metrics-interval",
+            str(self.interval_s),
+        ]
 
 
 @dataclass
@@ -129,8 +143,11 @@ def run_once(bench: BenchConfig, monitored: bool, out: Path) -> Measured:
             if scraper is not None:
                 scraper.stopped.set()
                 scraper.join()
-        measured = Measured(result.train_samples_per_s, result.wall_s,
-                            step_s=max(s.busy_s / max(s.microbatches, 1) for s in result.stages))
+        measured = Measured(
+            result.train_samples_per_s,
+            result.wall_s,
+            step_s=max(s.busy_s / max(s.microbatches, 1) for s in result.stages),
+        )
         for wrapper in timed:
             if isinstance(wrapper.inner, MetricsObserver) and wrapper.inner.exporter is not None:
                 measured.observer_s = wrapper.seconds
@@ -163,23 +180,28 @@ def clock_read_cost() -> float:
     return (time.perf_counter() - started) / count
 
 
-def report(bench: BenchConfig, pairs: list[tuple[Measured, Measured]], snapshots: list[float], clock_s: float,
-           command: str) -> str:
+def report(
+    bench: BenchConfig, pairs: list[tuple[Measured, Measured]], snapshots: list[float], clock_s: float, command: str
+) -> str:
     drops = [100 * (off.samples_per_s - on.samples_per_s) / off.samples_per_s for off, on in pairs]
-    rows = "\n".join(f"| {i + 1} | {off.samples_per_s:,.0f} | {on.samples_per_s:,.0f} | {drop:+.1f}% |"
-                     for i, ((off, on), drop) in enumerate(zip(pairs, drops)))
+    rows = "\n".join(
+        f"| {i + 1} | {off.samples_per_s:,.0f} | {on.samples_per_s:,.0f} | {drop:+.1f}% |"
+        for i, ((off, on), drop) in enumerate(zip(pairs, drops))
+    )
     ons = [on for _, on in pairs]
     wall = sum(on.wall_s for on in ons)
     driver_share = 100 * sum(on.observer_s for on in ons) / wall
     scrape_share = 100 * sum(on.scrapes * on.scrape_render_s for on in ons) / wall
     snapshot_share = 100 * max(snapshots) / bench.interval_s
     step_share = 100 * clock_s / min(on.step_s for on in ons)
+    render_ms = statistics.mean(on.scrape_render_s for on in ons) * 1e3
+    step_ms = min(on.step_s for on in ons) * 1e3
     return f"""# Metrics overhead
 
-Date: {today()}. Machine: {machine()}; Ray {ray.__version__}, {int(ray.cluster_resources().get('CPU', 0))} CPUs
+Date: {today()}. Machine: {machine()}; Ray {ray.__version__}, {int(ray.cluster_resources().get("CPU", 0))} CPUs
 for Ray. Command: `{command}`
 
-Workload: preset {bench.preset}, {bench.train_limit or 'all'} training samples, {bench.epochs} epoch(s), Ray
+Workload: preset {bench.preset}, {bench.train_limit or "all"} training samples, {bench.epochs} epoch(s), Ray
 executor on CPU. "On": metrics observer every {bench.interval_s:g} s, Prometheus endpoint, metrics.jsonl,
 and a scraper fetching /metrics every second. Pairs alternate their order (off/on, then on/off).
 
@@ -198,9 +220,9 @@ monitoring costs, so the accounting below is the sharper bound.
 | where | what | share |
 | --- | --- | ---: |
 | driver | all metrics-observer hooks (collection, queue depths, record, log line) | {driver_share:.3f}% |
-| driver | rendering /metrics for the scrapes ({statistics.mean(on.scrape_render_s for on in ons) * 1e3:.2f} ms each) | {scrape_share:.3f}% |
+| driver | rendering /metrics for the scrapes ({render_ms:.2f} ms each) | {scrape_share:.3f}% |
 | each stage | one snapshot per collection (slowest stage: {max(snapshots) * 1e3:.2f} ms) | {snapshot_share:.3f}% |
-| each stage | clock reads per microbatch ({clock_s * 1e6:.2f} us against a {min(on.step_s for on in ons) * 1e3:.2f} ms step) | {step_share:.3f}% |
+| each stage | clock reads per microbatch ({clock_s * 1e6:.2f} us against a {step_ms:.2f} ms step) | {step_share:.3f}% |
 
 The stages run in parallel with the driver, so the throughput lost is at most the largest of
 these on the pipeline's bottleneck: {max(driver_share + scrape_share, snapshot_share + step_share):.3f}%.
@@ -208,8 +230,7 @@ these on the pipeline's bottleneck: {max(driver_share + scrape_share, snapshot_s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.metrics_overhead",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.metrics_overhead", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default=BenchConfig.preset)
     parser.add_argument("--train-limit", type=int, default=BenchConfig.train_limit)
     parser.add_argument("--test-limit", type=int, default=BenchConfig.test_limit)
@@ -226,11 +247,15 @@ def main(argv: list[str] | None = None) -> int:
             run_once(bench, False, Path(out) / "warm-up")  # first-run costs (imports, caches) out of the way
             for index in range(bench.pairs):
                 order = (False, True) if index % 2 == 0 else (True, False)
-                runs = {monitored: run_once(bench, monitored, Path(out) / f"run-{index}-{monitored}")
-                        for monitored in order}
+                runs = {
+                    monitored: run_once(bench, monitored, Path(out) / f"run-{index}-{monitored}") for monitored in order
+                }
                 pairs.append((runs[False], runs[True]))
-                print(f"pair {index + 1}: off {runs[False].samples_per_s:,.0f}, on {runs[True].samples_per_s:,.0f} "
-                      f"samples/s", file=sys.stderr)
+                print(
+                    f"pair {index + 1}: off {runs[False].samples_per_s:,.0f}, on {runs[True].samples_per_s:,.0f} "
+                    f"samples/s",
+                    file=sys.stderr,
+                )
         text = report(bench, pairs, snapshot_cost(bench), clock_read_cost(), command)
     finally:
         ray.shutdown()

@@ -29,8 +29,18 @@ def main() -> None:
     args = parser.parse_args()
     rows = {}
     for batch_size in args.batch_size:
-        common = ["--preset", "mnist-fc4", "--dataset", args.dataset, "--batch-size", str(batch_size),
-                  "--test-limit", "2000", "--epochs", str(args.epochs)]
+        common = [
+            "--preset",
+            "mnist-fc4",
+            "--dataset",
+            args.dataset,
+            "--batch-size",
+            str(batch_size),
+            "--test-limit",
+            "2000",
+            "--epochs",
+            str(args.epochs),
+        ]
         runs = {
             "sequential, 1 thread": common + ["--executor", "sequential", "--threads", "1", "--stages", "2"],
             "sequential, 2 threads": common + ["--executor", "sequential", "--threads", "2", "--stages", "2"],
@@ -39,15 +49,32 @@ def main() -> None:
         }
         for name, argv in runs.items():
             result = run(argv)
-            rows[batch_size, name] = {"samples_per_s": result.train_samples_per_s, "wall_s": result.wall_s,
-                                      "busy": [s.busy_s / result.wall_s for s in result.stages],
-                                      "accuracy": result.evaluations[-1].accuracy}
+            rows[batch_size, name] = {
+                "samples_per_s": result.train_samples_per_s,
+                "wall_s": result.wall_s,
+                "busy": [s.busy_s / result.wall_s for s in result.stages],
+                "accuracy": result.evaluations[-1].accuracy,
+            }
             print(batch_size, name, json.dumps(rows[batch_size, name]))
     memory = {}
     for epochs in (1, 4):
         for window in (4, 16):
-            argv = ["--preset", "mnist-fc4", "--dataset", args.dataset, "--batch-size", str(args.batch_size[0]),
-                    "--test-limit", "2000", "--epochs", str(epochs), "--window", str(window), "--stages", "2"]
+            argv = [
+                "--preset",
+                "mnist-fc4",
+                "--dataset",
+                args.dataset,
+                "--batch-size",
+                str(args.batch_size[0]),
+                "--test-limit",
+                "2000",
+                "--epochs",
+                str(epochs),
+                "--window",
+                str(window),
+                "--stages",
+                "2",
+            ]
             result = run(argv)
             memory[(epochs, window)] = [s.peak_memory_bytes / 2**20 for s in result.stages]
             print("memory", epochs, window, memory[(epochs, window)])
@@ -55,20 +82,32 @@ def main() -> None:
 
 
 def write_report(path: Path, args, rows: dict, memory: dict) -> None:
-    lines = [f"# Pipelined vs sequential ({today()}, {machine()})", "",
-             f"Model: 4 x 1000 fully connected (preset mnist-fc4, 2 stages of nearly equal cost), "
-             f"{args.dataset}, {args.epochs} epochs, rule sigprop. Command: `python -m benchmarks.throughput`. "
-             f"Ratios are against the sequential runs at the same microbatch size.", "",
-             "| microbatch | run | samples/s | vs 1 thread | vs 2 threads | busy fraction per stage | test acc |",
-             "|---:|---|---:|---:|---:|---|---:|"]
+    lines = [
+        f"# Pipelined vs sequential ({today()}, {machine()})",
+        "",
+        f"Model: 4 x 1000 fully connected (preset mnist-fc4, 2 stages of nearly equal cost), "
+        f"{args.dataset}, {args.epochs} epochs, rule sigprop. Command: `python -m benchmarks.throughput`. "
+        f"Ratios are against the sequential runs at the same microbatch size.",
+        "",
+        "| microbatch | run | samples/s | vs 1 thread | vs 2 threads | busy fraction per stage | test acc |",
+        "|---:|---|---:|---:|---:|---|---:|",
+    ]
     for (batch_size, name), row in rows.items():
         base = rows[batch_size, "sequential, 1 thread"]["samples_per_s"]
         two = rows[batch_size, "sequential, 2 threads"]["samples_per_s"]
         busy = ", ".join(f"{100 * b:.0f}%" for b in row["busy"])
-        lines.append(f"| {batch_size} | {name} | {row['samples_per_s']:,.0f} | {row['samples_per_s'] / base:.2f}x | "
-                     f"{row['samples_per_s'] / two:.2f}x | {busy} | {100 * row['accuracy']:.2f}% |")
-    lines += ["", "Peak resident memory per stage (MiB) against run length and in-flight window "
-              f"(2 stages, Ray, microbatch {args.batch_size[0]}):", "", "| epochs | window | stage peaks (MiB) |", "|---:|---:|---|"]
+        lines.append(
+            f"| {batch_size} | {name} | {row['samples_per_s']:,.0f} | {row['samples_per_s'] / base:.2f}x | "
+            f"{row['samples_per_s'] / two:.2f}x | {busy} | {100 * row['accuracy']:.2f}% |"
+        )
+    lines += [
+        "",
+        "Peak resident memory per stage (MiB) against run length and in-flight window "
+        f"(2 stages, Ray, microbatch {args.batch_size[0]}):",
+        "",
+        "| epochs | window | stage peaks (MiB) |",
+        "|---:|---:|---|",
+    ]
     for (epochs, window), peaks in memory.items():
         lines.append(f"| {epochs} | {window} | {', '.join(f'{p:.0f}' for p in peaks)} |")
     path.parent.mkdir(parents=True, exist_ok=True)

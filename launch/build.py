@@ -117,11 +117,18 @@ class Run:
 
             observers.append(ProgressBar())
         if config.monitoring.metrics_port or config.output.out:
-            info = RunInfo(run_id=self.run_id, dataset=config.data.dataset, rule=config.rule.name,
-                           model=config.model.name, executor=config.execution.executor, stages=len(self.setups),
-                           epochs=config.schedule.epochs)
-            self.metrics = MetricsObserver(MetricsConfig(settings=config.monitoring, info=info,
-                                                         devices=tuple(self.devices), out=config.output.out))
+            info = RunInfo(
+                run_id=self.run_id,
+                dataset=config.data.dataset,
+                rule=config.rule.name,
+                model=config.model.name,
+                executor=config.execution.executor,
+                stages=len(self.setups),
+                epochs=config.schedule.epochs,
+            )
+            self.metrics = MetricsObserver(
+                MetricsConfig(settings=config.monitoring, info=info, devices=tuple(self.devices), out=config.output.out)
+            )
             observers.append(self.metrics)
         return observers + self.extra_observers
 
@@ -182,8 +189,9 @@ def build_run(config: RunConfig, observers: Sequence[RunObserver] = (), run_id: 
     dataset = load_dataset(config.data, config.seed)
     config.rule.rule_class.check(config, dataset.num_classes, dataset.input_shape)
     schedule = MicrobatchSchedule(dataset, config.schedule, config.seed, config.data.augment)
-    setups = stage_setups(config, dataset.num_classes, dataset.input_shape,
-                          total_steps=schedule.total_train_microbatches)
+    setups = stage_setups(
+        config, dataset.num_classes, dataset.input_shape, total_steps=schedule.total_train_microbatches
+    )
     execution = config.execution
     if execution.executor == "ray" and execution.address:
         from forwardflow.actors.cluster import check_address
@@ -191,5 +199,11 @@ def build_run(config: RunConfig, observers: Sequence[RunObserver] = (), run_id: 
         check_address(execution.address)
     else:  # the stages will run on this machine's devices
         check_local_device(execution.device)
-    return Run(config=config, run_id=run_id or new_run_id(), dataset=dataset, schedule=schedule, setups=setups,
-               extra_observers=list(observers))
+    return Run(
+        config=config,
+        run_id=run_id or new_run_id(),
+        dataset=dataset,
+        schedule=schedule,
+        setups=setups,
+        extra_observers=list(observers),
+    )

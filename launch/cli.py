@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 from forwardflow.pipeline.config import RuleConfig, RunConfig, load_config_file
 from forwardflow.pipeline.presets import DEFAULT_PRESET, PRESETS
 from forwardflow.pipeline.rules.registry import RULES
-from forwardflow.pipeline.validation import ConfigError, Section, plain_type, field_flag
+from forwardflow.pipeline.validation import ConfigError, Section, field_flag, plain_type
 
 SECTIONS = ("data", "model", "rule", "optim", "schedule", "execution", "monitoring", "output")
 
@@ -59,12 +59,19 @@ def _add(group, item: Field, owner: type[Section], dest: str, default: Any) -> N
     help_text = item.metadata.get("help", "") + ("" if default is None else f" (default: {shown})")
     help_text = help_text.replace("%", "%%")  # argparse formats help with %
     if kind is bool:
-        group.add_argument(field_flag(item), dest=dest, action=argparse.BooleanOptionalAction, default=None,
-                           help=help_text)
+        group.add_argument(
+            field_flag(item), dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text
+        )
     else:
         metavar = "{" + ",".join(choices) + "}" if choices else item.name.upper()
-        group.add_argument(field_flag(item), dest=dest, type=kind if kind in (int, float) else str, default=None,
-                           metavar=metavar, help=help_text)
+        group.add_argument(
+            field_flag(item),
+            dest=dest,
+            type=kind if kind in (int, float) else str,
+            default=None,
+            metavar=metavar,
+            help=help_text,
+        )
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Flag]]:
@@ -75,10 +82,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Flag]]:
         "backpropagation between stages). Defaults shown are the default preset's; another preset "
         "changes some of them.",
     )
-    parser.add_argument("--preset", default=DEFAULT_PRESET, metavar="{" + ",".join(PRESETS) + "}",
-                        help=f"starting configuration (default: {DEFAULT_PRESET})")
-    parser.add_argument("--config", metavar="FILE", help="a TOML or JSON config file, or a run's summary.json, "
-                        "applied over the preset (the flags given apply over both)")
+    parser.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        metavar="{" + ",".join(PRESETS) + "}",
+        help=f"starting configuration (default: {DEFAULT_PRESET})",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a TOML or JSON config file, or a run's summary.json, "
+        "applied over the preset (the flags given apply over both)",
+    )
     defaults = PRESETS[DEFAULT_PRESET]()
     flags: dict[str, Flag] = {}
     for section_name in SECTIONS + ("",):
@@ -108,7 +123,10 @@ def _with_rule_options(rule: RuleConfig, given: dict[Flag, Any]) -> RuleConfig:
         if rule.name not in flag.rules:
             raise ConfigError(flag.flag, f"applies to --rule {', '.join(flag.rules)} only (the rule is {rule.name})")
         changes[flag.name] = value
-    return replace(rule, options=replace(rule.options, **changes)) if changes else rule
+    if not changes:
+        return rule
+    assert rule.options is not None  # filled with the rule's defaults when the section was built
+    return replace(rule, options=replace(rule.options, **changes))
 
 
 def parse_config(argv: list[str] | None = None) -> RunConfig:
@@ -124,9 +142,9 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
         config = load_config_file(config_file, config)
     given = {flags[dest]: value for dest, value in args.items() if value is not None}
     sections: dict[str, dict[str, Any]] = {}
-    for flag in given:
+    for flag, value in given.items():
         if flag.section != "rule.options":
-            sections.setdefault(flag.section, {})[flag.name] = given[flag]
+            sections.setdefault(flag.section, {})[flag.name] = value
     rule_name = sections.pop("rule", {}).get("name")
     rule = config.rule
     if rule_name is not None and rule_name != rule.name:

@@ -17,13 +17,17 @@ class ProgressBar(RunObserver):
 
     def on_prediction(self, prediction: Prediction, progress: Progress) -> None:
         if self.bar is None:
-            self.bar = tqdm(total=progress.microbatches_total, unit="mb", file=sys.stderr,
-                            dynamic_ncols=True, mininterval=0.5)
+            self.bar = tqdm(
+                total=progress.microbatches_total, unit="mb", file=sys.stderr, dynamic_ncols=True, mininterval=0.5
+            )
         self.bar.update(1)
         if self.bar.n % 10 == 0 or prediction.phase == EVAL:
             accuracy = progress.latest.accuracy if progress.latest else None
-            self.bar.set_postfix_str(f"{progress.samples_per_s:,.0f} samples/s, test acc "
-                                     + ("-" if accuracy is None else f"{100 * accuracy:.2f}%"), refresh=False)
+            self.bar.set_postfix_str(
+                f"{progress.samples_per_s:,.0f} samples/s, test acc "
+                + ("-" if accuracy is None else f"{100 * accuracy:.2f}%"),
+                refresh=False,
+            )
 
     def on_evaluation(self, result: EvalResult, progress: Progress) -> None:
         message = f"epoch {result.epoch + 1}: test accuracy {100 * result.accuracy:.2f}%"

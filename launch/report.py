@@ -38,16 +38,25 @@ def summary(run: Run, result: RunResult) -> dict[str, Any]:
         "train_samples_per_s": result.train_samples_per_s,
         "wall_s": result.wall_s,
         "evaluations": [
-            {"epoch": e.epoch + 1, "test_accuracy": e.accuracy, "test_accuracies": dict(e.accuracies),
-             "train_samples_seen": e.train_samples_seen, "wall_s": round(e.wall_s, 3)}
+            {
+                "epoch": e.epoch + 1,
+                "test_accuracy": e.accuracy,
+                "test_accuracies": dict(e.accuracies),
+                "train_samples_seen": e.train_samples_seen,
+                "wall_s": round(e.wall_s, 3),
+            }
             for e in result.evaluations
         ],
         "stages": [
-            {"stage": s.stage, "device": run.devices[i] if i < len(run.devices) else s.device,
-             "samples": s.samples, "busy_fraction": s.busy_s / max(result.wall_s, 1e-9),
-             "mean_loss": finite_or_none(s.mean_loss),
-             "train_accuracy": s.train_correct / s.train_scored if s.train_scored else None,
-             "peak_memory_bytes": s.peak_memory_bytes}
+            {
+                "stage": s.stage,
+                "device": run.devices[i] if i < len(run.devices) else s.device,
+                "samples": s.samples,
+                "busy_fraction": s.busy_s / max(result.wall_s, 1e-9),
+                "mean_loss": finite_or_none(s.mean_loss),
+                "train_accuracy": s.train_correct / s.train_scored if s.train_scored else None,
+                "peak_memory_bytes": s.peak_memory_bytes,
+            }
             for i, s in enumerate(result.stages)
         ],
         "config": config_to_dict(config),
@@ -94,10 +103,15 @@ def table(data: dict[str, Any]) -> str:
     lines += ["", f"{'stage':>5}  {'device':<8}  {'samples':>9}  {'busy':>6}  {'mean loss':>10}  {'train acc':>9}"]
     for s in data["stages"]:
         loss = "-" if s["mean_loss"] is None else f"{s['mean_loss']:.4f}"
-        lines.append(f"{s['stage']:>5}  {s['device']:<8}  {s['samples']:>9}  {100 * s['busy_fraction']:>5.1f}%  "
-                     f"{loss:>10}  {_pct(s['train_accuracy']):>9}")
+        lines.append(
+            f"{s['stage']:>5}  {s['device']:<8}  {s['samples']:>9}  {100 * s['busy_fraction']:>5.1f}%  "
+            f"{loss:>10}  {_pct(s['train_accuracy']):>9}"
+        )
     primary = data["prediction"]
     others = [f"{label} {_pct(data['test_accuracies'].get(key))}" for key, label in labels.items() if key != primary]
-    lines += ["", f"test accuracy {_pct(data['test_accuracy'])} ({'; '.join([labels[primary]] + others)}), "
-                  f"{data['train_samples_per_s']:.0f} training samples/s, {data['wall_s']:.1f} s"]
+    lines += [
+        "",
+        f"test accuracy {_pct(data['test_accuracy'])} ({'; '.join([labels[primary]] + others)}), "
+        f"{data['train_samples_per_s']:.0f} training samples/s, {data['wall_s']:.1f} s",
+    ]
     return "\n".join(lines)

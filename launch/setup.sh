@@ -34,12 +34,17 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.forwardflow-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
-    echo "setup: installing Python packages into .venv"
-    # pip's notes about local package mirrors are noise here; a failed install still fails below.
-    .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-    .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
-    .venv/bin/python -c 'import torch, ray, prometheus_client, tqdm, grafana_foundation_sdk, pipeline.stage' || {
-        echo "setup: the Python install failed (see pip's output above)" >&2; exit 1; }
+    echo "setup: installing Python packages into .venv (log: .venv/install.log)"
+    # pip's output goes to a log and is shown only when the install fails: its notes (local package
+    # mirrors, setuptools' remark on editable installs) ask nothing of the user.
+    if ! { .venv/bin/python -m pip install -q --upgrade pip &&
+           .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'; } >.venv/install.log 2>&1 ||
+       ! .venv/bin/python -c 'import torch, ray, prometheus_client, tqdm, grafana_foundation_sdk, forwardflow.launch.build' \
+           >>.venv/install.log 2>&1; then
+        cat .venv/install.log >&2
+        echo "setup: the Python install failed (pip's output above, also in .venv/install.log)" >&2
+        exit 1
+    fi
     touch "$stamp"
 fi
 echo "setup: ready"

@@ -31,8 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         say(f"error: {error}")
         return EXIT_BAD_INPUT
     config = run.config
-    say(f"run {run.run_id}: {config.data.dataset}, rule {config.rule.name}, {len(run.setups)} stage(s) on "
-        f"{config.execution.executor} ({', '.join(run.devices)})")
+    say(
+        f"run {run.run_id}: {config.data.dataset}, rule {config.rule.name}, {len(run.setups)} stage(s) on "
+        f"{config.execution.executor} ({', '.join(run.devices)})"
+    )
     if run.metrics is not None and run.metrics.url:
         say(f"metrics on {run.metrics.url}")
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
@@ -50,23 +51,38 @@ STAGE_SERIES = (
     ("stage_compute_seconds", "counter", "Time the stage spent computing (forward, local loss, update)", "compute_s"),
     ("stage_wait_seconds", "counter", "Time the stage spent between steps, waiting for its input", "wait_s"),
     ("stage_handoff_seconds", "counter", "Time the stage spent handing its output on (copy to the host)", "handoff_s"),
-    ("stage_loss", "gauge", "The stage's local loss, mean over the training microbatches since the previous "
-     "collection", "loss"),
-    ("stage_train_accuracy_ratio", "gauge", "The stage's own accuracy on training microbatches since the previous "
-     "collection", "train_accuracy"),
+    (
+        "stage_loss",
+        "gauge",
+        "The stage's local loss, mean over the training microbatches since the previous collection",
+        "loss",
+    ),
+    (
+        "stage_train_accuracy_ratio",
+        "gauge",
+        "The stage's own accuracy on training microbatches since the previous collection",
+        "train_accuracy",
+    ),
     ("stage_learning_rate", "gauge", "The stage optimizer's learning rate", "lr"),
     ("stage_weight_norm", "gauge", "L2 norm of all the stage's weights", "weight_norm"),
-    ("stage_update_norm", "gauge", "L2 norm of the change of the stage's weights since the previous collection",
-     "update_norm"),
+    (
+        "stage_update_norm",
+        "gauge",
+        "L2 norm of the change of the stage's weights since the previous collection",
+        "update_norm",
+    ),
     ("stage_memory_bytes", "gauge", "GPU memory allocated by the stage (process RSS on a CPU)", "memory_bytes"),
-    ("stage_peak_memory_bytes", "gauge", "Peak GPU memory allocated by the stage (peak RSS on a CPU)",
-     "peak_memory_bytes"),
+    (
+        "stage_peak_memory_bytes",
+        "gauge",
+        "Peak GPU memory allocated by the stage (peak RSS on a CPU)",
+        "peak_memory_bytes",
+    ),
 )
 # (name without prefix, kind, help, RunRecord attribute)
 RUN_SERIES = (
     ("train_samples", "counter", "Training samples whose predictions came back to the driver", "train_samples"),
-    ("train_samples_per_second", "gauge", "Training samples per second since the previous collection",
-     "samples_per_s"),
+    ("train_samples_per_second", "gauge", "Training samples per second since the previous collection", "samples_per_s"),
     ("epoch", "gauge", "Epoch of the latest completed microbatch (1-based)", "epoch"),
     ("progress_ratio", "gauge", "Fraction of the run's microbatches completed", "progress"),
     ("eta_seconds", "gauge", "Estimated time left", "eta_s"),
@@ -95,11 +111,20 @@ class RunCollector(Collector):
         with self._lock:
             record, stages = self._record, dict(self._stages)
         run = self.info.run_id
-        info = InfoMetricFamily(PREFIX + "run", "The run's dataset, rule, model, executor, stages and epochs",
-                                labels=["run_id"])
-        info.add_metric([run], {"dataset": self.info.dataset, "rule": self.info.rule, "model": self.info.model,
-                                "executor": self.info.executor, "stages": str(self.info.stages),
-                                "epochs": str(self.info.epochs)})
+        info = InfoMetricFamily(
+            PREFIX + "run", "The run's dataset, rule, model, executor, stages and epochs", labels=["run_id"]
+        )
+        info.add_metric(
+            [run],
+            {
+                "dataset": self.info.dataset,
+                "rule": self.info.rule,
+                "model": self.info.model,
+                "executor": self.info.executor,
+                "stages": str(self.info.stages),
+                "epochs": str(self.info.epochs),
+            },
+        )
         yield info
         for name, kind, documentation, attribute in RUN_SERIES:
             family = _family(kind, name, documentation, ["run_id"])
@@ -116,29 +141,36 @@ class RunCollector(Collector):
                     family.add_metric([run, str(index), stage.device], value)
             yield family
         yield self._step_histogram(stages)
-        queued = GaugeMetricFamily(PREFIX + "stage_queued_microbatches", "Microbatches handed to the stage that "
-                                   "it has not finished (its input queue plus the one it is computing)",
-                                   labels=STAGE_LABELS)
+        queued = GaugeMetricFamily(
+            PREFIX + "stage_queued_microbatches",
+            "Microbatches handed to the stage that it has not finished (its input queue plus the one it is computing)",
+            labels=STAGE_LABELS,
+        )
         for index, depth in enumerate(record.backlog if record is not None else ()):
             queued.add_metric([run, str(index), self.devices[index]], depth)
         yield queued
 
     def _run_labelled(self, record: RunRecord | None) -> Iterator:
         run = self.info.run_id
-        accuracy = GaugeMetricFamily(PREFIX + "test_accuracy_ratio", "Test accuracy after the latest epoch, per "
-                                     "predictor", labels=["run_id", "predictor"])
+        accuracy = GaugeMetricFamily(
+            PREFIX + "test_accuracy_ratio",
+            "Test accuracy after the latest epoch, per predictor",
+            labels=["run_id", "predictor"],
+        )
         for predictor, value in (record.test_accuracy if record is not None else {}).items():
             accuracy.add_metric([run, predictor], value)
         yield accuracy
-        errors = CounterMetricFamily(PREFIX + "errors", "Errors that stopped the run, per kind",
-                                     labels=["run_id", "kind"])
+        errors = CounterMetricFamily(
+            PREFIX + "errors", "Errors that stopped the run, per kind", labels=["run_id", "kind"]
+        )
         for kind, count in {NON_FINITE_LOSS: 0, **(record.errors if record is not None else {})}.items():
             errors.add_metric([run, kind], count)
         yield errors
 
     def _step_histogram(self, stages: dict[int, StageRecord]) -> HistogramMetricFamily:
-        family = HistogramMetricFamily(PREFIX + "stage_step_seconds", "Compute time of one training microbatch in "
-                                       "the stage", labels=STAGE_LABELS)
+        family = HistogramMetricFamily(
+            PREFIX + "stage_step_seconds", "Compute time of one training microbatch in the stage", labels=STAGE_LABELS
+        )
         for index, stage in sorted(stages.items()):
             cumulative, buckets = 0, []
             for bound, count in zip((*STEP_BUCKETS, float("inf")), stage.step_counts):
@@ -162,7 +194,7 @@ class PrometheusExporter:
         self.collector = RunCollector(info, devices)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
-        self._server = None
+        self._server: Any = None  # the WSGI server, while it serves
 
     def update(self, record: RunRecord) -> None:
         self.collector.update(record)
@@ -173,8 +205,9 @@ class PrometheusExporter:
 
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` on ``host:port``; returns the bound port (``port`` 0: a free one)."""
-        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
-        return self._server.server_address[1]
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        return int(server.server_address[1])
 
     def stop(self) -> None:
         if self._server is not None:

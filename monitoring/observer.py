@@ -46,8 +46,10 @@ class MetricsObserver(RunObserver):
             try:
                 self.port = self.exporter.serve(settings.metrics_host, settings.metrics_port)
             except OSError as error:  # in use, or not an address of this machine
-                raise settings.error("metrics_port", f"cannot serve on {settings.metrics_host}:"
-                                                     f"{settings.metrics_port} ({error.strerror or error})") from None
+                raise settings.error(
+                    "metrics_port",
+                    f"cannot serve on {settings.metrics_host}:{settings.metrics_port} ({error.strerror or error})",
+                ) from None
         self._due = 0.0
         self._progress: Progress | None = None
         self._previous: dict[int, StageStats] = {}
@@ -111,11 +113,22 @@ class MetricsObserver(RunObserver):
         done = progress.microbatches_done / progress.microbatches_total if progress.microbatches_total else 0.0
         eta = elapsed * (1 - done) / done if done > 0 else None
         record = RunRecord(
-            kind=kind, run_id=self.config.info.run_id, time=time.time(), elapsed_s=elapsed,
-            train_samples=samples, samples_per_s=rate, microbatches_done=progress.microbatches_done,
-            microbatches_total=progress.microbatches_total, epoch=self._epoch, eta_s=eta,
-            in_flight=self._in_flight, backlog=list(self._backlog), test_accuracy=dict(self._accuracy),
-            errors=dict(self._errors), stages=stages)
+            kind=kind,
+            run_id=self.config.info.run_id,
+            time=time.time(),
+            elapsed_s=elapsed,
+            train_samples=samples,
+            samples_per_s=rate,
+            microbatches_done=progress.microbatches_done,
+            microbatches_total=progress.microbatches_total,
+            epoch=self._epoch,
+            eta_s=eta,
+            in_flight=self._in_flight,
+            backlog=list(self._backlog),
+            test_accuracy=dict(self._accuracy),
+            errors=dict(self._errors),
+            stages=stages,
+        )
         if self.exporter is not None:
             self.exporter.update(record)
         if self.log is not None:
@@ -132,7 +145,9 @@ class MetricsObserver(RunObserver):
             return
         linger = self.config.settings.metrics_linger
         if linger > 0:
-            print(f"forwardflow: serving the final metrics on {self.url} for {linger:g} s (--metrics-linger)",
-                  file=sys.stderr)
+            print(
+                f"forwardflow: serving the final metrics on {self.url} for {linger:g} s (--metrics-linger)",
+                file=sys.stderr,
+            )
             time.sleep(linger)
         self.exporter.stop()

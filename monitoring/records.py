@@ -87,13 +87,24 @@ def stage_record(current: StageStats, previous: StageStats | None, device: str) 
     # Without a new training step in the interval the stage's latest values stand.
     loss = loss_sum / loss_count if loss_count else finite_or_none(current.last_loss)
     return StageRecord(
-        stage=current.stage, device=device, samples=current.samples, microbatches=current.microbatches,
-        compute_s=current.busy_s, wait_s=current.wait_s, handoff_s=current.handoff_s,
+        stage=current.stage,
+        device=device,
+        samples=current.samples,
+        microbatches=current.microbatches,
+        compute_s=current.busy_s,
+        wait_s=current.wait_s,
+        handoff_s=current.handoff_s,
         loss=finite_or_none(loss) if loss is not None else None,
-        train_accuracy=correct / scored if scored else None, lr=current.lr,
-        weight_norm=current.weight_norm, update_norm=current.update_norm, memory_bytes=current.memory_bytes,
-        peak_memory_bytes=current.peak_memory_bytes, step_counts=list(current.step_counts),
-        step_seconds=current.step_seconds, step_mean_s=step_seconds / steps if steps else None)
+        train_accuracy=correct / scored if scored else None,
+        lr=current.lr,
+        weight_norm=current.weight_norm,
+        update_norm=current.update_norm,
+        memory_bytes=current.memory_bytes,
+        peak_memory_bytes=current.peak_memory_bytes,
+        step_counts=list(current.step_counts),
+        step_seconds=current.step_seconds,
+        step_mean_s=step_seconds / steps if steps else None,
+    )
 
 
 class MetricsLog:

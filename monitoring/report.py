@@ -10,18 +10,20 @@ canvas directly (no pyplot, so no global figure state and no display needed)."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from forwardflow.monitoring.records import EVALUATION, LOG_NAME, RunRecord, read_log
+from forwardflow.monitoring.records import EVALUATION, LOG_NAME, RunRecord, StageRecord, read_log
 
 PLOT_WIDTH, PLOT_HEIGHT, PLOT_DPI = 1200, 800, 100
 PLOT_NAMES = ("throughput.png", "time_split.png", "loss.png", "accuracy.png")
 
 
-def _figure(title: str) -> tuple[Figure, object]:
+def _figure(title: str) -> tuple[Figure, Axes]:
     figure = Figure(figsize=(PLOT_WIDTH / PLOT_DPI, PLOT_HEIGHT / PLOT_DPI), dpi=PLOT_DPI)
     axes = figure.add_subplot()
     axes.set_title(title)
@@ -33,9 +35,9 @@ def _no_data(axes, what: str) -> None:
     axes.text(0.5, 0.5, f"no {what} in the log yet", ha="center", va="center", transform=axes.transAxes)
 
 
-def _stage_series(records: list[RunRecord]) -> dict[int, list[tuple[RunRecord, object]]]:
+def _stage_series(records: list[RunRecord]) -> dict[int, list[tuple[RunRecord, StageRecord]]]:
     """Per stage, (run record, stage record) for every collection that had stage statistics."""
-    series: dict[int, list] = {}
+    series: dict[int, list[tuple[RunRecord, StageRecord]]] = {}
     for record in records:
         for stage in record.stages or ():
             series.setdefault(stage.stage, []).append((record, stage))
@@ -47,7 +49,7 @@ def plot_throughput(records: list[RunRecord], path: Path) -> None:
     drawn = False
     for index, points in sorted(_stage_series(records).items()):
         times, rates = [], []
-        for (before, old), (after, new) in zip(points, points[1:]):
+        for (before, old), (after, new) in itertools.pairwise(points):
             interval = after.elapsed_s - before.elapsed_s
             if interval > 0:
                 times.append(after.elapsed_s)
@@ -77,8 +79,11 @@ def plot_time_split(records: list[RunRecord], path: Path) -> None:
         labels = [f"stage {s.stage}\n{s.device}" for s in latest]
         totals = [max(s.compute_s + s.wait_s + s.handoff_s, 1e-12) for s in latest]
         left = [0.0] * len(latest)
-        for name, field, color in (("compute", "compute_s", "tab:blue"), ("waiting for input", "wait_s", "tab:orange"),
-                                   ("handing on", "handoff_s", "tab:green")):
+        for name, field, color in (
+            ("compute", "compute_s", "tab:blue"),
+            ("waiting for input", "wait_s", "tab:orange"),
+            ("handing on", "handoff_s", "tab:green"),
+        ):
             shares = [getattr(s, field) / total for s, total in zip(latest, totals)]
             axes.barh(labels, shares, left=left, color=color, label=name)
             for row, (start, share) in enumerate(zip(left, shares)):
@@ -115,8 +120,8 @@ def plot_accuracy(records: list[RunRecord], path: Path) -> None:
     drawn = False
     evaluations = [r for r in records if r.kind == EVALUATION]
     for predictor in sorted({name for r in evaluations for name in r.test_accuracy}):
-        points = [(r.elapsed_s, r.test_accuracy[predictor]) for r in evaluations if predictor in r.test_accuracy]
-        axes.plot(*zip(*points), marker="o", linewidth=2, label=f"test ({predictor})")
+        tests = [(r.elapsed_s, r.test_accuracy[predictor]) for r in evaluations if predictor in r.test_accuracy]
+        axes.plot(*zip(*tests), marker="o", linewidth=2, label=f"test ({predictor})")
         drawn = True
     for index, points in sorted(_stage_series(records).items()):
         chosen = [(r.elapsed_s, s.train_accuracy) for r, s in points if s.train_accuracy is not None]
@@ -150,8 +155,9 @@ def write_plots(run_dir: Path, run_id: str | None = None) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m monitoring.report",
-                                     description="Write PNG plots of a run from its metrics.jsonl.")
+    parser = argparse.ArgumentParser(
+        prog="python -m monitoring.report", description="Write PNG plots of a run from its metrics.jsonl."
+    )
     parser.add_argument("run_dir", help="the run's --out directory")
     parser.add_argument("--run-id", help="which run of the log (default: the last one)")
     args = parser.parse_args(argv)

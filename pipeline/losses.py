@@ -29,8 +29,9 @@ def _label_counts(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) ->
     return torch.bincount(labels, minlength=num_classes).to(dtype)
 
 
-def batch_contrastive_loss(scores: torch.Tensor, labels: torch.Tensor, positives: str = "all",
-                           topk: int = 4) -> torch.Tensor:
+def batch_contrastive_loss(
+    scores: torch.Tensor, labels: torch.Tensor, positives: str = "all", topk: int = 4
+) -> torch.Tensor:
     """``L = -mean_i sum_j Y_ij log softmax_j(S_i.)`` over the microbatch, from class scores.
 
     ``S_ij`` repeats ``S_{i,y_j}`` for every sample j of class y_j, so the softmax denominator is
@@ -65,7 +66,6 @@ def goodness(h: torch.Tensor) -> torch.Tensor:
     return squares / (h[0, 0].numel() if h.dim() > 2 else 1)
 
 
-def forward_forward_loss(goodness_pos: torch.Tensor, goodness_neg: torch.Tensor,
-                         threshold: float) -> torch.Tensor:
+def forward_forward_loss(goodness_pos: torch.Tensor, goodness_neg: torch.Tensor, threshold: float) -> torch.Tensor:
     """``softplus(theta - G_pos) + softplus(G_neg - theta)``, averaged over the microbatch."""
     return (F.softplus(threshold - goodness_pos) + F.softplus(goodness_neg - threshold)).mean()

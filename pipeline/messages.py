@@ -43,7 +43,7 @@ class Microbatch:
     def size(self) -> int:
         return self.inputs.shape[0]
 
-    def to(self, device: torch.device | str) -> "Microbatch":
+    def to(self, device: torch.device | str) -> Microbatch:
         # A copy to a GPU may be non-blocking: the first kernel that reads the tensor is ordered
         # after the copy on the same stream. A copy to the host must block, or the tensor could be
         # serialised for the next actor before its data has arrived.
@@ -52,9 +52,14 @@ class Microbatch:
         def move(tensor):
             return None if tensor is None else tensor.to(device, non_blocking=non_blocking)
 
-        return replace(self, inputs=move(self.inputs), labels=move(self.labels),
-                       targets=move(self.targets), context=move(self.context),
-                       extra={name: move(tensor) for name, tensor in self.extra.items()})
+        return replace(
+            self,
+            inputs=move(self.inputs),
+            labels=move(self.labels),
+            targets=move(self.targets),
+            context=move(self.context),
+            extra={name: move(tensor) for name, tensor in self.extra.items()},
+        )
 
     def __reduce__(self):
         # Pickled as NumPy arrays: Ray stores those out of band and a receiving actor maps them
@@ -63,20 +68,27 @@ class Microbatch:
         values = [getattr(self, f.name) for f in fields(self)]
         return (_rebuild_microbatch, tuple(v.numpy() if isinstance(v, torch.Tensor) else v for v in values))
 
-    def detached(self) -> "Microbatch":
+    def detached(self) -> Microbatch:
         context = None if self.context is None else self.context.detach()
         return replace(self.handed_on(self.inputs, self.targets), context=context)
 
-    def handed_on(self, inputs: torch.Tensor, targets: torch.Tensor | None,
-                  context: torch.Tensor | None = None,
-                  extra: dict[str, torch.Tensor] | None = None) -> "Microbatch":
+    def handed_on(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor | None,
+        context: torch.Tensor | None = None,
+        extra: dict[str, torch.Tensor] | None = None,
+    ) -> Microbatch:
         """The next stage's input: detached, so that no gradient can cross the stage boundary.
         A rule that carries ``context`` or ``extra`` passes its stage's own; left out, the received
         ones go on unchanged."""
-        return replace(self, inputs=inputs.detach(),
-                       targets=None if targets is None else targets.detach(),
-                       context=self.context if context is None else context.detach(),
-                       extra=self.extra if extra is None else {k: v.detach() for k, v in extra.items()})
+        return replace(
+            self,
+            inputs=inputs.detach(),
+            targets=None if targets is None else targets.detach(),
+            context=self.context if context is None else context.detach(),
+            extra=self.extra if extra is None else {k: v.detach() for k, v in extra.items()},
+        )
 
 
 def _rebuild_microbatch(*values) -> Microbatch:
@@ -85,7 +97,7 @@ def _rebuild_microbatch(*values) -> Microbatch:
         # never write into their inputs (every block and loss makes new tensors), and a copy to a
         # GPU makes a private copy anyway.
         warnings.simplefilter("ignore", UserWarning)
-        return Microbatch(*(torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in values))
+        return Microbatch(*[torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in values])  # type: ignore[arg-type]
 
 
 @dataclass
@@ -109,7 +121,7 @@ class Prediction:
     def size(self) -> int:
         return self.labels.shape[0]
 
-    def cpu(self) -> "Prediction":
+    def cpu(self) -> Prediction:
         return replace(
             self,
             labels=self.labels.cpu(),
@@ -169,8 +181,9 @@ class NonFiniteLossError(RuntimeError):
 
     def __init__(self, stage: int, microbatch: int, value: float):
         self.stage, self.microbatch, self.value = stage, microbatch, value
-        super().__init__(f"stage {stage}: local loss is {value} at microbatch {microbatch}; "
-                         f"training stopped (try a lower --lr)")
+        super().__init__(
+            f"stage {stage}: local loss is {value} at microbatch {microbatch}; training stopped (try a lower --lr)"
+        )
 
     def __reduce__(self):  # keeps the fields when the error crosses a process boundary
         return (NonFiniteLossError, (self.stage, self.microbatch, self.value))

@@ -55,8 +55,12 @@ class ModelConfig(Section):
     name: str = option("model", "the model's name in reports", cli=False)
     blocks: tuple[BlockSpec, ...] = option((), "the blocks, in order", cli=False)
     stages: int = option(
-        0, "pipeline stages; layers are grouped into contiguous stages balanced by multiply-accumulates "
-        "(0: one per layer, 1 for end-to-end rules)", low=0, high=1024)
+        0,
+        "pipeline stages; layers are grouped into contiguous stages balanced by multiply-accumulates "
+        "(0: one per layer, 1 for end-to-end rules)",
+        low=0,
+        high=1024,
+    )
     head: bool = option(True, "a linear output layer trained on the detached last features")
 
     def check(self) -> None:
@@ -116,8 +120,7 @@ def build_block(spec: BlockSpec, in_shape: tuple[int, ...]) -> tuple[nn.Module, 
         out_w = width + 2 * spec.padding - spec.kernel_size + 1
         if out_h < 1 or out_w < 1:
             raise ConfigError(BLOCKS, f"conv kernel {spec.kernel_size} is larger than its input {in_shape}")
-        return (nn.Conv2d(channels, spec.width, spec.kernel_size, padding=spec.padding),
-                (spec.width, out_h, out_w))
+        return (nn.Conv2d(channels, spec.width, spec.kernel_size, padding=spec.padding), (spec.width, out_h, out_w))
     if kind == "batchnorm":
         return nn.BatchNorm2d(channels), in_shape
     if kind in ("maxpool", "avgpool"):
@@ -211,11 +214,17 @@ def plan_stages(model: ModelConfig, input_shape: tuple[int, ...], num_stages: in
         costs.append(cost)
     plans, first = [], 0
     for index, size in enumerate(_balanced_split(costs, num_stages)):
-        group = layers[first:first + size]
-        plans.append(StageSpec(index=index, num_stages=num_stages,
-                               blocks=tuple(spec for layer in group for spec in layer),
-                               input_shape=shapes[first], output_shape=shapes[first + size],
-                               cost=sum(costs[first:first + size])))
+        group = layers[first : first + size]
+        plans.append(
+            StageSpec(
+                index=index,
+                num_stages=num_stages,
+                blocks=tuple(spec for layer in group for spec in layer),
+                input_shape=shapes[first],
+                output_shape=shapes[first + size],
+                cost=sum(costs[first : first + size]),
+            )
+        )
         first += size
     return plans
 

@@ -45,9 +45,11 @@ class SequentialRunner:
         self._done: list[Prediction] = []
 
     def submit(self, mb: Microbatch) -> None:
-        message = mb
+        message: Microbatch | Prediction = mb
         for stage in self.stages:
+            assert isinstance(message, Microbatch)  # only the last stage returns a Prediction
             message = stage.step(message)
+        assert isinstance(message, Prediction)
         self._done.append(message)
 
     def completed(self, wait: bool = False) -> list[Prediction]:

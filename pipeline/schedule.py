@@ -26,7 +26,7 @@ def augment_images(images: torch.Tensor, generator: torch.Generator, padding: in
     flips = torch.rand(count, generator=generator) < 0.5
     out = torch.empty_like(images)
     for i in range(count):
-        crop = padded[i, :, rows[i]:rows[i] + height, cols[i]:cols[i] + width]
+        crop = padded[i, :, rows[i] : rows[i] + height, cols[i] : cols[i] + width]
         out[i] = crop.flip(-1) if flips[i] else crop
     return out
 
@@ -64,7 +64,7 @@ class MicrobatchSchedule:
         for epoch in range(config.epochs):
             order = torch.randperm(len(data.train_y), generator=generator)
             for start in range(0, len(order), config.batch_size):
-                chosen = order[start:start + config.batch_size]
+                chosen = order[start : start + config.batch_size]
                 inputs = data.train_x[chosen]
                 if self.augment and inputs.dim() == 4:
                     inputs = augment_images(inputs, generator)

@@ -52,8 +52,9 @@ class Stage:
             torch.manual_seed(setup.seed * 1000 + self.index)
             self.blocks = build_stage_blocks(setup.spec)
             assert setup.rule.options is not None
-            context = RuleContext(setup.rule.options, setup.spec, setup.num_classes, setup.model_input_shape,
-                                  setup.head)
+            context = RuleContext(
+                setup.rule.options, setup.spec, setup.num_classes, setup.model_input_shape, setup.head
+            )
             self.rule = setup.rule.rule_class(context)
         self.blocks.to(self.device)
         self.rule.to(self.device)
@@ -154,9 +155,9 @@ class Stage:
             stats.peak_memory_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return replace(stats, step_counts=list(stats.step_counts))
 
-    def state_dict(self) -> dict[str, dict]:
+    def state_dict(self) -> dict[str, torch.Tensor]:
         """Weights (and the rule's own parameters), on the CPU."""
-        weights = {}
+        weights: dict[str, torch.Tensor] = {}
         for prefix, module in (("blocks.", self.blocks), ("rule.", self.rule)):
             for name, tensor in module.state_dict().items():
                 weights[prefix + name] = tensor.detach().cpu().clone()
@@ -173,14 +174,25 @@ def _build_schedule(config: OptimConfig, optimizer: torch.optim.Optimizer, total
     if config.lr_schedule == "constant" or total_steps <= 0:
         return None
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    )
 
 
-def stage_setups(config: RunConfig, num_classes: int, input_shape: tuple[int, ...],
-                 total_steps: int = 0) -> list[StageSetup]:
+def stage_setups(
+    config: RunConfig, num_classes: int, input_shape: tuple[int, ...], total_steps: int = 0
+) -> list[StageSetup]:
     """One StageSetup per stage of ``config``'s model, balanced by compute."""
     specs = plan_stages(config.model, input_shape, config.num_stages)
-    return [StageSetup(spec=spec, rule=config.rule, optim=config.optim, num_classes=num_classes,
-                       model_input_shape=input_shape, head=config.model.head, seed=config.seed,
-                       total_steps=total_steps)
-            for spec in specs]
+    return [
+        StageSetup(
+            spec=spec,
+            rule=config.rule,
+            optim=config.optim,
+            num_classes=num_classes,
+            model_input_shape=input_shape,
+            head=config.model.head,
+            seed=config.seed,
+            total_steps=total_steps,
+        )
+        for spec in specs
+    ]

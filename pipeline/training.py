@@ -59,7 +59,7 @@ class RunObserver:
 
     def on_evaluation(self, result: EvalResult, progress: Progress) -> None: ...
 
-    def on_end(self, result: "RunResult") -> None: ...
+    def on_end(self, result: RunResult) -> None: ...
 
 
 class AccuracyTracker:
@@ -83,9 +83,13 @@ class AccuracyTracker:
         self.seen += prediction.size
         if self.seen < self.test_size:
             return None
-        result = EvalResult(epoch=prediction.epoch, accuracies={k: v / self.seen for k, v in self.correct.items()},
-                            primary=self.primary, train_samples_seen=progress.train_samples_done,
-                            wall_s=progress.elapsed_s)
+        result = EvalResult(
+            epoch=prediction.epoch,
+            accuracies={k: v / self.seen for k, v in self.correct.items()},
+            primary=self.primary,
+            train_samples_seen=progress.train_samples_done,
+            wall_s=progress.elapsed_s,
+        )
         self._reset()
         return result
 
@@ -103,8 +107,13 @@ class RunResult:
         return self.train_samples / max(self.wall_s, 1e-9)
 
 
-def train(schedule: MicrobatchSchedule, executor: Executor, primary: str, observers: Sequence[RunObserver] = (),
-          feedback: Feedback | None = None) -> RunResult:
+def train(
+    schedule: MicrobatchSchedule,
+    executor: Executor,
+    primary: str,
+    observers: Sequence[RunObserver] = (),
+    feedback: Feedback | None = None,
+) -> RunResult:
     """Feed the stream to ``executor`` and collect its predictions in order. ``primary``: the key
     of the rule's own prediction; ``feedback``: the rule's loop from the output back to the front
     of the pipeline, if any (``Rule.make_feedback``). Called by ``launch.build.Run``, which wires
@@ -140,8 +149,13 @@ def train(schedule: MicrobatchSchedule, executor: Executor, primary: str, observ
     for prediction in executor.completed(wait=True):
         handle(prediction)
     wall_s = progress.elapsed_s
-    result = RunResult(evaluations=evaluations, wall_s=wall_s, train_samples=progress.train_samples_done,
-                       stages=executor.snapshots(), weights=executor.state_dicts())
+    result = RunResult(
+        evaluations=evaluations,
+        wall_s=wall_s,
+        train_samples=progress.train_samples_done,
+        stages=executor.snapshots(),
+        weights=executor.state_dicts(),
+    )
     for observer in observers:
         observer.on_end(result)
     return result

@@ -23,8 +23,12 @@ def small_config(executor: str = "sequential", **changes: Any) -> RunConfig:
     """A tiny synthetic run: 3 stages of a small fully connected net, 2 epochs, no progress bar."""
     config = synthetic_small()
     config = replace(config, model=fc_model((24, 24, 16), name="fc-tiny"))
-    config = tweak(config, schedule={"epochs": 2}, monitoring={"progress": False},
-                   execution={"executor": executor, "device": "cpu"})
+    config = tweak(
+        config,
+        schedule={"epochs": 2},
+        monitoring={"progress": False},
+        execution={"executor": executor, "device": "cpu"},
+    )
     return replace(config, **changes)
 
 

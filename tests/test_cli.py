@@ -68,19 +68,22 @@ def test_out_must_not_be_a_file(tmp_path, capsys):
     assert "--out" in capsys.readouterr().err and target.read_text() == "keep me"
 
 
-@pytest.mark.parametrize("text, where", [
-    ('[schedule]\nbatchsize = 5\n', "schedule.batchsize: unknown setting"),
-    ('[schedule]\nbatch_size = "many"\n', "--batch-size: must be an integer"),
-    ('[rule]\nname = "ff"\n[rule.options]\nloss = "per-class"\n', "rule.options.loss: unknown setting"),
-    ('[model]\nblocks = [{kind = "linear"}]\n', "model.blocks: a linear block needs a width"),
-    ("epochs = [", "is not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("[schedule]\nbatchsize = 5\n", "schedule.batchsize: unknown setting"),
+        ('[schedule]\nbatch_size = "many"\n', "--batch-size: must be an integer"),
+        ('[rule]\nname = "ff"\n[rule.options]\nloss = "per-class"\n', "rule.options.loss: unknown setting"),
+        ('[model]\nblocks = [{kind = "linear"}]\n', "model.blocks: a linear block needs a width"),
+        ("epochs = [", "is not valid TOML"),
+    ],
+)
 def test_a_bad_config_file_is_one_line_naming_the_file_and_the_setting(tmp_path, capsys, text, where):
     path = tmp_path / "run.toml"
     path.write_text(text)
     assert main(["--config", str(path), "--dataset", "synthetic"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"forwardflow: error: --config: {path}") or "TOML" in lines[0]
+    assert (len(lines) == 1 and lines[0].startswith(f"forwardflow: error: --config: {path}")) or "TOML" in lines[0]
     assert where in lines[0], lines[0]
 
 
@@ -92,22 +95,55 @@ def test_every_flag_has_help_and_shows_its_default():
     for action in parser._actions:
         if action.dest in flags:
             assert action.help and action.help.strip(), action.dest
-    for shown in ("--epochs EPOCHS", "(default: 8)", "--seed SEED", "(default: 0)", "(default: 512)",
-                  "(default: 0.001)"):
+    for shown in (
+        "--epochs EPOCHS",
+        "(default: 8)",
+        "--seed SEED",
+        "(default: 0)",
+        "(default: 512)",
+        "(default: 0.001)",
+    ):
         assert shown in text
 
 
 def test_command_line_config_file_and_summary_rerun_train_identical_weights(tmp_path):
-    flags = ["--preset", "synthetic", "--executor", "sequential", "--device", "cpu", "--epochs", "2", "--lr", "0.003",
-             "--positives", "one", "--no-progress"]
+    flags = [
+        "--preset",
+        "synthetic",
+        "--executor",
+        "sequential",
+        "--device",
+        "cpu",
+        "--epochs",
+        "2",
+        "--lr",
+        "0.003",
+        "--positives",
+        "one",
+        "--no-progress",
+    ]
     assert main([*flags, "--out", str(tmp_path / "cli")]) == 0
     summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
     assert summary["config"] == config_to_dict(parse_config([*flags, "--out", str(tmp_path / "cli")]))
     # The same settings as a TOML file (only what differs from the preset), and the summary itself.
-    (tmp_path / "run.toml").write_text('[schedule]\nepochs = 2\n[optim]\nlr = 0.003\n[rule.options]\n'
-                                       'positives = "one"\n[execution]\nexecutor = "sequential"\ndevice = "cpu"\n')
-    assert main(["--preset", "synthetic", "--config", str(tmp_path / "run.toml"), "--no-progress",
-                 "--out", str(tmp_path / "toml")]) == 0
+    (tmp_path / "run.toml").write_text(
+        "[schedule]\nepochs = 2\n[optim]\nlr = 0.003\n[rule.options]\n"
+        'positives = "one"\n[execution]\nexecutor = "sequential"\ndevice = "cpu"\n'
+    )
+    assert (
+        main(
+            [
+                "--preset",
+                "synthetic",
+                "--config",
+                str(tmp_path / "run.toml"),
+                "--no-progress",
+                "--out",
+                str(tmp_path / "toml"),
+            ]
+        )
+        == 0
+    )
     assert main(["--config", str(tmp_path / "cli" / "summary.json"), "--out", str(tmp_path / "rerun")]) == 0
     weights = {name: torch.load(tmp_path / name / "weights.pt") for name in ("cli", "toml", "rerun")}
     assert_same_weights(weights["cli"], weights["toml"])
@@ -118,11 +154,41 @@ def test_command_line_config_file_and_summary_rerun_train_identical_weights(tmp_
 
 def test_sequential_run_writes_the_documented_summary(tmp_path):
     out = tmp_path / "run"
-    assert main(["--preset", "synthetic", "--executor", "sequential", "--device", "cpu", "--epochs", "2",
-                 "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--preset",
+                "synthetic",
+                "--executor",
+                "sequential",
+                "--device",
+                "cpu",
+                "--epochs",
+                "2",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("run_id", "dataset", "rule", "model", "epochs", "prediction", "predictions", "test_accuracy",
-                "test_accuracies", "train_samples_per_s", "wall_s", "evaluations", "stages", "config"):
+    for key in (
+        "run_id",
+        "dataset",
+        "rule",
+        "model",
+        "epochs",
+        "prediction",
+        "predictions",
+        "test_accuracy",
+        "test_accuracies",
+        "train_samples_per_s",
+        "wall_s",
+        "evaluations",
+        "stages",
+        "config",
+    ):
         assert key in summary, key
     assert summary["dataset"] == "synthetic" and summary["rule"] == "sigprop" and summary["epochs"] == 2
     assert summary["prediction"] == "nearest_target"
@@ -136,12 +202,30 @@ def test_sequential_run_writes_the_documented_summary(tmp_path):
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "no temporary files left behind"
 
 
-@pytest.mark.parametrize("rule, primary, label", [("ff", "scan", "label scan"), ("local", "local_head", "last local head"),
-                                                  ("bp", "head", "output head")])
+@pytest.mark.parametrize(
+    "rule, primary, label",
+    [("ff", "scan", "label scan"), ("local", "local_head", "last local head"), ("bp", "head", "output head")],
+)
 def test_the_rules_own_prediction_is_the_test_accuracy_and_the_first_column(tmp_path, capsys, rule, primary, label):
     out = tmp_path / "run"
-    assert main(["--preset", "synthetic", "--rule", rule, "--executor", "sequential", "--epochs", "1",
-                 "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--preset",
+                "synthetic",
+                "--rule",
+                rule,
+                "--executor",
+                "sequential",
+                "--epochs",
+                "1",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["prediction"] == primary
     assert summary["test_accuracy"] == summary["evaluations"][-1]["test_accuracies"][primary]

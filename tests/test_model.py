@@ -21,8 +21,16 @@ def test_parameter_free_blocks_join_their_layer_and_leading_ones_the_first():
 
 def test_stages_are_balanced_by_compute_not_by_layer_count():
     # Costs 16*100, 100*10, 10*10, 10*10: two stages split after the first layer.
-    model = ModelConfig("uneven", (BlockSpec("flatten"), BlockSpec("linear", 100), BlockSpec("linear", 10),
-                                   BlockSpec("linear", 10), BlockSpec("linear", 10)))
+    model = ModelConfig(
+        "uneven",
+        (
+            BlockSpec("flatten"),
+            BlockSpec("linear", 100),
+            BlockSpec("linear", 10),
+            BlockSpec("linear", 10),
+            BlockSpec("linear", 10),
+        ),
+    )
     plans = plan_stages(model, (1, 4, 4), 2)
     assert [kinds(p).count("linear") for p in plans] == [1, 3]
     assert plans[0].cost == 1600 and plans[1].cost == 1000 + 100 + 100

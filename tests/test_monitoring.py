@@ -14,16 +14,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import small_config
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-
-from helpers import small_config
 
 from forwardflow.launch.build import build_run
 from forwardflow.launch.train import main
 from forwardflow.monitoring.dashboard import DASHBOARD_PATH, ROWS, dashboard_json, panel_queries
-from forwardflow.monitoring.exporter import NON_FINITE_LOSS, PREFIX, PrometheusExporter, RunInfo
-from forwardflow.monitoring.observer import MetricsConfig, MetricsObserver
+from forwardflow.monitoring.exporter import NON_FINITE_LOSS, PREFIX
 from forwardflow.monitoring.records import END, ERROR, EVALUATION, LOG_NAME, PROGRESS, read_log
 from forwardflow.monitoring.report import PLOT_HEIGHT, PLOT_NAMES, PLOT_WIDTH
 from forwardflow.monitoring.report import main as report_main
@@ -38,9 +36,10 @@ SHORT_RUN = ["--preset", "synthetic", "--executor", "sequential", "--epochs", "2
 def observed_run(port: int = 0, out=None):
     """A tiny sequential run watched by its metrics observer, collecting every 50 ms; returns the
     observer (its endpoint stopped) and the result."""
-    config = small_config(monitoring=MonitoringConfig(progress=False, metrics_port=port, metrics_interval=0.05,
-                                                      metrics_linger=0),
-                          output=OutputConfig(None if out is None else str(out)))
+    config = small_config(
+        monitoring=MonitoringConfig(progress=False, metrics_port=port, metrics_interval=0.05, metrics_linger=0),
+        output=OutputConfig(None if out is None else str(out)),
+    )
     with build_run(config, run_id="test-run") as run:
         observer = run.metrics
         result = run.train()
@@ -65,9 +64,16 @@ def test_committed_dashboard_is_what_the_generator_writes():
 def test_dashboard_has_the_panels_the_issue_asks_for_and_a_run_selector():
     board = json.loads(DASHBOARD_PATH.read_text())
     titles = {panel["title"] for panel in board["panels"]}
-    for wanted in ("Throughput per stage", "Compute / wait / hand-on per stage",
-                   "Queued microbatches per stage and in flight", "Local loss per stage", "Accuracy over time",
-                   "Memory per device", "Actor restarts", "Errors"):
+    for wanted in (
+        "Throughput per stage",
+        "Compute / wait / hand-on per stage",
+        "Queued microbatches per stage and in flight",
+        "Local loss per stage",
+        "Accuracy over time",
+        "Memory per device",
+        "Actor restarts",
+        "Errors",
+    ):
         assert wanted in titles
     variables = {variable["name"]: variable for variable in board["templating"]["list"]}
     assert variables["run_id"]["query"] == "label_values(forwardflow_run_info, run_id)"
@@ -121,8 +127,12 @@ def test_exported_values_follow_the_run():
 def test_an_error_is_counted_and_logged(tmp_path):
     observer, _ = observed_run(port=free_port(), out=tmp_path)
     observer.on_error(NonFiniteLossError(stage=1, microbatch=3, value=math.nan))
-    assert observer.exporter.registry.get_sample_value(
-        PREFIX + "errors_total", {"run_id": "test-run", "kind": NON_FINITE_LOSS}) == 1
+    assert (
+        observer.exporter.registry.get_sample_value(
+            PREFIX + "errors_total", {"run_id": "test-run", "kind": NON_FINITE_LOSS}
+        )
+        == 1
+    )
     last = read_log(tmp_path / LOG_NAME)[-1]
     assert last.kind == ERROR and last.errors == {NON_FINITE_LOSS: 1}
 
@@ -210,7 +220,7 @@ def probe(addresses: list[str], in_namespace: bool) -> dict[str, bool] | None:
     if in_namespace:
         if not shutil.which("unshare") or not shutil.which("ip"):
             return None
-        setup = f"ip link set lo up && ip addr add {NAMESPACE_ADDRESS}/32 dev lo && exec \"$@\""
+        setup = f'ip link set lo up && ip addr add {NAMESPACE_ADDRESS}/32 dev lo && exec "$@"'
         command = ["unshare", "--user", "--map-root-user", "--net", "sh", "-c", setup, "probe", *command]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:

@@ -71,9 +71,25 @@ def test_every_dashboard_panel_query_returns_data_from_a_real_prometheus(ray_clu
         wait_for_target(base)
         # Rates need values that change between scrapes: the run must span many scrapes (30 epochs:
         # about 4 s on two cores, some 20 scrapes).
-        config = parse_config(["--preset", "synthetic", "--executor", "ray", "--epochs", "30", "--no-progress",
-                               "--metrics-port", str(metrics_port), "--metrics-interval", "0.25",
-                               "--metrics-linger", "0", "--out", str(tmp_path / "run")])
+        config = parse_config(
+            [
+                "--preset",
+                "synthetic",
+                "--executor",
+                "ray",
+                "--epochs",
+                "30",
+                "--no-progress",
+                "--metrics-port",
+                str(metrics_port),
+                "--metrics-interval",
+                "0.25",
+                "--metrics-linger",
+                "0",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
         with build_run(config) as built:  # the endpoint serves until the block ends
             result = built.train()
             check_every_panel(base, built.run_id, result, tmp_path)
@@ -104,8 +120,7 @@ def check_every_panel(base: str, run_id: str, result, tmp_path) -> None:
     assert len(queries) >= 15
     empty = []
     for title, expr in queries:
-        promql = (expr.replace("$run_id", run_id).replace("$__rate_interval", WINDOW)
-                  .replace("$__range", WINDOW))
+        promql = expr.replace("$run_id", run_id).replace("$__rate_interval", WINDOW).replace("$__range", WINDOW)
         if not finite_values(query(base, promql)):
             empty.append(f"{title}: {promql}")
     assert not empty, "panels without data:\n" + "\n".join(empty)

@@ -5,18 +5,28 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import assert_executors_agree, small_config, tweak
+
 from forwardflow.actors.placement import plan_placement
 from forwardflow.launch.build import build_run
 from forwardflow.pipeline.messages import NonFiniteLossError
 from forwardflow.pipeline.model import BlockSpec, ModelConfig
 from forwardflow.pipeline.runner import SequentialRunner
 
-DROPOUT_NET = ModelConfig("fc-dropout", (
-    BlockSpec("flatten"), BlockSpec("linear", 24), BlockSpec("relu"), BlockSpec("dropout", p=0.2),
-    BlockSpec("linear", 24), BlockSpec("relu"), BlockSpec("layernorm"), BlockSpec("linear", 16), BlockSpec("tanh"),
-))
+DROPOUT_NET = ModelConfig(
+    "fc-dropout",
+    (
+        BlockSpec("flatten"),
+        BlockSpec("linear", 24),
+        BlockSpec("relu"),
+        BlockSpec("dropout", p=0.2),
+        BlockSpec("linear", 24),
+        BlockSpec("relu"),
+        BlockSpec("layernorm"),
+        BlockSpec("linear", 16),
+        BlockSpec("tanh"),
+    ),
+)
 
 
 def test_pipelined_and_sequential_runs_agree_bit_for_bit(ray_cluster):

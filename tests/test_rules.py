@@ -33,10 +33,23 @@ RULE_SETTINGS = {
     "efp": (RuleConfig("efp"), 2e-3, 5),
     "bp": (RuleConfig("bp"), 2e-3, 3),
 }
-CONV = ModelConfig("conv-tiny", (BlockSpec("conv", 4), BlockSpec("batchnorm"), BlockSpec("relu"),
-                                 BlockSpec("maxpool", kernel_size=2), BlockSpec("conv", 8), BlockSpec("batchnorm"),
-                                 BlockSpec("relu"), BlockSpec("maxpool", kernel_size=2), BlockSpec("flatten"),
-                                 BlockSpec("linear", 16), BlockSpec("relu"), BlockSpec("layernorm")))
+CONV = ModelConfig(
+    "conv-tiny",
+    (
+        BlockSpec("conv", 4),
+        BlockSpec("batchnorm"),
+        BlockSpec("relu"),
+        BlockSpec("maxpool", kernel_size=2),
+        BlockSpec("conv", 8),
+        BlockSpec("batchnorm"),
+        BlockSpec("relu"),
+        BlockSpec("maxpool", kernel_size=2),
+        BlockSpec("flatten"),
+        BlockSpec("linear", 16),
+        BlockSpec("relu"),
+        BlockSpec("layernorm"),
+    ),
+)
 
 
 def config_for(rule: str, model: ModelConfig | None = None, epochs: int | None = None) -> RunConfig:
@@ -46,11 +59,20 @@ def config_for(rule: str, model: ModelConfig | None = None, epochs: int | None =
     return tweak(config, optim={"lr": lr}, schedule={"epochs": epochs or rule_epochs}, execution={"window": 4})
 
 
-def lone_stage(rule: RuleConfig, blocks: tuple[BlockSpec, ...], input_shape, output_shape, index=1,
-               num_stages=3, num_classes=2, head=False):
+def lone_stage(
+    rule: RuleConfig,
+    blocks: tuple[BlockSpec, ...],
+    input_shape,
+    output_shape,
+    index=1,
+    num_stages=3,
+    num_classes=2,
+    head=False,
+):
     """A rule and its blocks for one stage, built outside any executor for hand computation."""
-    spec = StageSpec(index=index, num_stages=num_stages, blocks=blocks, input_shape=input_shape,
-                     output_shape=output_shape, cost=0)
+    spec = StageSpec(
+        index=index, num_stages=num_stages, blocks=blocks, input_shape=input_shape, output_shape=output_shape, cost=0
+    )
     torch.manual_seed(0)
     modules = build_stage_blocks(spec)
     return rule.rule_class(RuleContext(rule.options, spec, num_classes, input_shape, head)), modules
@@ -80,6 +102,7 @@ def microbatch(inputs, labels, phase=TRAIN, index=0, **fields):
 
 # ---------------------------------------------------------------- each rule's loss by hand
 
+
 def explicit_contrastive(h, t, labels, positives, k, temperature):
     """Signal Propagation's batch loss with the full B x B matrix S_ij = <h_i, t_{y_j}> / T."""
     scores = h @ t[labels].T / temperature
@@ -97,8 +120,13 @@ def explicit_contrastive(h, t, labels, positives, k, temperature):
 
 @pytest.mark.parametrize("positives", ["all", "one", "topk"])
 def test_sigprop_contrastive_loss_matches_the_explicit_batch_matrix(positives):
-    rule, _ = lone_stage(RuleConfig("sigprop", SigPropOptions(positives=positives, topk=2, temperature=2.0)),
-                         (BlockSpec("linear", 3),), (4,), (3,), num_classes=3)
+    rule, _ = lone_stage(
+        RuleConfig("sigprop", SigPropOptions(positives=positives, topk=2, temperature=2.0)),
+        (BlockSpec("linear", 3),),
+        (4,),
+        (3,),
+        num_classes=3,
+    )
     h = np.array([[1.0, 0.0, 2.0], [0.5, -1.0, 0.0], [0.0, 1.0, 1.0], [2.0, 0.5, -0.5], [1.0, 1.0, 1.0]])
     t = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 1.0]])
     labels = np.array([0, 1, 0, 0, 2])
@@ -108,9 +136,9 @@ def test_sigprop_contrastive_loss_matches_the_explicit_batch_matrix(positives):
 
 
 def test_sigprop_per_class_loss_is_cross_entropy_against_the_class_targets():
-    rule, _ = lone_stage(RuleConfig("sigprop", SigPropOptions(loss="per-class", temperature=1.0)),
-                         (BlockSpec("linear", 2),),
-                         (4,), (2,))
+    rule, _ = lone_stage(
+        RuleConfig("sigprop", SigPropOptions(loss="per-class", temperature=1.0)), (BlockSpec("linear", 2),), (4,), (2,)
+    )
     h, t, labels = np.array([[1.0, 2.0], [0.0, -1.0]]), np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([1, 0])
     loss = rule.local_loss(rule.scores(torch.tensor(h), torch.tensor(t)), torch.tensor(labels))
     scores = h @ t.T
@@ -131,8 +159,9 @@ def test_sigprop_fixed_target_layer_never_moves_and_a_learned_one_does(target_la
 
 
 def test_ff_loss_goodness_and_label_scan_sum_by_hand():
-    rule, blocks = lone_stage(RuleConfig("ff", ForwardForwardOptions(threshold=0.5)),
-                              (BlockSpec("linear", 3), BlockSpec("relu")), (4,), (3,))
+    rule, blocks = lone_stage(
+        RuleConfig("ff", ForwardForwardOptions(threshold=0.5)), (BlockSpec("linear", 3), BlockSpec("relu")), (4,), (3,)
+    )
     set_linear(blocks[0], W, B)
     neutral = [[0.2, 0.1, 0.0, 0.3], [0.0, 0.0, 1.0, 0.0]]
     positive = [[1.0, 0.5, 0.0, -0.5], [0.0, 2.0, 1.0, 0.0]]
@@ -157,8 +186,9 @@ def test_ff_loss_goodness_and_label_scan_sum_by_hand():
 
 
 def test_local_head_loss_is_the_cross_entropy_of_the_stage_classifier():
-    rule, blocks = lone_stage(RuleConfig("local", LocalOptions()), (BlockSpec("linear", 3), BlockSpec("relu")),
-                              (4,), (3,))
+    rule, blocks = lone_stage(
+        RuleConfig("local", LocalOptions()), (BlockSpec("linear", 3), BlockSpec("relu")), (4,), (3,)
+    )
     set_linear(blocks[0], W, B)
     head_w, head_b = [[1.0, -0.5, 0.25], [-1.0, 0.5, 0.75]], [0.0, 0.1]
     set_linear(rule.local_head.net[-1], head_w, head_b)
@@ -197,8 +227,9 @@ def test_efp_feedback_replays_the_error_a_fixed_number_of_training_microbatches_
 
 
 def test_bp_loss_is_the_cross_entropy_of_the_whole_net():
-    rule, blocks = lone_stage(RuleConfig("bp"), (BlockSpec("linear", 3), BlockSpec("relu")), (4,), (3,),
-                              index=0, num_stages=1)
+    rule, blocks = lone_stage(
+        RuleConfig("bp"), (BlockSpec("linear", 3), BlockSpec("relu")), (4,), (3,), index=0, num_stages=1
+    )
     set_linear(blocks[0], W, B)
     head_w, head_b = [[1.0, -0.5, 0.25], [-1.0, 0.5, 0.75]], [0.0, 0.1]
     set_linear(rule.output_head, head_w, head_b)
@@ -210,6 +241,7 @@ def test_bp_loss_is_the_cross_entropy_of_the_whole_net():
 
 
 # ---------------------------------------------------------------- Forward-Forward specifics
+
 
 @pytest.mark.parametrize("num_classes", [2, 3, 10])
 def test_ff_wrong_labels_never_carry_the_true_label_and_cover_all_others(num_classes):
@@ -237,8 +269,8 @@ def test_ff_first_stage_negative_rows_never_carry_the_true_label(hard, model):
             continue
         _, label_rows = stage.rule._first_stage_rows(stage.blocks, mb, training=True)
         size = mb.size
-        assert torch.equal(label_rows[size:2 * size].argmax(1), mb.labels)  # positives: the true label
-        assert not (label_rows[2 * size:].argmax(1) == mb.labels).any()  # negatives: never
+        assert torch.equal(label_rows[size : 2 * size].argmax(1), mb.labels)  # positives: the true label
+        assert not (label_rows[2 * size :].argmax(1) == mb.labels).any()  # negatives: never
 
 
 class LastEvaluation(RunObserver):

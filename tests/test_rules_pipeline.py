@@ -135,14 +135,17 @@ def test_ff_on_a_model_whose_input_cannot_hold_the_label_is_refused_with_one_lin
     assert len(lines) == 1 and "--rule" in lines[0] and "first 10 input values" in lines[0]
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--rule", "ff", "--loss", "per-class"], "--loss"),
-    (["--rule", "sigprop", "--ff-threshold", "3"], "--ff-threshold"),
-    (["--rule", "local", "--hard-negatives"], "--hard-negatives"),
-    (["--rule", "bp", "--head-width", "8"], "--head-width"),
-    (["--rule", "sigprop", "--feedback-scale", "1"], "--feedback-scale"),
-    (["--rule", "sigprop", "--loss", "per-class", "--positives", "topk"], "--positives"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--rule", "ff", "--loss", "per-class"], "--loss"),
+        (["--rule", "sigprop", "--ff-threshold", "3"], "--ff-threshold"),
+        (["--rule", "local", "--hard-negatives"], "--hard-negatives"),
+        (["--rule", "bp", "--head-width", "8"], "--head-width"),
+        (["--rule", "sigprop", "--feedback-scale", "1"], "--feedback-scale"),
+        (["--rule", "sigprop", "--loss", "per-class", "--positives", "topk"], "--positives"),
+    ],
+)
 def test_a_flag_the_chosen_rule_cannot_use_is_refused_with_one_line(capsys, argv, flag):
     assert main(["--preset", "synthetic", *argv]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
@@ -150,16 +153,39 @@ def test_a_flag_the_chosen_rule_cannot_use_is_refused_with_one_line(capsys, argv
 
 
 def test_rule_flags_reach_the_rule_options():
-    options = parse_config(["--preset", "synthetic", "--positives", "topk", "--topk", "3", "--target-layer", "fixed",
-                            "--temperature", "2.5", "--no-target-loss"]).rule.options
-    assert (options.positives, options.topk, options.target_layer, options.temperature, options.target_loss) == \
-        ("topk", 3, "fixed", 2.5, False)
-    options = parse_config(["--preset", "synthetic", "--rule", "ff", "--ff-threshold", "1.5", "--hard-negatives"]
-                           ).rule.options
+    options = parse_config(
+        [
+            "--preset",
+            "synthetic",
+            "--positives",
+            "topk",
+            "--topk",
+            "3",
+            "--target-layer",
+            "fixed",
+            "--temperature",
+            "2.5",
+            "--no-target-loss",
+        ]
+    ).rule.options
+    assert (options.positives, options.topk, options.target_layer, options.temperature, options.target_loss) == (
+        "topk",
+        3,
+        "fixed",
+        2.5,
+        False,
+    )
+    options = parse_config(
+        ["--preset", "synthetic", "--rule", "ff", "--ff-threshold", "1.5", "--hard-negatives"]
+    ).rule.options
     assert (options.threshold, options.hard_negatives) == (1.5, True)
-    assert parse_config(["--preset", "synthetic", "--rule", "local", "--head-width", "32"]).rule.options.head_width == 32
-    assert parse_config(["--preset", "synthetic", "--rule", "efp", "--feedback-scale", "2"]
-                        ).rule.options.feedback_scale == 2.0
+    assert (
+        parse_config(["--preset", "synthetic", "--rule", "local", "--head-width", "32"]).rule.options.head_width == 32
+    )
+    assert (
+        parse_config(["--preset", "synthetic", "--rule", "efp", "--feedback-scale", "2"]).rule.options.feedback_scale
+        == 2.0
+    )
 
 
 def test_ff_preset_hard_negatives_can_be_turned_off_from_the_command_line():

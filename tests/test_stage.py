@@ -48,16 +48,26 @@ def test_no_gradient_crosses_a_stage_boundary(tiny):
     assert handed.inputs.grad_fn is None and not handed.inputs.requires_grad
     assert handed.targets.grad_fn is None and not handed.targets.requires_grad
     # Even an input that asks for a gradient gets none back from the stage's update.
-    probe = replace(handed, inputs=handed.inputs.clone().requires_grad_(True),
-                    targets=handed.targets.clone().requires_grad_(True))
+    probe = replace(
+        handed, inputs=handed.inputs.clone().requires_grad_(True), targets=handed.targets.clone().requires_grad_(True)
+    )
     runner.stages[1].step(probe)
     assert probe.inputs.grad is None and probe.targets.grad is None
 
 
 def test_evaluation_microbatches_change_no_weight_nor_normalisation_statistics(tiny):
-    conv = ModelConfig("conv-tiny", (BlockSpec("conv", 4), BlockSpec("batchnorm"), BlockSpec("relu"),
-                                     BlockSpec("maxpool", kernel_size=2), BlockSpec("flatten"),
-                                     BlockSpec("linear", 8), BlockSpec("relu")))
+    conv = ModelConfig(
+        "conv-tiny",
+        (
+            BlockSpec("conv", 4),
+            BlockSpec("batchnorm"),
+            BlockSpec("relu"),
+            BlockSpec("maxpool", kernel_size=2),
+            BlockSpec("flatten"),
+            BlockSpec("linear", 8),
+            BlockSpec("relu"),
+        ),
+    )
     run = tiny(model=conv)
     schedule, setups = run.schedule, run.setups
     runner = SequentialRunner(setups)

@@ -18,8 +18,9 @@ class BackpropRule(Rule):
 
     def __init__(self, context: RuleContext):
         # The output layer is part of the network here, not an optional probe.
-        super().__init__(RuleContext(context.options, context.stage, context.num_classes,
-                                     context.model_input_shape, head=True))
+        super().__init__(
+            RuleContext(context.options, context.stage, context.num_classes, context.model_input_shape, head=True)
+        )
 
     @classmethod
     def predictors(cls, head: bool) -> tuple[Predictor, ...]:
@@ -34,5 +35,6 @@ class BackpropRule(Rule):
 
     def predict(self, mb: Microbatch, step: LocalStep) -> Prediction:
         assert step.scores is not None  # the output layer's logits, already computed
-        return Prediction(index=mb.index, phase=mb.phase, epoch=mb.epoch, labels=mb.labels,
-                          outputs={HEAD: step.scores.argmax(1)})
+        return Prediction(
+            index=mb.index, phase=mb.phase, epoch=mb.epoch, labels=mb.labels, outputs={HEAD: step.scores.argmax(1)}
+        )

@@ -61,8 +61,9 @@ class ErrorForwardOptions(RuleOptions):
     # An error of norm ~1 (an untrained output) shifts each input value by about this much, against
     # inputs normalised to std 1: large enough to change the activations measurably, small enough
     # that the contrast stays close to linear.
-    feedback_scale: float = option(0.5, "standard deviation of the fixed loop connection's entries "
-                                   "(output error -> input)", low=1e-6, high=1e3)
+    feedback_scale: float = option(
+        0.5, "standard deviation of the fixed loop connection's entries (output error -> input)", low=1e-6, high=1e3
+    )
 
 
 class ErrorFeedback(Feedback):

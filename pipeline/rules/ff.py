@@ -68,8 +68,11 @@ NORMALISATIONS = ("layernorm", "batchnorm")
 @dataclass(frozen=True)
 class ForwardForwardOptions(RuleOptions):
     threshold: float = option(0.25, "goodness threshold theta, per unit", flag="--ff-threshold", low=0.0, high=1e6)
-    hard_negatives: bool = option(False, "negatives carry the most confusable wrong label instead of a random one "
-                                  "(on in the ff presets; --no-hard-negatives: random)")
+    hard_negatives: bool = option(
+        False,
+        "negatives carry the most confusable wrong label instead of a random one "
+        "(on in the ff presets; --no-hard-negatives: random)",
+    )
 
 
 def activity_position(blocks: tuple[BlockSpec, ...]) -> int:
@@ -120,20 +123,20 @@ class LabelInput(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.position, layer = first_layer(spec.blocks)
-        self.label_conv = None
+        self.label_conv: nn.Conv2d | None = None
         if layer.kind == "conv":
-            self.label_conv = nn.Conv2d(num_classes, layer.width, layer.kernel_size, padding=layer.padding,
-                                        bias=False)
+            self.label_conv = nn.Conv2d(num_classes, layer.width, layer.kernel_size, padding=layer.padding, bias=False)
 
     def write(self, x: torch.Tensor, label_rows: torch.Tensor) -> torch.Tensor:
         """Fully connected first layer: the label in the first K input values."""
         flat = x.flatten(1).clone()
-        flat[:, :self.num_classes] = label_rows * LABEL_VALUE
+        flat[:, : self.num_classes] = label_rows * LABEL_VALUE
         return flat.view_as(x)
 
     def conv_part(self, spatial: tuple[int, int], label_rows: torch.Tensor) -> torch.Tensor:
         """Conv first layer: what K constant label channels add to its output. conv(sum_k l_k e_k)
         = sum_k l_k conv(e_k): the K label maps go through the conv once and are mixed per row."""
+        assert self.label_conv is not None
         basis = torch.eye(self.num_classes, device=label_rows.device)[:, :, None, None]
         maps = self.label_conv(basis.expand(-1, -1, *spatial) * LABEL_VALUE)
         return torch.einsum("bk,kchw->bchw", label_rows, maps)
@@ -164,7 +167,7 @@ class ForwardForwardRule(Rule):
 
     def _units_per_position(self, stage: StageSpec) -> int:
         shape = stage.input_shape
-        for spec in stage.blocks[:self.activity_position + 1]:
+        for spec in stage.blocks[: self.activity_position + 1]:
             _, shape = build_block(spec, shape)
         return shape[0]
 
@@ -176,38 +179,55 @@ class ForwardForwardRule(Rule):
         _, layer = first_layer(config.model.blocks)
         values = math.prod(input_shape)
         if layer.kind == "linear" and values <= num_classes:
-            raise ConfigError("--rule", f"ff writes the label into the first {num_classes} input values, but the "
-                                      f"input of model {config.model.name} has only {values} ({input_shape}); "
-                                      f"it needs more than {num_classes} values, or a conv first layer")
+            raise ConfigError(
+                "--rule",
+                f"ff writes the label into the first {num_classes} input values, but the "
+                f"input of model {config.model.name} has only {values} ({input_shape}); "
+                f"it needs more than {num_classes} values, or a conv first layer",
+            )
 
-    def _run(self, blocks: nn.ModuleList, x: torch.Tensor,
-             label_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(
+        self, blocks: nn.ModuleList, x: torch.Tensor, label_rows: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(activity, output) of the stage's blocks; the first stage puts the labels in."""
-        labels_by_conv = label_rows is not None and self.label_input.label_conv is not None
-        if label_rows is not None and not labels_by_conv:
-            x = self.label_input.write(x, label_rows)
+        label_input = self.label_input if label_rows is not None else None
+        labels_by_conv = label_input is not None and label_input.label_conv is not None
+        if label_input is not None and label_rows is not None and not labels_by_conv:
+            x = label_input.write(x, label_rows)
         activity = x
         for position, block in enumerate(blocks):
             out = block(x)
-            if labels_by_conv and position == self.label_input.position:
-                out = out + self.label_input.conv_part(x.shape[-2:], label_rows)
+            if (
+                label_input is not None
+                and label_rows is not None
+                and labels_by_conv
+                and position == label_input.position
+            ):
+                out = out + label_input.conv_part((x.shape[-2], x.shape[-1]), label_rows)
             x = out
             if position == self.activity_position:
                 activity = x
         return activity, x
 
-    def _blocks(self, blocks: nn.ModuleList, x: torch.Tensor, label_rows: torch.Tensor | None,
-                training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _blocks(
+        self, blocks: nn.ModuleList, x: torch.Tensor, label_rows: torch.Tensor | None, training: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if training or x.shape[0] <= EVAL_CHUNK_ROWS:
             return self._run(blocks, x, label_rows)
-        parts = [self._run(blocks, x[start:start + EVAL_CHUNK_ROWS],
-                           None if label_rows is None else label_rows[start:start + EVAL_CHUNK_ROWS])
-                 for start in range(0, x.shape[0], EVAL_CHUNK_ROWS)]
+        parts = [
+            self._run(
+                blocks,
+                x[start : start + EVAL_CHUNK_ROWS],
+                None if label_rows is None else label_rows[start : start + EVAL_CHUNK_ROWS],
+            )
+            for start in range(0, x.shape[0], EVAL_CHUNK_ROWS)
+        ]
         return torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
 
     def _negatives(self, blocks: nn.ModuleList, mb: Microbatch) -> torch.Tensor:
         num_classes = self.context.num_classes
         if not self.ff.hard_negatives:
+            assert self.generator is not None  # the first stage's, where negatives are drawn
             return wrong_labels(mb.labels, num_classes, self.generator)
         # Scan the labels through this stage alone (the only goodness it can see), without
         # gradient and in eval mode so that no normalisation statistic moves.
@@ -223,8 +243,9 @@ class ForwardForwardRule(Rule):
         neutral = torch.full((size, num_classes), 1.0 / num_classes, device=x.device)
         if training:
             negative = self._negatives(blocks, mb)
-            labels = torch.cat([neutral, F.one_hot(mb.labels, num_classes).float(),
-                                F.one_hot(negative, num_classes).float()])
+            labels = torch.cat(
+                [neutral, F.one_hot(mb.labels, num_classes).float(), F.one_hot(negative, num_classes).float()]
+            )
             return torch.cat([x, x, x]), labels
         labels = torch.cat([neutral, all_labels(size, num_classes, x.device)])
         return torch.cat([x, x.repeat_interleave(num_classes, 0)]), labels
@@ -234,12 +255,13 @@ class ForwardForwardRule(Rule):
         if self.label_input is not None:
             rows, label_rows = self._first_stage_rows(blocks, mb, training)
         else:
+            assert mb.context is not None  # the positive and negative (or label-scan) rows
             rows, label_rows = torch.cat([mb.inputs, mb.context]), None
         activity, h = self._blocks(blocks, rows, label_rows, training)
         neutral, others = h[:size], h[size:]
         loss, extra = None, None
         if training:
-            positive, negative = activity[size:2 * size], activity[2 * size:]
+            positive, negative = activity[size : 2 * size], activity[2 * size :]
             loss = forward_forward_loss(goodness(positive), goodness(negative), self.threshold)
             if self.output_head is not None:
                 loss = loss + self.head_loss(neutral, mb.labels)

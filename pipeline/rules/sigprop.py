@@ -19,21 +19,30 @@ from forwardflow.pipeline.validation import option
 
 @dataclass(frozen=True)
 class SigPropOptions(RuleOptions):
-    loss: str = option("contrastive", "local loss: batch contrastive, or cross-entropy against the class "
-                       "targets", choices=("contrastive", "per-class"))
-    positives: str = option("all", "contrastive loss: which same-label samples count as positives",
-                            choices=("all", "one", "topk"))
+    loss: str = option(
+        "contrastive",
+        "local loss: batch contrastive, or cross-entropy against the class targets",
+        choices=("contrastive", "per-class"),
+    )
+    positives: str = option(
+        "all", "contrastive loss: which same-label samples count as positives", choices=("all", "one", "topk")
+    )
     topk: int = option(4, "--positives topk: how many", low=1, high=65536)
-    temperature: float = option(0.0, "scores are <h, t> / temperature (0: sqrt of the features per position)",
-                                low=0.0, high=1e6)
-    target_layer: str = option("learned", "the label's projection to the input: learned, or fixed random",
-                               choices=("learned", "fixed"))
+    temperature: float = option(
+        0.0, "scores are <h, t> / temperature (0: sqrt of the features per position)", low=0.0, high=1e6
+    )
+    target_layer: str = option(
+        "learned", "the label's projection to the input: learned, or fixed random", choices=("learned", "fixed")
+    )
     target_loss: bool = option(True, "a learned target layer also learns from its own local loss at the input")
 
     def check(self) -> None:
         if self.loss == "per-class" and self.positives != "all":
-            raise self.error("positives", "chooses the positives of --loss contrastive; --loss per-class "
-                                          "scores each sample against one target per class")
+            raise self.error(
+                "positives",
+                "chooses the positives of --loss contrastive; --loss per-class "
+                "scores each sample against one target per class",
+            )
 
 
 class TargetProjection(nn.Module):
@@ -67,8 +76,9 @@ class SigPropRule(Rule):
         super().__init__(context)
         self.target_layer = None
         if context.stage.is_first:
-            self.target_layer = TargetProjection(context.num_classes, context.model_input_shape,
-                                                 learned=self.sigprop.target_layer == "learned")
+            self.target_layer = TargetProjection(
+                context.num_classes, context.model_input_shape, learned=self.sigprop.target_layer == "learned"
+            )
 
     @property
     def sigprop(self) -> SigPropOptions:
