@@ -14,12 +14,14 @@ from test_rules import CONV, RULE_NAMES, config_for
 
 from forwardflow.launch import build
 from forwardflow.launch.build import Run, build_run
-from forwardflow.launch.cli import parse_config
+from forwardflow.launch.cli import build_parser, parse_config
+from forwardflow.launch.report import table
 from forwardflow.launch.train import main
 from forwardflow.pipeline.data import make_synthetic
 from forwardflow.pipeline.messages import TRAIN
 from forwardflow.pipeline.presets import fc_model
 from forwardflow.pipeline.rules.ff import LABEL_VALUE
+from forwardflow.pipeline.rules.registry import RULES
 from forwardflow.pipeline.runner import SequentialRunner
 from forwardflow.pipeline.training import train
 from forwardflow.pipeline.validation import ConfigError
@@ -204,3 +206,39 @@ def test_efp_without_an_output_head_is_refused():
 def test_bp_through_several_stages_is_refused():
     with pytest.raises(ConfigError, match="--stages"):
         build_run(config_for("bp", model=replace(fc_model((8, 8)), stages=2)))
+
+
+def rule_option_flags() -> list[tuple[str, str]]:
+    """(flag, a rule that does not take it) for every option flag of every rule."""
+    _, flags = build_parser()
+    return [
+        (flag.flag, other)
+        for flag in flags.values()
+        if flag.section == "rule.options"
+        for other in RULES
+        if other not in flag.rules
+    ]
+
+
+@pytest.mark.parametrize("flag, rule", rule_option_flags())
+def test_every_rule_option_is_refused_with_any_other_rule(capsys, flag, rule):
+    value = {"--hard-negatives": [], "--target-loss": []}.get(flag, ["1"])
+    assert main(["--preset", "synthetic", "--rule", rule, flag, *value]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"forwardflow: error: {flag}: applies to --rule"), lines
+
+
+@pytest.mark.parametrize("rule", RULE_NAMES)
+def test_the_primary_prediction_is_one_definition_for_training_summary_table_and_benchmarks(rule, capsys):
+    from benchmarks.accuracy import run_one
+
+    config = config_for(rule, epochs=1)
+    run = build_run(config)
+    primary = run.predictors[0]
+    with run:
+        result = run.train()
+    assert result.evaluations[-1].primary == primary.key  # the training loop's test accuracy
+    summary = run.finish(result)
+    assert summary["prediction"] == primary.key and summary["test_accuracy"] == result.evaluations[-1].accuracy
+    assert table(summary).splitlines()[2].split("  ")[1].strip() == primary.label  # the first column
+    assert run_one(config, rule)["primary"] == primary.label  # the accuracy benchmark's table and plot
