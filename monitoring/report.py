@@ -1,6 +1,6 @@
 """PNG plots of a run from its metrics log, for users without Grafana:
 
-    python -m monitoring.report RUN_DIR [--run-id ID]
+    python -m forwardflow.monitoring.report RUN_DIR [--run-id ID]
 
 writes into RUN_DIR (where ``launch/train.py --out RUN_DIR`` kept ``metrics.jsonl``; ``--plot``
 does the same at the end of the run) four images of PLOT_WIDTH x PLOT_HEIGHT pixels:
@@ -156,7 +156,7 @@ def write_plots(run_dir: Path, run_id: str | None = None) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m monitoring.report", description="Write PNG plots of a run from its metrics.jsonl."
+        prog="python -m forwardflow.monitoring.report", description="Write PNG plots of a run from its metrics.jsonl."
     )
     parser.add_argument("run_dir", help="the run's --out directory")
     parser.add_argument("--run-id", help="which run of the log (default: the last one)")
