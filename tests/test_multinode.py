@@ -6,79 +6,18 @@ cluster."""
 from __future__ import annotations
 
 import json
-import os
-import select
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from helpers import assert_same_weights, run_to_end, small_config, tweak
 
+from forwardflow.launch.local_cluster import local_cluster
 from forwardflow.pipeline.config import config_to_dict
 
 REPO = Path(__file__).resolve().parents[1]
-START_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 300
-
-
-def processes_under(directory: str) -> list[int]:
-    """PIDs of processes whose command line names ``directory`` (a cluster's Ray processes name its
-    session directory)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and directory.encode() in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
-        except OSError:  # ended meanwhile
-            pass
-    return found
-
-
-@contextmanager
-def local_cluster(nodes: int, cpus: float, gpus: float = 0) -> Iterator[tuple[dict, dict[str, str]]]:
-    """A cluster from tests/local_cluster.py: yields its address and node ids, and the environment
-    for processes that use it; stops it (its process, by PID) and checks that nothing of it is left."""
-    # A short private directory: Ray's socket paths under it must stay within 107 characters.
-    ray_tmp = tempfile.mkdtemp(prefix="ffc", dir="/tmp")
-    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
-    env["RAY_TMPDIR"] = ray_tmp
-    log = Path(ray_tmp) / "cluster.log"
-    command = [sys.executable, str(REPO / "tests" / "local_cluster.py"), "--nodes", str(nodes), "--cpus", str(cpus)]
-    with log.open("w") as stderr:  # the child keeps its own copy of the descriptor
-        cluster = subprocess.Popen(
-            command + ["--gpus", str(gpus)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            env=env,
-            text=True,
-        )
-    try:
-        ready, _, _ = select.select([cluster.stdout], [], [], START_TIMEOUT_S)
-        line = cluster.stdout.readline() if ready else ""  # type: ignore[union-attr]
-        assert line, f"the local cluster did not start within {START_TIMEOUT_S} s: {log.read_text()[-2000:]}"
-        yield json.loads(line), env
-    finally:
-        cluster.stdin.close()  # type: ignore[union-attr]
-        try:
-            cluster.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            cluster.kill()
-            cluster.wait()
-        deadline = time.monotonic() + 30
-        while (left := processes_under(ray_tmp)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-        assert not left, f"the cluster left processes behind: {left}"
 
 
 def train(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -91,15 +30,16 @@ def test_spread_over_two_nodes_uses_both_and_trains_as_the_sequential_run(tmp_pa
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(config_to_dict(config)))
     out = tmp_path / "run"
-    with local_cluster(nodes=2, cpus=1, gpus=1) as (cluster, env):
-        address = ["--config", str(config_file), "--address", cluster["address"]]
+    with local_cluster(nodes=2, cpus=1, gpus=1) as cluster:
+        env = cluster.env
+        address = ["--config", str(config_file), "--address", cluster.address]
         spread = train(address + ["--placement", "spread", "--out", str(out)], env)
         # The nodes advertise one GPU each (a resource only): 3 stages cannot have one each.
         too_many_gpus = train(
             address + ["--device", "cuda", "--gpus-per-stage", "1", "--out", str(tmp_path / "x")], env
         )
     assert spread.returncode == 0, spread.stderr[-3000:]
-    head, worker = cluster["nodes"]
+    head, worker = cluster.nodes
     summary = json.loads((out / "summary.json").read_text())
     # Contiguous blocks, the driver's node (the head) first: only one hop crosses nodes.
     assert [stage["node_id"] for stage in summary["stages"]] == [head, head, worker]
