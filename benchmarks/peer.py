@@ -360,6 +360,10 @@ def write_report(path: Path, args, rows: list[Row]) -> None:
             f"{_list(row.per_stage('rss_mib'), '.0f')} | "
             f"{100 * row.median('accuracy'):.2f}% |"
         )
+    lines += [
+        "",
+        f"Load average (1 min) when the report was written: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.",
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     print(path.read_text())

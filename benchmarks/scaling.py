@@ -422,6 +422,10 @@ def write_report(path: Path, args, costs, hop: HopModel, rows, table) -> None:
     for devices in range(1, 9):
         cells = [f"{table[devices, n]:,.0f}" if (devices, n) in table else "-" for n in (1, 2, 4)]
         lines.append(f"| {devices} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Load average (1 min) when the report was written: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.",
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     print(path.read_text())
