@@ -3,6 +3,7 @@ that a wrong ``--address`` fails in seconds with one line instead of hanging."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from urllib.parse import urlparse
@@ -41,11 +42,13 @@ def connect(address: str | None) -> dict[str, float]:
     """
     if ray.is_initialized():
         return ray.cluster_resources()
+    # Joining a cluster: Ray's INFO lines ("Connecting to existing Ray cluster ...") are left out, so
+    # that the run's own lines, and a refused plan's one line, are all a user sees.
     if address:
         check_address(address)
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     elif os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
+        ray.init(log_to_driver=False, logging_level=logging.WARNING)
     else:
         ray.init(include_dashboard=False, log_to_driver=False)
     return ray.cluster_resources()

@@ -55,7 +55,8 @@ class LayerActor:
 
     def location(self) -> dict[str, str]:
         return {
-            "node": socket.gethostname(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "host": socket.gethostname(),
             "pid": str(os.getpid()),
             "device": str(self.stage.device),
             "gpus": ",".join(str(g) for g in ray.get_gpu_ids()),

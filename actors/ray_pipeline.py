@@ -35,15 +35,14 @@ class RayPipeline:
     def __init__(
         self,
         setups: list[StageSetup],
-        placement: StagePlacement,
+        placements: list[StagePlacement],
         window: int,
-        strategy: str = "pack",
         torch_threads: int = 1,
     ):
         self.window = window
-        self.group = StageGroup(len(setups), placement, strategy)
+        self.group = StageGroup(placements)
         self.actors: list = [
-            LayerActor.options(**self.group.options(i)).remote(setup, placement.device, torch_threads)  # type: ignore[attr-defined]
+            LayerActor.options(**self.group.options(i)).remote(setup, placements[i].device, torch_threads)  # type: ignore[attr-defined]
             for i, setup in enumerate(setups)
         ]
         # Sync point: every actor has built its stage before the first microbatch is sent.

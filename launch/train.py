@@ -12,7 +12,7 @@ import sys
 
 from forwardflow.launch.build import build_run
 from forwardflow.launch.cli import parse_config
-from forwardflow.launch.report import table
+from forwardflow.launch.report import placement_lines, table
 from forwardflow.pipeline.messages import NonFiniteLossError
 from forwardflow.pipeline.validation import ConfigError
 
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         f"run {run.run_id}: {config.data.dataset}, rule {config.rule.name}, {len(run.setups)} stage(s) on "
         f"{config.execution.executor} ({', '.join(run.devices)})"
     )
+    for line in placement_lines(run):
+        say(line)
     if run.metrics is not None and run.metrics.url:
         say(f"metrics on {run.metrics.url}")
     try:

@@ -106,13 +106,30 @@ class ExecutionConfig(Section):
         "an existing Ray cluster: HOST:PORT, ray://HOST:PORT or auto (default: a "
         "local Ray, or $RAY_ADDRESS under ray job submit)",
     )
-    placement: str = option("pack", "pack: stages on one node; spread: across nodes", choices=("pack", "spread"))
+    placement: str = option(
+        "pack",
+        "pack: stages on as few nodes as possible; spread: in balanced blocks across the nodes (2 or more)",
+        choices=("pack", "spread"),
+    )
+    cpus_per_stage: float = option(
+        0.0, "CPUs reserved per stage on Ray (0: an equal share of its node's CPUs, at most 1)", low=0.0, high=1024.0
+    )
+    gpus_per_stage: float = option(
+        0.0,
+        "GPUs reserved per stage on Ray (0: a whole GPU when the cluster has one per stage, an equal share "
+        "otherwise); a fraction up to 1, or a whole number",
+        low=0.0,
+        high=64.0,
+    )
     threads: int = option(1, "torch threads per stage (per actor; the sequential runner's process)", low=1, high=256)
 
     def check(self) -> None:
         device = self.device
         if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
             raise self.error("device", f"{device!r} is not one of auto, cpu, cuda, cuda:N")
+        if self.gpus_per_stage > 1 and self.gpus_per_stage != int(self.gpus_per_stage):
+            # Ray reserves fractions of one GPU, or whole GPUs.
+            raise self.error("gpus_per_stage", f"must be at most 1 or a whole number (got {self.gpus_per_stage:g})")
 
 
 @dataclass(frozen=True)

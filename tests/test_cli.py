@@ -243,3 +243,7 @@ def test_cluster_yaml_passes_rays_own_schema():
     validate_config(prepare_config(config))  # raises on a key Ray does not know
     assert config["provider"]["type"] == "local"
     assert any("launch/setup.sh" in command for command in config["setup_commands"])
+    # Token authentication really on: the token travels to every node, and Ray starts only with it.
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token ray start" in command for command in starts)

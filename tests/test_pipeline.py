@@ -7,7 +7,6 @@ import pytest
 import torch
 from helpers import assert_executors_agree, small_config, tweak
 
-from forwardflow.actors.placement import plan_placement
 from forwardflow.launch.build import build_run
 from forwardflow.pipeline.messages import NonFiniteLossError
 from forwardflow.pipeline.model import BlockSpec, ModelConfig
@@ -65,10 +64,3 @@ def test_a_non_finite_loss_in_an_actor_stops_the_run_naming_stage_and_microbatch
     with run, pytest.raises(NonFiniteLossError) as caught:
         run.train()
     assert caught.value.stage == 0 and caught.value.microbatch == 0
-
-
-def test_placement_shares_cpus_among_more_stages_than_cores():
-    placement = plan_placement(4, "cpu", {"CPU": 2.0})
-    assert placement.device == "cpu" and placement.num_cpus == 0.5 and placement.num_gpus == 0
-    gpu = plan_placement(4, "auto", {"CPU": 16.0, "GPU": 2.0})
-    assert gpu.device == "cuda" and gpu.num_gpus == 0.5 and gpu.num_cpus == 1.0
