@@ -84,8 +84,11 @@ def stage_record(current: StageStats, previous: StageStats | None, device: str) 
     correct = current.train_correct - (previous.train_correct if previous else 0)
     steps = current.steps - (previous.steps if previous else 0)
     step_seconds = current.step_seconds - (previous.step_seconds if previous else 0.0)
-    # Without a new training step in the interval the stage's latest values stand.
+    # Without a new training step in the interval the stage's latest values stand: its last loss,
+    # its accuracy over the whole run so far (a gauge must not vanish between two collections).
     loss = loss_sum / loss_count if loss_count else finite_or_none(current.last_loss)
+    if not scored:
+        correct, scored = current.train_correct, current.train_scored
     return StageRecord(
         stage=current.stage,
         device=device,
