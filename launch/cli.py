@@ -31,9 +31,6 @@ class OneLineParser(argparse.ArgumentParser):
     printing a usage block and exiting: the entry point decides how to stop."""
 
     def error(self, message: str) -> NoReturn:
-        if message.startswith("unrecognized arguments: "):
-            unknown = message.removeprefix("unrecognized arguments: ").split()
-            raise ConfigError(unknown[0], "unknown flag (launch/train.py --help lists them)")
         where, _, what = message.removeprefix("argument ").partition(": ")
         raise ConfigError(where if where.startswith("-") else "arguments", what or message)
 
@@ -132,7 +129,13 @@ def _with_rule_options(rule: RuleConfig, given: dict[Flag, Any]) -> RuleConfig:
 def parse_config(argv: list[str] | None = None) -> RunConfig:
     """The resolved config of a command line; raises ConfigError for anything bad."""
     parser, flags = build_parser()
-    args = vars(parser.parse_args(argv))
+    known, unknown = parser.parse_known_args(argv)
+    if unknown:
+        token = unknown[0]
+        if token.startswith("-"):
+            raise ConfigError(token, "unknown flag (launch/train.py --help lists them)")
+        raise ConfigError("arguments", f"unexpected {token!r}: every setting is a flag (launch/train.py --help)")
+    args = vars(known)
     preset = args.pop("preset")
     if preset not in PRESETS:
         raise ConfigError("--preset", f"{preset!r} is not one of {', '.join(PRESETS)}")
