@@ -27,7 +27,7 @@ import torch
 
 from forwardflow.actors.layer_actor import LayerActor
 from forwardflow.actors.placement import StageGroup, StagePlacement
-from forwardflow.pipeline.messages import Microbatch, NonFiniteLossError, Prediction, StageStats
+from forwardflow.pipeline.messages import Microbatch, Prediction, RunStoppedError, StageStats
 from forwardflow.pipeline.stage import StageSetup
 
 
@@ -98,7 +98,7 @@ class RayPipeline:
         try:
             return ray.get(ref)
         except ray.exceptions.RayTaskError as error:
-            if isinstance(error.cause, NonFiniteLossError):
+            if isinstance(error.cause, RunStoppedError):  # a diverged loss, a failed write: one line
                 raise error.cause from None
             raise
 

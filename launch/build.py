@@ -24,9 +24,11 @@ from typing import Any
 
 import torch
 
+from forwardflow.launch.outputs import check_free_space, check_out, clear_run
 from forwardflow.launch.report import summary, write_outputs
 from forwardflow.monitoring.exporter import RunInfo
 from forwardflow.monitoring.observer import MetricsConfig, MetricsObserver
+from forwardflow.pipeline.checkpoint import estimate_checkpoint_bytes
 from forwardflow.pipeline.config import RunConfig
 from forwardflow.pipeline.data import Dataset, load_dataset
 from forwardflow.pipeline.rules.base import Predictor, Rule
@@ -49,11 +51,6 @@ def check_local_device(name: str) -> str:
             "--device", f"{name!r} does not exist here ({torch.cuda.device_count()} CUDA devices); use cpu or auto"
         )
     return str(device)
-
-
-def check_out_dir(out: str | None) -> None:
-    if out and Path(out).exists() and not Path(out).is_dir():
-        raise ConfigError("--out", f"{out!r} exists and is not a directory")
 
 
 @dataclass
@@ -86,6 +83,8 @@ class Run:
         """Start the executor and the observers (once); on a failure, stop what was started and raise."""
         if self.executor is not None:
             return self
+        if self.config.output.overwrite and self.config.output.out:
+            clear_run(Path(self.config.output.out))
         try:
             self.executor, self.devices = self._make_executor()
             self.observers = self._make_observers()
@@ -106,7 +105,9 @@ class Run:
         from forwardflow.actors.ray_pipeline import RayPipeline
 
         placement = plan_placement(len(self.setups), execution.device, connect(execution.address))
-        pipeline = RayPipeline(self.setups, placement, execution.window, execution.placement, execution.threads)
+        pipeline = RayPipeline(
+            self.setups, placement, execution.pipeline_window, execution.placement_strategy, execution.threads
+        )
         return pipeline, [stage_device(location) for location in pipeline.locations]
 
     def _make_observers(self) -> list[RunObserver]:
@@ -185,13 +186,14 @@ def stage_device(location: dict[str, str]) -> str:
 def build_run(config: RunConfig, observers: Sequence[RunObserver] = (), run_id: str | None = None) -> Run:
     """Everything that can reject the input, before any actor starts; raises ConfigError.
     ``observers`` watch the run beside the ones the config asks for (progress bar, metrics)."""
-    check_out_dir(config.output.out)
+    check_out(config.output)
     dataset = load_dataset(config.data, config.seed)
     config.rule.rule_class.check(config, dataset.num_classes, dataset.input_shape)
     schedule = MicrobatchSchedule(dataset, config.schedule, config.seed, config.data.augment)
     setups = stage_setups(
         config, dataset.num_classes, dataset.input_shape, total_steps=schedule.total_train_microbatches
     )
+    check_free_space(config.output, estimate_checkpoint_bytes(setups))
     execution = config.execution
     if execution.executor == "ray" and execution.address:
         from forwardflow.actors.cluster import check_address

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from forwardflow.pipeline.messages import StageStats
+from forwardflow.pipeline.files import FILE_MODE
+from forwardflow.pipeline.messages import StageStats, WriteError
 
 LOG_NAME = "metrics.jsonl"
 
@@ -115,11 +117,17 @@ class MetricsLog:
         self.path = Path(out) / LOG_NAME
 
     def append(self, record: RunRecord) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         # Strict JSON: a non-finite number (a diverged norm, an unknown ETA) is written as null.
         line = json.dumps(_strict(asdict(record)), allow_nan=False) + "\n"
-        with open(self.path, "a") as handle:
-            handle.write(line)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            created = not self.path.exists()
+            with open(self.path, "a") as handle:
+                handle.write(line)
+            if created:
+                os.chmod(self.path, FILE_MODE)  # whatever the umask
+        except OSError as error:  # a full disk: one line naming the file, the checkpoints intact
+            raise WriteError(str(self.path), error.strerror or str(error)) from None
 
 
 def _strict(value):

@@ -92,6 +92,9 @@ class Rule(nn.Module):
     # One stage with gradients through every block (backprop): its default stage count is 1 and
     # more stages are refused.
     end_to_end: ClassVar[bool] = False
+    # The rule's feedback loop is --window microbatches long in every executor (efp): --window
+    # then applies to sequential runs too.
+    uses_window: ClassVar[bool] = False
     # The rule's own prediction first; the output head is added where the model has one.
     own_predictors: ClassVar[tuple[Predictor, ...]] = ()
     head_label: ClassVar[str] = "output head"

@@ -109,12 +109,15 @@ class ErrorForwardRule(Rule):
 
     name = "efp"
     Options = ErrorForwardOptions
+    uses_window = True
 
     @classmethod
     def make_feedback(cls, config: RunConfig, num_classes: int, input_shape: tuple[int, ...]) -> ErrorFeedback:
         options = config.rule.options
         assert isinstance(options, ErrorForwardOptions)
-        return ErrorFeedback(config.execution.window, num_classes, input_shape, config.seed, options.feedback_scale)
+        return ErrorFeedback(
+            config.execution.pipeline_window, num_classes, input_shape, config.seed, options.feedback_scale
+        )
 
     def forward(self, blocks: nn.ModuleList, mb: Microbatch, training: bool) -> LocalStep:
         h, _ = run_blocks(blocks, mb.inputs, None)
