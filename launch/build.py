@@ -104,7 +104,8 @@ class Run:
         from forwardflow.actors.placement import plan_placement
         from forwardflow.actors.ray_pipeline import RayPipeline
 
-        placement = plan_placement(len(self.setups), execution.device, connect(execution.address))
+        resources = connect(execution.address, execution.ray_dashboard)
+        placement = plan_placement(len(self.setups), execution.device, resources)
         pipeline = RayPipeline(
             self.setups, placement, execution.pipeline_window, execution.placement_strategy, execution.threads
         )

@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if run.metrics is not None and run.metrics.url:
         say(f"metrics on {run.metrics.url}")
+    if config.execution.ray_dashboard:
+        say("Ray's dashboard on http://127.0.0.1:8265 (this machine only)")
     try:
         with run:
             result = run.train()
