@@ -61,6 +61,18 @@ def _start_local_ray(dashboard: bool) -> None:
     )
 
 
+_started_here = False  # whether connect() started the Ray it is connected to
+
+
+def disconnect() -> None:
+    """Shut down the local Ray that ``connect`` started (a joined cluster, or a Ray someone else
+    started in this process, such as a test session's, is left as it is)."""
+    global _started_here  # noqa: PLW0603 - one Ray per process, as Ray itself keeps it
+    if _started_here and ray.is_initialized():
+        ray.shutdown()
+    _started_here = False
+
+
 def connect(address: str | None, dashboard: bool = False) -> dict[str, float]:
     """Start or join Ray and return the cluster's resources.
 
@@ -68,6 +80,7 @@ def connect(address: str | None, dashboard: bool = False) -> dict[str, float]:
     a local instance starts, on loopback only (``_start_local_ray``), without a dashboard unless
     asked for, worker logs kept out of the driver's output.
     """
+    global _started_here  # noqa: PLW0603 - one Ray per process, as Ray itself keeps it
     if ray.is_initialized():
         return ray.cluster_resources()
     if address:
@@ -77,4 +90,5 @@ def connect(address: str | None, dashboard: bool = False) -> dict[str, float]:
         ray.init(log_to_driver=False)
     else:
         _start_local_ray(dashboard)
+        _started_here = True
     return ray.cluster_resources()

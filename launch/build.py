@@ -14,6 +14,7 @@ actors, or the in-process runner) and the observers, and ``Run.train`` runs the 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import uuid
@@ -26,11 +27,14 @@ import torch
 
 from forwardflow.launch.outputs import check_free_space, check_out, clear_run
 from forwardflow.launch.report import summary, write_outputs
+from forwardflow.launch.resume import resume_point
 from forwardflow.monitoring.exporter import RunInfo
 from forwardflow.monitoring.observer import MetricsConfig, MetricsObserver
-from forwardflow.pipeline.checkpoint import estimate_checkpoint_bytes
-from forwardflow.pipeline.config import RunConfig
+from forwardflow.pipeline.checkpoint import CHECKPOINTS, Checkpointer, Manifest, estimate_checkpoint_bytes
+from forwardflow.pipeline.config import RunConfig, config_to_dict
 from forwardflow.pipeline.data import Dataset, load_dataset
+from forwardflow.pipeline.loop import Durability, StopRequest
+from forwardflow.pipeline.messages import WriteError
 from forwardflow.pipeline.rules.base import Predictor, Rule
 from forwardflow.pipeline.runner import Executor, SequentialRunner
 from forwardflow.pipeline.schedule import MicrobatchSchedule
@@ -65,6 +69,8 @@ class Run:
     devices: list[str] = field(default_factory=list)  # each stage's device, once started
     observers: list[RunObserver] = field(default_factory=list)
     metrics: MetricsObserver | None = None
+    resume: tuple[Path, Manifest] | None = None  # the checkpoint a resumed run continues from
+    stop: StopRequest = field(default_factory=StopRequest)  # set by the entry point's signal handlers
 
     # ---------------------------------------------------------------- what the rule says
 
@@ -134,16 +140,40 @@ class Run:
             observers.append(self.metrics)
         return observers + self.extra_observers
 
+    def durability(self) -> Durability:
+        """Checkpoints (with --out), recovery of lost stages (Ray), the stop request, the resume."""
+        config, output = self.config, self.config.output
+        checkpoints = None
+        if output.out and output.checkpoints:
+            checkpoints = Checkpointer(
+                Path(output.out) / CHECKPOINTS,
+                self.run_id,
+                config_to_dict(config),
+                keep=output.checkpoints_kept,
+                stages_write=output.stages_write_shards,
+            )
+        return Durability(
+            checkpoints=checkpoints,
+            every=output.checkpoint_interval,
+            period_s=output.checkpoint_period_s,
+            max_restarts=config.execution.restart_limit if config.execution.executor == "ray" else 0,
+            stop=self.stop,
+            resume=self.resume,
+        )
+
     def train(self) -> RunResult:
         """The training loop, with the rule's own prediction and feedback loop."""
         if self.executor is None:
             raise RuntimeError("start the run first")
         feedback = self.rule.make_feedback(self.config, self.dataset.num_classes, self.dataset.input_shape)
         try:
-            return train(self.schedule, self.executor, self.predictors[0].key, self.observers, feedback)
+            return train(
+                self.schedule, self.executor, self.predictors[0].key, self.observers, feedback, self.durability()
+            )
         except Exception as error:
             if self.metrics is not None:
-                self.metrics.on_error(error)  # forwardflow_errors_total and the metrics log
+                with contextlib.suppress(WriteError):  # the log may be what could not be written
+                    self.metrics.on_error(error)  # forwardflow_errors_total and the metrics log
             raise
 
     def finish(self, result: RunResult) -> dict[str, Any]:
@@ -165,6 +195,10 @@ class Run:
         if self.executor is not None:
             self.executor.close()
             self.executor = None
+            if self.config.execution.executor == "ray":
+                from forwardflow.actors.cluster import disconnect
+
+                disconnect()  # shuts down the local Ray this run started, if it did
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
@@ -186,7 +220,11 @@ def stage_device(location: dict[str, str]) -> str:
 
 def build_run(config: RunConfig, observers: Sequence[RunObserver] = (), run_id: str | None = None) -> Run:
     """Everything that can reject the input, before any actor starts; raises ConfigError.
-    ``observers`` watch the run beside the ones the config asks for (progress bar, metrics)."""
+    ``observers`` watch the run beside the ones the config asks for (progress bar, metrics).
+    A resumed run (``config.output.resume``) keeps its run id."""
+    resume = resume_point(config) if config.output.resume is not None else None
+    if resume is not None:
+        run_id = resume[1].run_id
     check_out(config.output)
     dataset = load_dataset(config.data, config.seed)
     config.rule.rule_class.check(config, dataset.num_classes, dataset.input_shape)
@@ -209,4 +247,5 @@ def build_run(config: RunConfig, observers: Sequence[RunObserver] = (), run_id: 
         schedule=schedule,
         setups=setups,
         extra_observers=list(observers),
+        resume=resume,
     )

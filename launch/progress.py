@@ -36,6 +36,11 @@ class ProgressBar(RunObserver):
             message += f" ({', '.join(others)})"
         (self.bar.write if self.bar else print)(message, file=sys.stderr)
 
+    def on_rewind(self, progress: Progress, reason: str) -> None:
+        if self.bar is not None:
+            self.bar.n = progress.microbatches_done
+            self.bar.refresh()
+
     def on_end(self, result: RunResult) -> None:
         if self.bar is not None:
             self.bar.close()

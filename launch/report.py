@@ -22,8 +22,14 @@ if TYPE_CHECKING:
 def summary(run: Run, result: RunResult) -> dict[str, Any]:
     config, predictors = run.config, run.predictors
     last = result.evaluations[-1] if result.evaluations else None
+    out = config.output.out
     return {
         "run_id": run.run_id,
+        "status": result.status,
+        "stopped_by": result.stop_reason,
+        "restarts": result.restarts,
+        "checkpoint": result.checkpoint,
+        "resume": f"python launch/train.py --resume {out}" if result.status != "completed" and out else None,
         "dataset": config.data.dataset,
         "rule": config.rule.name,
         "model": config.model.name,

@@ -85,8 +85,8 @@ class OptimConfig(Section):
         choices=("constant", "cosine"),
     )
     divergence_factor: float = option(
-        1000.0,
-        "stop when a stage's loss exceeds this many times its running median, and its first values "
+        100.0,
+        "stop when a stage's loss exceeds this many times its running median (or its first value) "
         "(0: only NaN and inf stop a run)",
         low=0.0,
         high=1e12,

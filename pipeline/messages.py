@@ -131,6 +131,36 @@ class Prediction:
 
 
 @dataclass
+class ShardInfo:
+    """One stage's part of a checkpoint: its file (a name inside the checkpoint's folder, or a whole
+    path when a stage is restored from it), size, SHA-256 and what writing it cost the stage."""
+
+    stage: int
+    file: str
+    sha256: str
+    size: int  # bytes
+    seconds: float = 0.0  # the stage's time to serialise and write (or hand over) its shard
+    data: bytes | None = None  # the shard itself, when the driver writes it (--shard-writer driver)
+
+
+@dataclass
+class CheckpointMarker:
+    """A cut in the stream of microbatches, travelling through the stages like a microbatch.
+
+    Every stage handles its messages in stream order, whatever carries them between stages, so a
+    stage that receives the marker has handled exactly the microbatches up to ``after`` and none
+    after it: the shard it writes then is its state after microbatch ``after``, and the shards of
+    all stages together are one consistent cut, without stopping the pipeline. Each stage adds its
+    ShardInfo and hands the marker on; the last one returns it to the driver, in stream order
+    among the predictions, and the driver writes the manifest (the cut's own part) last."""
+
+    after: int  # stream index of the last microbatch before the cut
+    directory: str  # where the stages write their shards
+    stages_write: bool = True  # False: each shard travels in the marker to the driver
+    shards: list[ShardInfo] = field(default_factory=list)
+
+
+@dataclass
 class StageStats:
     """Counters a stage keeps; the driver fetches them in batches, never per microbatch."""
 
@@ -215,20 +245,20 @@ class NonFiniteLossError(DivergenceError):
 
 
 class LossExplodedError(DivergenceError):
-    """A local loss far above its running median (and above where it started)."""
+    """A local loss far above its running median, or far above where it started."""
 
-    def __init__(self, stage: int, microbatch: int, value: float, median: float):
-        self.median = median
+    def __init__(self, stage: int, microbatch: int, value: float, reference: float, compared_with: str):
+        self.reference, self.compared_with = reference, compared_with
         super().__init__(
             stage,
             microbatch,
             value,
-            f"stage {stage}: local loss {value:.4g} at microbatch {microbatch} is {value / median:.3g} times its "
-            f"running median ({median:.4g}); training stopped ({_likely_causes(True)})",
+            f"stage {stage}: local loss {value:.4g} at microbatch {microbatch} is {value / reference:.3g} times "
+            f"its {compared_with} ({reference:.4g}); training stopped ({_likely_causes(True)})",
         )
 
     def __reduce__(self):
-        return (LossExplodedError, (self.stage, self.microbatch, self.value, self.median))
+        return (LossExplodedError, (self.stage, self.microbatch, self.value, self.reference, self.compared_with))
 
 
 class WriteError(RunStoppedError):

@@ -10,7 +10,7 @@ from helpers import small_config, tweak
 import forwardflow.actors.cluster
 from forwardflow.launch.cli import parse_config
 from forwardflow.launch.train import main
-from forwardflow.pipeline.config import DEFAULT_WINDOW, RuleConfig
+from forwardflow.pipeline.config import DEFAULT_WINDOW, OutputConfig, RuleConfig
 from forwardflow.pipeline.validation import ConfigError
 
 SEQUENTIAL = ["--preset", "synthetic", "--executor", "sequential", "--no-progress"]
@@ -25,7 +25,7 @@ REFUSED = [
     (["--keep-checkpoints", "1"], "--keep-checkpoints", "needs --out"),
     (["--shard-writer", "driver"], "--shard-writer", "needs --out"),
     (["--overwrite"], "--overwrite", "needs --out"),
-    (["--out", "/tmp/a", "--resume", "/tmp/b"], "--resume", "continues the run in its own directory"),
+    (["--resume", "/tmp/run"], "--resume", "--preset and --config do not apply"),
 ]
 
 
@@ -61,3 +61,11 @@ def test_window_applies_to_a_sequential_run_of_a_rule_whose_feedback_loop_it_set
 def test_the_ray_dashboard_is_for_a_local_ray_only():
     with pytest.raises(ConfigError, match="--ray-dashboard: applies to a local Ray only"):
         parse_config(["--executor", "ray", "--ray-dashboard", "--address", "10.0.0.1:6379"])
+
+
+def test_resume_continues_a_run_in_its_own_directory():
+    assert OutputConfig(resume="runs/a").out == "runs/a"
+    with pytest.raises(ConfigError, match="--resume: continues the run in its own directory"):
+        OutputConfig(out="runs/b", resume="runs/a")
+    with pytest.raises(ConfigError, match="--overwrite: replaces a run; --resume continues one"):
+        OutputConfig(resume="runs/a", overwrite=True)
