@@ -17,9 +17,10 @@ from test_pipeline import DROPOUT_NET
 
 from forwardflow.launch.build import build_run
 from forwardflow.launch.resume import resumed_config
-from forwardflow.pipeline.checkpoint import MANIFEST, complete_checkpoints
+from forwardflow.pipeline.checkpoint import MANIFEST, Checkpointer, CheckpointError, complete_checkpoints
 from forwardflow.pipeline.config import RuleConfig
 from forwardflow.pipeline.data import make_synthetic
+from forwardflow.pipeline.messages import ShardInfo
 from forwardflow.pipeline.presets import synthetic_small
 from forwardflow.pipeline.schedule import MicrobatchSchedule
 from forwardflow.pipeline.validation import ConfigError
@@ -146,3 +147,25 @@ def test_the_stream_continues_from_any_position_microbatch_for_microbatch():
         assert all(
             torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels) for a, b in zip(rest, whole[cut:])
         )
+
+
+def test_the_driver_can_write_the_shards_and_cuts_can_follow_the_clock(tmp_path):
+    # --shard-writer driver: the shards travel in the marker (no storage shared with the stages);
+    # --checkpoint-minutes: a cut whenever that much time has passed (here: after every microbatch).
+    out = tmp_path / "run"
+    config = durable_config(out, shard_writer="driver", checkpoint_every=None, checkpoint_minutes=1e-9)
+    reference = run_to_end(tweak(config, output={"out": None, "shard_writer": None, "checkpoint_minutes": None}))
+    interrupted(config, at=7)
+    found = complete_checkpoints(out / "checkpoints")
+    assert [manifest.reason for _, manifest in found] == ["minutes", "minutes"]  # the stop fell on a cut
+    assert found[-1][1].microbatches == 7
+    assert_same_weights(reference.weights, resume(out).weights)
+
+
+def test_a_shard_the_driver_cannot_see_is_an_error_that_says_why(tmp_path):
+    checkpointer = Checkpointer(tmp_path, "run", {}, keep=2, stages_write=True)
+    marker = checkpointer.marker(after=4)
+    marker.shards.append(ShardInfo(stage=0, file="stage-0.pt", sha256="0" * 64, size=10))
+    with pytest.raises(CheckpointError, match="as the driver sees it: on a cluster, --out must be storage every node"):
+        checkpointer.complete(marker, {}, "interval")
+    assert not complete_checkpoints(tmp_path)
