@@ -16,6 +16,13 @@ window is full, so the object store holds O(window) activations for any run leng
 keeps every stage's result reference of an in-flight microbatch until its prediction is collected
 (so that monitoring can count each stage's backlog without a remote call): at most
 window x stages activations, the same bound as when they all queue in front of one stage.
+
+Checkpoints and faults: a CheckpointMarker is submitted like a microbatch and takes the same
+ordered path through the actors, so every stage writes its shard after the same microbatch. An
+actor that dies surfaces as StageLostError where its results are fetched (actors/recovery.py);
+``restore`` recreates it in its own bundle of the placement group and puts every stage back to a
+checkpoint. Ray's own actor restarts stay off: a restarted actor would have lost its state and
+could run the submitter's queued tasks out of order.
 """
 
 from __future__ import annotations

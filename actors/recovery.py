@@ -25,7 +25,7 @@ def stage_lost(error: BaseException, locations: list[dict[str, str]]) -> StageLo
     for stage, location in enumerate(locations):
         if actor_id and location.get("actor_id") == actor_id:
             return StageLostError(stage, f"its actor died (pid {location['pid']} on {location['node']})")
-    return StageLostError(None, f"{type(cause).__name__}: a stage's actor or its node died")
+    return StageLostError(None, f"a stage's actor or its node died ({type(cause).__name__})")
 
 
 def lost_actors(actors: list) -> list[int]:

@@ -18,7 +18,12 @@ class ProgressBar(RunObserver):
     def on_prediction(self, prediction: Prediction, progress: Progress) -> None:
         if self.bar is None:
             self.bar = tqdm(
-                total=progress.microbatches_total, unit="mb", file=sys.stderr, dynamic_ncols=True, mininterval=0.5
+                total=progress.microbatches_total,
+                initial=progress.microbatches_done - 1,  # a resumed run starts where it was
+                unit="mb",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                mininterval=0.5,
             )
         self.bar.update(1)
         if self.bar.n % 10 == 0 or prediction.phase == EVAL:

@@ -16,12 +16,15 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from tqdm import tqdm
+
 from forwardflow.launch.build import Run, build_run
 from forwardflow.launch.cli import parse_config
 from forwardflow.launch.report import table
 from forwardflow.pipeline.checkpoint import CHECKPOINTS, complete_checkpoints
-from forwardflow.pipeline.loop import RestartsExhaustedError, StopRequest
+from forwardflow.pipeline.loop import StopRequest
 from forwardflow.pipeline.messages import DivergenceError, RunStoppedError
+from forwardflow.pipeline.training import Progress, RunObserver
 from forwardflow.pipeline.validation import ConfigError
 
 EXIT_FAULT = 1
@@ -74,6 +77,21 @@ class Signals:
         self.stop.request(received.name)
 
 
+class RecoveryNotice(RunObserver):
+    """One line when the run goes back to a checkpoint after losing a stage."""
+
+    def __init__(self, restart_limit: int):
+        self.restart_limit = restart_limit
+
+    def on_rewind(self, progress: Progress, reason: str) -> None:
+        if progress.restarts:
+            tqdm.write(
+                f"forwardflow: {reason}; recreated, back to microbatch {progress.microbatches_done} "
+                f"(restart {progress.restarts} of {self.restart_limit}, --max-restarts)",
+                file=sys.stderr,
+            )
+
+
 def last_checkpoint(run: Run, resumable: bool = True) -> str:
     """Where the run's newest complete checkpoint is, and how to continue from it, if any."""
     out = run.config.output.out
@@ -99,12 +117,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None, signals: Signals) -> int:
     try:
-        run = build_run(parse_config(argv)).start()
+        config = parse_config(argv)
+        run = build_run(config, [RecoveryNotice(config.execution.restart_limit)]).start()
     except ConfigError as error:
         say(f"error: {error}")
         return EXIT_BAD_INPUT
+    signals.watch(run.stop)  # from now on a signal asks the run to stop at a checkpoint
     signals.install()
-    signals.watch(run.stop)
     config = run.config
     resumed = f", resumed at microbatch {run.resume[1].microbatches}" if run.resume else ""
     say(
@@ -122,10 +141,7 @@ def _main(argv: list[str] | None, signals: Signals) -> int:
     except DivergenceError as error:
         say(f"error: {error}; {last_checkpoint(run, resumable=False)}")
         return EXIT_TRAINING_FAILED
-    except RestartsExhaustedError as error:
-        say(f"error: {error}; {last_checkpoint(run)}")
-        return EXIT_FAULT
-    except RunStoppedError as error:  # a write failed, a checkpoint cannot be used
+    except RunStoppedError as error:  # a write failed, --max-restarts spent, a checkpoint unusable
         say(f"error: {error}; {last_checkpoint(run)}")
         return EXIT_FAULT
     if result.status != "completed":

@@ -278,7 +278,7 @@ class StageLostError(RuntimeError):
 
     def __init__(self, stage: int | None, cause: str):
         self.stage, self.cause = stage, cause
-        super().__init__(f"stage {'?' if stage is None else stage} was lost ({cause})")
+        super().__init__(f"stage {'?' if stage is None else stage} was lost: {cause}")
 
     def __reduce__(self):
         return (StageLostError, (self.stage, self.cause))

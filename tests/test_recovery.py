@@ -46,7 +46,7 @@ def test_a_stage_killed_mid_run_is_recovered_and_the_weights_are_those_of_an_und
         new_pid = int(run.executor.locations[1]["pid"])
     assert result.restarts == 1 and killer.killed and new_pid != killer.killed[0]
     ((back_to, reason),) = killer.rewinds
-    assert reason.startswith("stage 1 was lost (its actor died")
+    assert reason.startswith("stage 1 was lost: its actor died")
     # Back to a cut (every 4 training microbatches, 16 and 2 evaluation ones per epoch), at most as
     # far as the driver had come: what came after it was done again.
     assert back_to in (4, 8, 12, 16, 18) and back_to <= killer.done_before[0]
@@ -74,7 +74,7 @@ def test_after_max_restarts_the_run_stops_in_one_line_giving_the_resume_command(
         status = main([*argv, "--executor", "ray", "--max-restarts", "0"])
     lines = [line for line in err.getvalue().splitlines() if line.startswith("forwardflow:")]
     assert status == 1 and len(lines) == 2, lines  # the run's first line, then the one error
-    assert "stage 0 was lost (its actor died" in lines[1] and "after 0 restart(s) (--max-restarts 0)" in lines[1]
+    assert "stage 0 was lost: its actor died" in lines[1] and "after 0 restart(s) (--max-restarts 0)" in lines[1]
     assert lines[1].endswith(f"continue with: python launch/train.py --resume {out}"), lines[1]
     monkeypatch.undo()
     err = io.StringIO()
