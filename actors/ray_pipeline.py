@@ -82,7 +82,7 @@ class RayPipeline:
             refs.append(ref)
         self._in_flight.append(refs)
         while len(self._in_flight) >= self.window:
-            self._done.append(self._fetch(self._in_flight.popleft()[-1]))
+            self._done.append(self._get(self._in_flight.popleft()[-1]))
 
     def completed(self, wait: bool = False) -> list[Prediction | CheckpointMarker]:
         # Collect finished microbatches from the front only, to keep stream order.
@@ -91,7 +91,7 @@ class RayPipeline:
                 ready, _ = ray.wait([self._in_flight[0][-1]], timeout=0)
                 if not ready:
                     break
-            self._done.append(self._fetch(self._in_flight.popleft()[-1]))
+            self._done.append(self._get(self._in_flight.popleft()[-1]))
         done, self._done = self._done, []
         return done
 
@@ -113,9 +113,6 @@ class RayPipeline:
             backlog.append(handed - finished)
             handed = finished
         return backlog
-
-    def _fetch(self, ref: ray.ObjectRef) -> Prediction | CheckpointMarker:
-        return self._get(ref)
 
     def _get(self, refs):
         """ray.get, with a stage's own stop (a diverged loss, a failed write) passed on as it is

@@ -201,7 +201,8 @@ class Checkpointer:
         kept = {folder for folder, _ in complete[-self.keep :]}
         newest = complete[-1][1].after
         for folder in self.root.glob("mb-*"):
-            if folder not in kept and int(folder.name[3:]) - 1 <= newest:
+            cut = folder.name[3:]
+            if folder not in kept and cut.isdigit() and int(cut) - 1 <= newest:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def latest(self) -> tuple[Path, Manifest] | None:
