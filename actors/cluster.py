@@ -9,6 +9,7 @@ import socket
 from urllib.parse import urlparse
 
 import ray
+from ray._private import ray_constants
 
 from forwardflow.pipeline.validation import ConfigError
 
@@ -34,12 +35,53 @@ def check_address(address: str) -> None:
         raise ConfigError("--address", f"no Ray cluster answers at {address} ({error.strerror or error})") from None
 
 
-def connect(address: str | None) -> dict[str, float]:
+# Ray's single-machine mode (the one it uses on macOS and Windows): every server binds to 127.0.0.1.
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+LOOPBACK = "127.0.0.1"
+
+
+def _start_local_ray(dashboard: bool) -> None:
+    """A Ray of this machine only: nothing listens on an address another machine can reach.
+
+    Ray binds its servers (GCS, raylet, object manager, workers, the dashboard agent, the
+    autoscaler monitor's and the dashboard's metrics) to every interface unless the node's address
+    is loopback, and it turns an explicit ``_node_ip_address="127.0.0.1"`` back into the machine's
+    reachable address (``resolve_ip_for_localhost``) except in its single-machine mode, which
+    SINGLE_MACHINE_ENV=0 selects. The processes Ray starts read it from their environment; this
+    process imported Ray already, so its copy of the setting is changed too. The dashboard (only
+    with --ray-dashboard) is bound to loopback as well; token authentication stays as Ray sets it.
+    """
+    os.environ[SINGLE_MACHINE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(
+        address="local",  # a Ray of our own, never one that `ray start` left running here
+        _node_ip_address=LOOPBACK,
+        include_dashboard=dashboard,
+        dashboard_host=LOOPBACK,
+        log_to_driver=False,
+    )
+
+
+_started_here = False  # whether connect() started the Ray it is connected to
+
+
+def disconnect() -> None:
+    """Shut down the local Ray that ``connect`` started (a joined cluster, or a Ray someone else
+    started in this process, such as a test session's, is left as it is)."""
+    global _started_here  # noqa: PLW0603 - one Ray per process, as Ray itself keeps it
+    if _started_here and ray.is_initialized():
+        ray.shutdown()
+    _started_here = False
+
+
+def connect(address: str | None, dashboard: bool = False) -> dict[str, float]:
     """Start or join Ray and return the cluster's resources.
 
     Under ``ray job submit`` RAY_ADDRESS is set and ``ray.init()`` joins that cluster. Without it,
-    a local instance starts: no dashboard, worker logs kept out of the driver's output.
+    a local instance starts, on loopback only (``_start_local_ray``), without a dashboard unless
+    asked for, worker logs kept out of the driver's output.
     """
+    global _started_here  # noqa: PLW0603 - one Ray per process, as Ray itself keeps it
     if ray.is_initialized():
         return ray.cluster_resources()
     # Joining a cluster: Ray's INFO lines ("Connecting to existing Ray cluster ...") are left out, so
@@ -50,5 +92,6 @@ def connect(address: str | None) -> dict[str, float]:
     elif os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False, logging_level=logging.WARNING)
     else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        _start_local_ray(dashboard)
+        _started_here = True
     return ray.cluster_resources()

@@ -10,7 +10,8 @@ import time
 import ray
 import torch
 
-from forwardflow.pipeline.messages import Microbatch, Prediction, StageStats
+from forwardflow.pipeline.messages import CheckpointMarker, Microbatch, Prediction, ShardInfo, StageStats
+from forwardflow.pipeline.runner import restored_stage
 from forwardflow.pipeline.stage import Stage, StageSetup, resolve_device
 
 
@@ -23,10 +24,11 @@ class LayerActor:
         # One intra-op thread per stage: several stages share the cores, and more threads per
         # actor made every stage slower through oversubscription.
         torch.set_num_threads(torch_threads)
-        self.stage = Stage(setup, resolve_device(device))
+        self.setup, self.device = setup, resolve_device(device)
+        self.stage = Stage(setup, self.device)
         self._last_step_end: float | None = None  # perf_counter() when the previous step returned
 
-    def step(self, mb: Microbatch) -> Microbatch | Prediction:
+    def step(self, mb: Microbatch | CheckpointMarker) -> Microbatch | Prediction | CheckpointMarker:
         # The time split for monitoring: three clock reads per microbatch, kept in the stage's
         # counters and fetched with its snapshot (no extra remote call).
         started = time.perf_counter()
@@ -37,7 +39,7 @@ class LayerActor:
         computed = time.perf_counter()
         # The object store lives in host memory: hand on CPU tensors, and let the next stage copy
         # them to its own device (which may be another GPU on another node).
-        if not isinstance(result, Prediction):
+        if isinstance(result, Microbatch):
             result = result.to("cpu")
         self._last_step_end = time.perf_counter()
         stats.handoff_s += self._last_step_end - computed
@@ -53,11 +55,18 @@ class LayerActor:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.stage.state_dict()
 
+    def restore(self, shard: ShardInfo | None) -> None:
+        """The stage as it was in a checkpoint (None: as built); the shard is read here, where the
+        stage runs, from storage every node sees (or handed over with its data)."""
+        self.stage = restored_stage(self.setup, self.device, shard)
+        self._last_step_end = None
+
     def location(self) -> dict[str, str]:
         return {
             "node_id": ray.get_runtime_context().get_node_id(),
             "host": socket.gethostname(),
             "pid": str(os.getpid()),
+            "actor_id": ray.get_runtime_context().get_actor_id() or "",
             "device": str(self.stage.device),
             "gpus": ",".join(str(g) for g in ray.get_gpu_ids()),
         }

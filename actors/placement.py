@@ -112,7 +112,7 @@ def _counts(num_stages: int, capacities: list[int], spread: bool) -> list[int]:
 def plan_placement(num_stages: int, execution: ExecutionConfig, nodes: list[NodeResources]) -> list[StagePlacement]:
     """Every stage's node and reservation; ConfigError when the cluster cannot hold the plan (the
     device, the stage count, the per-stage amounts or the strategy)."""
-    device, spread = execution.device, execution.placement == "spread"
+    device, spread = execution.device, execution.placement_strategy == "spread"
     total_gpus = sum(node.gpus for node in nodes)
     use_gpu = device.startswith("cuda") or (device == "auto" and total_gpus >= 1)
     if use_gpu and total_gpus < 1:

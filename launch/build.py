@@ -14,6 +14,7 @@ actors, or the in-process runner) and the observers, and ``Run.train`` runs the 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
 import time
@@ -25,11 +26,16 @@ from typing import Any
 
 import torch
 
+from forwardflow.launch.outputs import check_free_space, check_out, clear_run
 from forwardflow.launch.report import summary, write_outputs
+from forwardflow.launch.resume import resume_point
 from forwardflow.monitoring.exporter import RunInfo
 from forwardflow.monitoring.observer import MetricsConfig, MetricsObserver
-from forwardflow.pipeline.config import RunConfig
+from forwardflow.pipeline.checkpoint import CHECKPOINTS, Checkpointer, Manifest, estimate_checkpoint_bytes
+from forwardflow.pipeline.config import RunConfig, config_to_dict
 from forwardflow.pipeline.data import Dataset, load_dataset
+from forwardflow.pipeline.loop import Durability, StopRequest
+from forwardflow.pipeline.messages import WriteError
 from forwardflow.pipeline.rules.base import Predictor, Rule
 from forwardflow.pipeline.runner import Executor, SequentialRunner
 from forwardflow.pipeline.schedule import MicrobatchSchedule
@@ -50,11 +56,6 @@ def check_local_device(name: str) -> str:
             "--device", f"{name!r} does not exist here ({torch.cuda.device_count()} CUDA devices); use cpu or auto"
         )
     return str(device)
-
-
-def check_out_dir(out: str | None) -> None:
-    if out and Path(out).exists() and not Path(out).is_dir():
-        raise ConfigError("--out", f"{out!r} exists and is not a directory")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ class Run:
     locations: list[StageLocation] = field(default_factory=list)  # each stage's, once started
     observers: list[RunObserver] = field(default_factory=list)
     metrics: MetricsObserver | None = None
+    resume: tuple[Path, Manifest] | None = None  # the checkpoint a resumed run continues from
+    stop: StopRequest = field(default_factory=StopRequest)  # set by the entry point's signal handlers
 
     # ---------------------------------------------------------------- what the rule says
 
@@ -103,6 +106,8 @@ class Run:
         """Start the executor and the observers (once); on a failure, stop what was started and raise."""
         if self.executor is not None:
             return self
+        if self.config.output.overwrite and self.config.output.out:
+            clear_run(Path(self.config.output.out))
         try:
             self.executor, self.locations = self._make_executor()
             self.observers = self._make_observers()
@@ -123,10 +128,10 @@ class Run:
         from forwardflow.actors.placement import cluster_nodes, plan_placement
         from forwardflow.actors.ray_pipeline import RayPipeline
 
-        connect(execution.address)
+        connect(execution.address, execution.ray_dashboard)
         # The plan is checked against the cluster's nodes before any actor starts.
         placements = plan_placement(len(self.setups), execution, cluster_nodes())
-        pipeline = RayPipeline(self.setups, placements, execution.window, execution.threads)
+        pipeline = RayPipeline(self.setups, placements, execution.pipeline_window, execution.threads)
         return pipeline, [
             StageLocation(
                 device=stage_device(location),
@@ -162,16 +167,40 @@ class Run:
             observers.append(self.metrics)
         return observers + self.extra_observers
 
+    def durability(self) -> Durability:
+        """Checkpoints (with --out), recovery of lost stages (Ray), the stop request, the resume."""
+        config, output = self.config, self.config.output
+        checkpoints = None
+        if output.out and output.checkpoints:
+            checkpoints = Checkpointer(
+                Path(output.out) / CHECKPOINTS,
+                self.run_id,
+                config_to_dict(config),
+                keep=output.checkpoints_kept,
+                stages_write=output.stages_write_shards,
+            )
+        return Durability(
+            checkpoints=checkpoints,
+            every=output.checkpoint_interval,
+            period_s=output.checkpoint_period_s,
+            max_restarts=config.execution.restart_limit if config.execution.executor == "ray" else 0,
+            stop=self.stop,
+            resume=self.resume,
+        )
+
     def train(self) -> RunResult:
         """The training loop, with the rule's own prediction and feedback loop."""
         if self.executor is None:
             raise RuntimeError("start the run first")
         feedback = self.rule.make_feedback(self.config, self.dataset.num_classes, self.dataset.input_shape)
         try:
-            return train(self.schedule, self.executor, self.predictors[0].key, self.observers, feedback)
+            return train(
+                self.schedule, self.executor, self.predictors[0].key, self.observers, feedback, self.durability()
+            )
         except Exception as error:
             if self.metrics is not None:
-                self.metrics.on_error(error)  # forwardflow_errors_total and the metrics log
+                with contextlib.suppress(WriteError):  # the log may be what could not be written
+                    self.metrics.on_error(error)  # forwardflow_errors_total and the metrics log
             raise
 
     def finish(self, result: RunResult) -> dict[str, Any]:
@@ -193,6 +222,10 @@ class Run:
         if self.executor is not None:
             self.executor.close()
             self.executor = None
+            if self.config.execution.executor == "ray":
+                from forwardflow.actors.cluster import disconnect
+
+                disconnect()  # shuts down the local Ray this run started, if it did
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
@@ -214,14 +247,19 @@ def stage_device(location: dict[str, str]) -> str:
 
 def build_run(config: RunConfig, observers: Sequence[RunObserver] = (), run_id: str | None = None) -> Run:
     """Everything that can reject the input, before any actor starts; raises ConfigError.
-    ``observers`` watch the run beside the ones the config asks for (progress bar, metrics)."""
-    check_out_dir(config.output.out)
+    ``observers`` watch the run beside the ones the config asks for (progress bar, metrics).
+    A resumed run (``config.output.resume``) keeps its run id."""
+    resume = resume_point(config) if config.output.resume is not None else None
+    if resume is not None:
+        run_id = resume[1].run_id
+    check_out(config.output)
     dataset = load_dataset(config.data, config.seed)
     config.rule.rule_class.check(config, dataset.num_classes, dataset.input_shape)
     schedule = MicrobatchSchedule(dataset, config.schedule, config.seed, config.data.augment)
     setups = stage_setups(
         config, dataset.num_classes, dataset.input_shape, total_steps=schedule.total_train_microbatches
     )
+    check_free_space(config.output, estimate_checkpoint_bytes(setups))
     execution = config.execution
     if execution.executor == "ray" and execution.address:
         from forwardflow.actors.cluster import check_address
@@ -236,4 +274,5 @@ def build_run(config: RunConfig, observers: Sequence[RunObserver] = (), run_id: 
         schedule=schedule,
         setups=setups,
         extra_observers=list(observers),
+        resume=resume,
     )

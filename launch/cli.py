@@ -18,6 +18,7 @@ import argparse
 from dataclasses import Field, dataclass, fields, replace
 from typing import Any, NoReturn
 
+from forwardflow.launch.resume import resumed_config, without_ray_settings
 from forwardflow.pipeline.config import RuleConfig, RunConfig, load_config_file
 from forwardflow.pipeline.presets import DEFAULT_PRESET, PRESETS
 from forwardflow.pipeline.rules.registry import RULES
@@ -31,9 +32,6 @@ class OneLineParser(argparse.ArgumentParser):
     printing a usage block and exiting: the entry point decides how to stop."""
 
     def error(self, message: str) -> NoReturn:
-        if message.startswith("unrecognized arguments: "):
-            unknown = message.removeprefix("unrecognized arguments: ").split()
-            raise ConfigError(unknown[0], "unknown flag (launch/train.py --help lists them)")
         where, _, what = message.removeprefix("argument ").partition(": ")
         raise ConfigError(where if where.startswith("-") else "arguments", what or message)
 
@@ -84,7 +82,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Flag]]:
     )
     parser.add_argument(
         "--preset",
-        default=DEFAULT_PRESET,
+        default=None,
         metavar="{" + ",".join(PRESETS) + "}",
         help=f"starting configuration (default: {DEFAULT_PRESET})",
     )
@@ -132,12 +130,23 @@ def _with_rule_options(rule: RuleConfig, given: dict[Flag, Any]) -> RuleConfig:
 def parse_config(argv: list[str] | None = None) -> RunConfig:
     """The resolved config of a command line; raises ConfigError for anything bad."""
     parser, flags = build_parser()
-    args = vars(parser.parse_args(argv))
-    preset = args.pop("preset")
-    if preset not in PRESETS:
+    known, unknown = parser.parse_known_args(argv)
+    if unknown:
+        token = unknown[0]
+        if token.startswith("-"):
+            raise ConfigError(token, "unknown flag (launch/train.py --help lists them)")
+        raise ConfigError("arguments", f"unexpected {token!r}: every setting is a flag (launch/train.py --help)")
+    args = vars(known)
+    preset, config_file, resume = args.pop("preset"), args.pop("config"), args.get("output.resume")
+    if preset is not None and preset not in PRESETS:
         raise ConfigError("--preset", f"{preset!r} is not one of {', '.join(PRESETS)}")
-    config = PRESETS[preset]()
-    config_file = args.pop("config")
+    if resume is not None:
+        # The run's own settings, from its newest checkpoint; the flags given go over them.
+        if preset is not None or config_file:
+            raise ConfigError("--resume", "continues a run with its own settings: --preset and --config do not apply")
+        config = resumed_config(resume, PRESETS[DEFAULT_PRESET]())
+    else:
+        config = PRESETS[preset or DEFAULT_PRESET]()
     if config_file:
         config = load_config_file(config_file, config)
     given = {flags[dest]: value for dest, value in args.items() if value is not None}
@@ -152,5 +161,8 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     rule = _with_rule_options(rule, {flag: value for flag, value in given.items() if flag.section == "rule.options"})
     changes: dict[str, Any] = {"rule": rule, **sections.pop("", {})}
     for name, values in sections.items():
-        changes[name] = replace(getattr(config, name), **values)
+        section = getattr(config, name)
+        if resume is not None and name == "execution" and values.get("executor") == "sequential":
+            section = without_ray_settings(section, rule.rule_class)  # inherited, not given now
+        changes[name] = replace(section, **values)
     return replace(config, **changes)

@@ -18,7 +18,12 @@ class ProgressBar(RunObserver):
     def on_prediction(self, prediction: Prediction, progress: Progress) -> None:
         if self.bar is None:
             self.bar = tqdm(
-                total=progress.microbatches_total, unit="mb", file=sys.stderr, dynamic_ncols=True, mininterval=0.5
+                total=progress.microbatches_total,
+                initial=progress.microbatches_done - 1,  # a resumed run starts where it was
+                unit="mb",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                mininterval=0.5,
             )
         self.bar.update(1)
         if self.bar.n % 10 == 0 or prediction.phase == EVAL:
@@ -35,6 +40,11 @@ class ProgressBar(RunObserver):
         if others:
             message += f" ({', '.join(others)})"
         (self.bar.write if self.bar else print)(message, file=sys.stderr)
+
+    def on_rewind(self, progress: Progress, reason: str) -> None:
+        if self.bar is not None:
+            self.bar.n = progress.microbatches_done
+            self.bar.refresh()
 
     def on_end(self, result: RunResult) -> None:
         if self.bar is not None:

@@ -5,9 +5,6 @@ the rule (``Rule.predictors``)."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +12,7 @@ import torch
 
 from forwardflow.monitoring.records import finite_or_none
 from forwardflow.pipeline.config import config_to_dict
+from forwardflow.pipeline.files import atomic_write
 from forwardflow.pipeline.training import RunResult
 
 if TYPE_CHECKING:
@@ -24,8 +22,14 @@ if TYPE_CHECKING:
 def summary(run: Run, result: RunResult) -> dict[str, Any]:
     config, predictors = run.config, run.predictors
     last = result.evaluations[-1] if result.evaluations else None
+    out = config.output.out
     return {
         "run_id": run.run_id,
+        "status": result.status,
+        "stopped_by": result.stop_reason,
+        "restarts": result.restarts,
+        "checkpoint": result.checkpoint,
+        "resume": f"python launch/train.py --resume {out}" if result.status != "completed" and out else None,
         "dataset": config.data.dataset,
         "rule": config.rule.name,
         "model": config.model.name,
@@ -92,21 +96,11 @@ def placement_lines(run: Run) -> list[str]:
     return lines
 
 
-def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Write to a temporary file beside ``path`` and rename: a reader never sees half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix="." + path.name)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 def write_outputs(out: Path, data: dict[str, Any], result: RunResult) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "weights.pt", lambda name: torch.save(result.weights, name))
+    """weights.pt (a finished run only: an interrupted run's weights are in its checkpoint), then
+    summary.json, each written whole or not at all (WriteError names the file)."""
+    if data.get("status", "completed") == "completed":
+        atomic_write(out / "weights.pt", lambda name: torch.save(result.weights, name))
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"
     atomic_write(out / "summary.json", lambda name: Path(name).write_text(text))
 

@@ -87,6 +87,16 @@ class MetricsObserver(RunObserver):
         self._backlog = [0] * self.config.info.stages
         self._collect(END, result.stages)
 
+    def on_rewind(self, progress: Progress, reason: str) -> None:
+        """Back to a checkpoint: the log loses the records of the microbatches that come again,
+        so that it never counts one twice; the next interval values start from the restored
+        counters."""
+        self._progress = progress
+        self._previous.clear()
+        self._last_elapsed, self._last_samples = progress.elapsed_s, progress.train_samples_done
+        if self.log is not None:
+            self.log.rewind(self.config.info.run_id, progress.microbatches_done)
+
     def on_error(self, error: BaseException) -> None:
         """Not a training-loop hook: the launcher calls it when the run stops on an error."""
         kind = error_kind(error)
@@ -127,6 +137,7 @@ class MetricsObserver(RunObserver):
             backlog=list(self._backlog),
             test_accuracy=dict(self._accuracy),
             errors=dict(self._errors),
+            restarts=progress.restarts,
             stages=stages,
         )
         if self.exporter is not None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from forwardflow.pipeline.messages import StageStats
+from forwardflow.pipeline.files import FILE_MODE
+from forwardflow.pipeline.messages import StageStats, WriteError
 
 LOG_NAME = "metrics.jsonl"
 
@@ -75,6 +77,10 @@ def finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _ratio(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
 def stage_record(current: StageStats, previous: StageStats | None, device: str) -> StageRecord:
     """A record of ``current``, with the interval values taken against ``previous``: the one
     place where values over an interval are derived from the stage's cumulative counters."""
@@ -84,11 +90,9 @@ def stage_record(current: StageStats, previous: StageStats | None, device: str) 
     correct = current.train_correct - (previous.train_correct if previous else 0)
     steps = current.steps - (previous.steps if previous else 0)
     step_seconds = current.step_seconds - (previous.step_seconds if previous else 0.0)
-    # Without a new training step in the interval the stage's latest values stand: its last loss,
-    # its accuracy over the whole run so far (a gauge must not vanish between two collections).
+    # Without a new training step in the interval (an evaluation pass, the end of the run) the
+    # stage's latest loss and its accuracy so far stand, so that a gauge never disappears.
     loss = loss_sum / loss_count if loss_count else finite_or_none(current.last_loss)
-    if not scored:
-        correct, scored = current.train_correct, current.train_scored
     return StageRecord(
         stage=current.stage,
         device=device,
@@ -98,7 +102,7 @@ def stage_record(current: StageStats, previous: StageStats | None, device: str) 
         wait_s=current.wait_s,
         handoff_s=current.handoff_s,
         loss=finite_or_none(loss) if loss is not None else None,
-        train_accuracy=correct / scored if scored else None,
+        train_accuracy=correct / scored if scored else _ratio(current.train_correct, current.train_scored),
         lr=current.lr,
         weight_norm=current.weight_norm,
         update_norm=current.update_norm,
@@ -118,11 +122,38 @@ class MetricsLog:
         self.path = Path(out) / LOG_NAME
 
     def append(self, record: RunRecord) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         # Strict JSON: a non-finite number (a diverged norm, an unknown ETA) is written as null.
         line = json.dumps(_strict(asdict(record)), allow_nan=False) + "\n"
-        with open(self.path, "a") as handle:
-            handle.write(line)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            created = not self.path.exists()
+            with open(self.path, "a") as handle:
+                handle.write(line)
+            if created:
+                os.chmod(self.path, FILE_MODE)  # whatever the umask
+        except OSError as error:  # a full disk: one line naming the file, the checkpoints intact
+            raise WriteError(str(self.path), error.strerror or str(error)) from None
+
+    def rewind(self, run_id: str, microbatches_done: int) -> None:
+        """Drop this run's records from the first one past ``microbatches_done`` on (a run went
+        back to a checkpoint there). Records are appended in order, so what follows goes too."""
+        if not self.path.is_file():
+            return
+        offset = 0
+        with open(self.path, "rb") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a torn last line
+                    break
+                if record.get("run_id") == run_id and record.get("microbatches_done", 0) > microbatches_done:
+                    break
+                offset += len(line)
+        try:
+            with open(self.path, "rb+") as handle:
+                handle.truncate(offset)
+        except OSError as error:
+            raise WriteError(str(self.path), error.strerror or str(error)) from None
 
 
 def _strict(value):

@@ -84,52 +84,95 @@ class OptimConfig(Section):
         "constant, or cosine decay to 0 over the run's training microbatches",
         choices=("constant", "cosine"),
     )
+    divergence_factor: float = option(
+        100.0,
+        "stop when a stage's loss exceeds this many times its running median (or its first value) "
+        "(0: only NaN and inf stop a run)",
+        low=0.0,
+        high=1e12,
+    )
 
     def check(self) -> None:
         if not 0 < self.lr <= 10:
             raise self.error("lr", f"must be a number in (0, 10] (got {self.lr!r})")
 
 
+DEFAULT_WINDOW = 8
+DEFAULT_MAX_RESTARTS = 3
+
+
 @dataclass(frozen=True)
 class ExecutionConfig(Section):
-    """Where and how the stages run: the Ray pipeline, or the in-process sequential runner."""
+    """Where and how the stages run: the Ray pipeline, or the in-process sequential runner.
+
+    Settings that apply to one executor only default to None, "not given": a flag the user gave
+    for the other executor is refused (RunConfig.check) instead of ignored, and the properties
+    below resolve the defaults, in this one place."""
 
     executor: str = option(
         "ray", "ray: one actor per stage; sequential: every stage in this process", choices=("ray", "sequential")
     )
     device: str = option("auto", "auto, cpu, cuda, or cuda:N (cuda:N with --executor sequential)")
-    window: int = option(
-        8, "microbatches in flight in the Ray pipeline (bounds memory for any run length)", low=1, high=1024
+    window: int | None = option(
+        None,
+        f"microbatches in flight in the Ray pipeline (bounds memory for any run length; default: {DEFAULT_WINDOW})",
+        low=1,
+        high=1024,
     )
     address: str | None = option(
         None,
         "an existing Ray cluster: HOST:PORT, ray://HOST:PORT or auto (default: a "
-        "local Ray, or $RAY_ADDRESS under ray job submit)",
+        "local Ray on 127.0.0.1, or $RAY_ADDRESS under ray job submit)",
     )
-    placement: str = option(
-        "pack",
-        "pack: stages on as few nodes as possible; spread: in balanced blocks across the nodes (2 or more)",
+    placement: str | None = option(
+        None,
+        "pack: stages on as few nodes as possible; spread: in balanced blocks across the nodes, 2 or more "
+        "(default: pack)",
         choices=("pack", "spread"),
     )
-    cpus_per_stage: float = option(
-        0.0, "CPUs reserved per stage on Ray (0: an equal share of its node's CPUs, at most 1)", low=0.0, high=1024.0
+    cpus_per_stage: float | None = option(
+        None,
+        "CPUs reserved per stage on Ray (default: an equal share of its node's CPUs, at most 1)",
+        low=0.0,
+        high=1024.0,
     )
-    gpus_per_stage: float = option(
-        0.0,
-        "GPUs reserved per stage on Ray (0: a whole GPU when the cluster has one per stage, an equal share "
+    gpus_per_stage: float | None = option(
+        None,
+        "GPUs reserved per stage on Ray (default: a whole GPU when the cluster has one per stage, an equal share "
         "otherwise); a fraction up to 1, or a whole number",
         low=0.0,
         high=64.0,
     )
     threads: int = option(1, "torch threads per stage (per actor; the sequential runner's process)", low=1, high=256)
+    max_restarts: int | None = option(
+        None,
+        f"stage actors recreated after a failure (a dead process or node) before the run stops "
+        f"(default: {DEFAULT_MAX_RESTARTS})",
+        low=0,
+        high=10000,
+    )
+    ray_dashboard: bool = option(False, "a local Ray also serves its dashboard, on 127.0.0.1:8265")
 
     def check(self) -> None:
         device = self.device
         if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
             raise self.error("device", f"{device!r} is not one of auto, cpu, cuda, cuda:N")
-        if self.gpus_per_stage > 1 and self.gpus_per_stage != int(self.gpus_per_stage):
+        gpus = self.gpus_per_stage
+        if gpus is not None and gpus > 1 and gpus != int(gpus):
             # Ray reserves fractions of one GPU, or whole GPUs.
-            raise self.error("gpus_per_stage", f"must be at most 1 or a whole number (got {self.gpus_per_stage:g})")
+            raise self.error("gpus_per_stage", f"must be at most 1 or a whole number (got {gpus:g})")
+
+    @property
+    def pipeline_window(self) -> int:
+        return DEFAULT_WINDOW if self.window is None else self.window
+
+    @property
+    def placement_strategy(self) -> str:
+        return self.placement or "pack"
+
+    @property
+    def restart_limit(self) -> int:
+        return DEFAULT_MAX_RESTARTS if self.max_restarts is None else self.max_restarts
 
 
 @dataclass(frozen=True)
@@ -154,9 +197,75 @@ class MonitoringConfig(Section):
             raise self.error("metrics_host", "must be an address to bind to, such as 127.0.0.1")
 
 
+DEFAULT_KEEP_CHECKPOINTS = 2
+SHARD_WRITERS = ("stage", "driver")
+
+
 @dataclass(frozen=True)
 class OutputConfig(Section):
-    out: str | None = option(None, "write summary.json, weights.pt and metrics.jsonl into this directory")
+    """Where the run's files go, and its checkpoints. ``--resume DIR`` is ``--out DIR`` of a run that
+    stopped; the checkpoint settings default to None ("not given") so that giving one without
+    ``--out`` is refused rather than ignored."""
+
+    out: str | None = option(None, "write summary.json, weights.pt, metrics.jsonl and checkpoints/ into this directory")
+    resume: str | None = option(
+        None, "continue the run in this directory (its --out) from its newest complete checkpoint, with its settings"
+    )
+    overwrite: bool = option(False, "replace the run already in --out (its summary, weights, log and checkpoints)")
+    checkpoints: bool = option(
+        True,
+        "with --out: checkpoint at each epoch end, at a stop (SIGINT/SIGTERM) and as often as "
+        "--checkpoint-every / --checkpoint-minutes say",
+    )
+    checkpoint_every: int | None = option(
+        None, "also checkpoint every N training microbatches (default: 0, off)", low=0, high=10**9
+    )
+    checkpoint_minutes: float | None = option(
+        None, "also checkpoint when this many minutes have passed since the last one (default: 0, off)", low=0, high=1e6
+    )
+    keep_checkpoints: int | None = option(
+        None, f"complete checkpoints kept, the newest (default: {DEFAULT_KEEP_CHECKPOINTS})", low=1, high=10000
+    )
+    shard_writer: str | None = option(
+        None,
+        "stage: each stage writes its own checkpoint shard (on a cluster, --out must be storage every node "
+        "sees); driver: the stages send their shards to the driver, which writes them (default: stage)",
+        choices=SHARD_WRITERS,
+    )
+
+    def __post_init__(self) -> None:
+        if self.resume is not None and self.out is None:
+            object.__setattr__(self, "out", self.resume)  # frozen: resolved once, here
+        super().__post_init__()
+
+    def check(self) -> None:
+        if self.resume is not None and Path(self.resume) != Path(self.out or ""):
+            raise self.error("resume", f"continues the run in its own directory; --out {self.out} is another one")
+        if self.resume is not None and self.overwrite:
+            raise self.error("overwrite", "replaces a run; --resume continues one")
+        if not self.out:
+            for name in ("checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "shard_writer"):
+                if getattr(self, name) is not None:
+                    raise self.error(name, "needs --out: checkpoints are written there")
+            if self.overwrite:
+                raise self.error("overwrite", "needs --out: it replaces the run in that directory")
+
+    @property
+    def checkpoint_interval(self) -> int:
+        """Training microbatches between checkpoints (0: only at epoch ends and stops)."""
+        return self.checkpoint_every or 0
+
+    @property
+    def checkpoint_period_s(self) -> float:
+        return 60.0 * (self.checkpoint_minutes or 0.0)
+
+    @property
+    def checkpoints_kept(self) -> int:
+        return self.keep_checkpoints or DEFAULT_KEEP_CHECKPOINTS
+
+    @property
+    def stages_write_shards(self) -> bool:
+        return self.shard_writer != "driver"
 
 
 @dataclass(frozen=True)
@@ -174,6 +283,20 @@ class RunConfig(Section):
     def check(self) -> None:
         if self.monitoring.plot and not self.output.out:
             raise self.monitoring.error("plot", "needs --out: the plots are drawn from the run's metrics log there")
+        execution = self.execution
+        if execution.executor == "sequential":
+            ray_only = ("address", "placement", "max_restarts", "cpus_per_stage", "gpus_per_stage")
+            given = [name for name in ray_only if getattr(execution, name) is not None]
+            if execution.window is not None and not self.rule.rule_class.uses_window:
+                given.append("window")
+            if execution.ray_dashboard:
+                given.append("ray_dashboard")
+            if given:
+                raise execution.error(given[0], "applies to --executor ray only (the executor is sequential)")
+        if execution.ray_dashboard and execution.address:
+            raise execution.error(
+                "ray_dashboard", "applies to a local Ray only; a cluster serves its own dashboard (ray start ...)"
+            )
 
     @property
     def num_stages(self) -> int:

@@ -131,6 +131,36 @@ class Prediction:
 
 
 @dataclass
+class ShardInfo:
+    """One stage's part of a checkpoint: its file (a name inside the checkpoint's folder, or a whole
+    path when a stage is restored from it), size, SHA-256 and what writing it cost the stage."""
+
+    stage: int
+    file: str
+    sha256: str
+    size: int  # bytes
+    seconds: float = 0.0  # the stage's time to serialise and write (or hand over) its shard
+    data: bytes | None = None  # the shard itself, when the driver writes it (--shard-writer driver)
+
+
+@dataclass
+class CheckpointMarker:
+    """A cut in the stream of microbatches, travelling through the stages like a microbatch.
+
+    Every stage handles its messages in stream order, whatever carries them between stages, so a
+    stage that receives the marker has handled exactly the microbatches up to ``after`` and none
+    after it: the shard it writes then is its state after microbatch ``after``, and the shards of
+    all stages together are one consistent cut, without stopping the pipeline. Each stage adds its
+    ShardInfo and hands the marker on; the last one returns it to the driver, in stream order
+    among the predictions, and the driver writes the manifest (the cut's own part) last."""
+
+    after: int  # stream index of the last microbatch before the cut
+    directory: str  # where the stages write their shards
+    stages_write: bool = True  # False: each shard travels in the marker to the driver
+    shards: list[ShardInfo] = field(default_factory=list)
+
+
+@dataclass
 class StageStats:
     """Counters a stage keeps; the driver fetches them in batches, never per microbatch."""
 
@@ -176,14 +206,79 @@ class StageStats:
         self.step_seconds += seconds
 
 
-class NonFiniteLossError(RuntimeError):
-    """A local loss became NaN or inf: training stops instead of continuing silently."""
+class RunStoppedError(RuntimeError):
+    """A fault that stops the run for a reason the user can act on (a diverged loss, a failed
+    write): reported in one line naming what and where, never as a traceback. A stage raises it and
+    every executor passes it on to the driver unchanged. Each subclass keeps its fields when it
+    crosses a process boundary (``__reduce__``)."""
 
-    def __init__(self, stage: int, microbatch: int, value: float):
+
+class DivergenceError(RunStoppedError):
+    """The loss of a stage diverged: training stops before the bad update reaches the weights."""
+
+    def __init__(self, stage: int, microbatch: int, value: float, message: str):
         self.stage, self.microbatch, self.value = stage, microbatch, value
+        super().__init__(message)
+
+
+def _likely_causes(data_ok: bool) -> str:
+    if not data_ok:
+        return "the microbatch's inputs hold NaN or inf: check the data"
+    return "likely causes: a learning rate too high for this model (lower --lr), or extreme values in the data"
+
+
+class NonFiniteLossError(DivergenceError):
+    """A local loss became NaN or inf."""
+
+    def __init__(self, stage: int, microbatch: int, value: float, data_ok: bool = True):
+        self.data_ok = data_ok
         super().__init__(
-            f"stage {stage}: local loss is {value} at microbatch {microbatch}; training stopped (try a lower --lr)"
+            stage,
+            microbatch,
+            value,
+            f"stage {stage}: local loss is {value} at microbatch {microbatch}; training stopped "
+            f"({_likely_causes(data_ok)})",
         )
 
     def __reduce__(self):  # keeps the fields when the error crosses a process boundary
-        return (NonFiniteLossError, (self.stage, self.microbatch, self.value))
+        return (NonFiniteLossError, (self.stage, self.microbatch, self.value, self.data_ok))
+
+
+class LossExplodedError(DivergenceError):
+    """A local loss far above its running median, or far above where it started."""
+
+    def __init__(self, stage: int, microbatch: int, value: float, reference: float, compared_with: str):
+        self.reference, self.compared_with = reference, compared_with
+        super().__init__(
+            stage,
+            microbatch,
+            value,
+            f"stage {stage}: local loss {value:.4g} at microbatch {microbatch} is {value / reference:.3g} times "
+            f"its {compared_with} ({reference:.4g}); training stopped ({_likely_causes(True)})",
+        )
+
+    def __reduce__(self):
+        return (LossExplodedError, (self.stage, self.microbatch, self.value, self.reference, self.compared_with))
+
+
+class WriteError(RunStoppedError):
+    """A file of the run could not be written (no space left, a file-size limit, no permission)."""
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"cannot write {path} ({reason})")
+
+    def __reduce__(self):
+        return (WriteError, (self.path, self.reason))
+
+
+class StageLostError(RuntimeError):
+    """An executor lost a stage (its actor's process or node died). Not a user error: the training
+    loop recovers from it (``--max-restarts``)."""
+
+    def __init__(self, stage: int | None, cause: str):
+        self.stage, self.cause = stage, cause
+        super().__init__(f"stage {'?' if stage is None else stage} was lost: {cause}")
+
+    def __reduce__(self):
+        return (StageLostError, (self.stage, self.cause))

@@ -8,17 +8,25 @@ from typing import Protocol
 
 import torch
 
-from forwardflow.pipeline.messages import Microbatch, Prediction, StageStats
+from forwardflow.pipeline.checkpoint import load_shard
+from forwardflow.pipeline.messages import CheckpointMarker, Microbatch, Prediction, ShardInfo, StageStats
 from forwardflow.pipeline.stage import Stage, StageSetup
 
 
 class Executor(Protocol):
-    """What the training loop needs from an executor (sequential here, Ray in ``actors/``)."""
+    """What the training loop needs from an executor (sequential here, Ray in ``actors/``).
 
-    def submit(self, mb: Microbatch) -> None: ...
+    A CheckpointMarker is submitted like a microbatch and must reach every stage's ``Stage.step``
+    in stream order like one (each stage writes its shard and hands it on); the last stage's
+    marker comes back from ``completed`` in its place among the predictions. An executor that
+    loses a stage raises StageLostError; ``restore`` then brings every stage back to a checkpoint.
+    """
 
-    def completed(self, wait: bool = False) -> list[Prediction]:
-        """Predictions finished so far, in stream order; ``wait`` drains everything in flight."""
+    def submit(self, mb: Microbatch | CheckpointMarker) -> None: ...
+
+    def completed(self, wait: bool = False) -> list[Prediction | CheckpointMarker]:
+        """Predictions (and returned markers) finished so far, in stream order; ``wait`` drains
+        everything in flight."""
 
     def snapshots(self) -> list[StageStats]:
         """Every stage's statistics after all submitted microbatches (waits for them)."""
@@ -36,23 +44,36 @@ class Executor(Protocol):
 
     def state_dicts(self) -> list[dict[str, torch.Tensor]]: ...
 
+    def restore(self, shards: list[ShardInfo] | None) -> None:
+        """Every stage as it was in a checkpoint (its shards, ``file`` a whole path), or as built
+        (None); a lost stage is recreated first, where it was. Drops whatever was in flight."""
+
     def close(self) -> None: ...
+
+
+def restored_stage(setup: StageSetup, device: str | torch.device, shard: ShardInfo | None) -> Stage:
+    """A stage built from its setup, then put in the state of ``shard`` (None: as built)."""
+    stage = Stage(setup, device)
+    if shard is not None:
+        stage.restore(load_shard(shard))
+    return stage
 
 
 class SequentialRunner:
     def __init__(self, setups: list[StageSetup], device: str = "cpu"):
+        self.setups, self.device = setups, device
         self.stages = [Stage(setup, device) for setup in setups]
-        self._done: list[Prediction] = []
+        self._done: list[Prediction | CheckpointMarker] = []
 
-    def submit(self, mb: Microbatch) -> None:
-        message: Microbatch | Prediction = mb
+    def submit(self, mb: Microbatch | CheckpointMarker) -> None:
+        message: Microbatch | Prediction | CheckpointMarker = mb
         for stage in self.stages:
-            assert isinstance(message, Microbatch)  # only the last stage returns a Prediction
+            assert not isinstance(message, Prediction)  # only the last stage returns a Prediction
             message = stage.step(message)
-        assert isinstance(message, Prediction)
+        assert not isinstance(message, Microbatch)
         self._done.append(message)
 
-    def completed(self, wait: bool = False) -> list[Prediction]:
+    def completed(self, wait: bool = False) -> list[Prediction | CheckpointMarker]:
         done, self._done = self._done, []
         return done
 
@@ -71,6 +92,11 @@ class SequentialRunner:
 
     def state_dicts(self) -> list[dict[str, torch.Tensor]]:
         return [stage.state_dict() for stage in self.stages]
+
+    def restore(self, shards: list[ShardInfo] | None) -> None:
+        self._done = []
+        chosen: list[ShardInfo | None] = list(shards) if shards else [None] * len(self.setups)
+        self.stages = [restored_stage(setup, self.device, shard) for setup, shard in zip(self.setups, chosen)]
 
     def close(self) -> None:
         self.stages = []

@@ -8,6 +8,8 @@ in stream order), and the next epoch's training microbatches follow without a pa
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,78 @@ def augment_images(images: torch.Tensor, generator: torch.Generator, padding: in
         crop = padded[i, :, rows[i] : rows[i] + height, cols[i] : cols[i] + width]
         out[i] = crop.flip(-1) if flips[i] else crop
     return out
+
+
+@dataclass
+class StreamPosition:
+    """Where the stream stands: enough to continue it exactly, microbatch for microbatch (the next
+    index and epoch, the phase and offset within the epoch, the epoch's shuffled order, and the
+    state of the generator that shuffles and augments)."""
+
+    index: int = 0
+    epoch: int = 0
+    phase: str = TRAIN
+    offset: int = 0  # samples of this epoch's phase already handed out
+    order: torch.Tensor | None = None  # this epoch's training order, once drawn
+    generator: torch.Tensor | None = None  # torch.Generator state; None: freshly seeded
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ScheduleStream:
+    """The stream of a schedule from a position, one microbatch at a time; ``position()`` says
+    where it stands between two microbatches. The generator is drawn from in the same order as an
+    uninterrupted stream: the epoch's permutation first, then each microbatch's augmentation."""
+
+    def __init__(self, schedule: MicrobatchSchedule, position: StreamPosition | None = None):
+        self.schedule = schedule
+        position = position or StreamPosition()
+        self.generator = torch.Generator().manual_seed(schedule.seed)
+        if position.generator is not None:
+            self.generator.set_state(position.generator)
+        self.index, self.epoch, self.phase, self.offset = (
+            position.index,
+            position.epoch,
+            position.phase,
+            position.offset,
+        )
+        self.order = position.order
+
+    def position(self) -> StreamPosition:
+        return StreamPosition(self.index, self.epoch, self.phase, self.offset, self.order, self.generator.get_state())
+
+    def __iter__(self) -> ScheduleStream:
+        return self
+
+    def __next__(self) -> Microbatch:
+        data, config = self.schedule.dataset, self.schedule.config
+        while self.epoch < config.epochs:
+            if self.phase == TRAIN:
+                if self.order is None:
+                    self.order = torch.randperm(len(data.train_y), generator=self.generator)
+                if self.offset < len(self.order):
+                    chosen = self.order[self.offset : self.offset + config.batch_size]
+                    inputs = data.train_x[chosen]
+                    if self.schedule.augment and inputs.dim() == 4:
+                        inputs = augment_images(inputs, self.generator)
+                    return self._emit(TRAIN, inputs, data.train_y[chosen], self.offset + config.batch_size)
+                self.phase, self.offset = EVAL, 0
+            if self.offset < len(data.test_y):
+                stop = self.offset + config.eval_batch_size
+                return self._emit(EVAL, data.test_x[self.offset : stop], data.test_y[self.offset : stop], stop)
+            self.epoch, self.phase, self.offset, self.order = self.epoch + 1, TRAIN, 0, None
+        raise StopIteration
+
+    def _emit(self, phase: str, inputs: torch.Tensor, labels: torch.Tensor, offset: int) -> Microbatch:
+        mb = Microbatch(self.index, phase, self.epoch, inputs, labels)
+        self.index, self.offset = self.index + 1, offset
+        return mb
+
+    @property
+    def at_epoch_end(self) -> bool:
+        """The last microbatch handed out ended an epoch (its test pass included)."""
+        return self.phase == EVAL and self.offset >= len(self.schedule.dataset.test_y)
 
 
 class MicrobatchSchedule:
@@ -58,19 +132,8 @@ class MicrobatchSchedule:
         return self.config.epochs * (self.train_microbatches_per_epoch + self.eval_microbatches_per_pass)
 
     def __iter__(self) -> Iterator[Microbatch]:
-        data, config = self.dataset, self.config
-        generator = torch.Generator().manual_seed(self.seed)
-        index = 0
-        for epoch in range(config.epochs):
-            order = torch.randperm(len(data.train_y), generator=generator)
-            for start in range(0, len(order), config.batch_size):
-                chosen = order[start : start + config.batch_size]
-                inputs = data.train_x[chosen]
-                if self.augment and inputs.dim() == 4:
-                    inputs = augment_images(inputs, generator)
-                yield Microbatch(index, TRAIN, epoch, inputs, data.train_y[chosen])
-                index += 1
-            for start in range(0, len(data.test_y), config.eval_batch_size):
-                stop = start + config.eval_batch_size
-                yield Microbatch(index, EVAL, epoch, data.test_x[start:stop], data.test_y[start:stop])
-                index += 1
+        return ScheduleStream(self)
+
+    def stream(self, position: StreamPosition | None = None) -> ScheduleStream:
+        """The stream from ``position`` (a checkpoint's), or from the start."""
+        return ScheduleStream(self, position)

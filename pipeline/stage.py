@@ -6,12 +6,22 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 
+from forwardflow.pipeline.checkpoint import save_shard
 from forwardflow.pipeline.config import OptimConfig, RuleConfig, RunConfig
-from forwardflow.pipeline.messages import TRAIN, Microbatch, NonFiniteLossError, Prediction, StageStats
+from forwardflow.pipeline.divergence import LossWatch
+from forwardflow.pipeline.messages import (
+    TRAIN,
+    CheckpointMarker,
+    Microbatch,
+    NonFiniteLossError,
+    Prediction,
+    StageStats,
+)
 from forwardflow.pipeline.model import SeededDropout, StageSpec, build_stage_blocks, plan_stages
 from forwardflow.pipeline.rules.base import RuleContext
 
@@ -67,6 +77,7 @@ class Stage:
         self.optimizer = _build_optimizer(setup.optim, params)
         self.scheduler = _build_schedule(setup.optim, self.optimizer, setup.total_steps)
         self.stats = StageStats(stage=self.index, device=str(self.device), lr=setup.optim.lr)
+        self.loss_watch = LossWatch(setup.optim.divergence_factor)
         self.last_index = -1
         self._parameters = list(self.blocks.parameters()) + list(self.rule.parameters())
         self._weights_at_last_snapshot = [p.detach().clone() for p in self._parameters]
@@ -75,10 +86,13 @@ class Stage:
     def is_last(self) -> bool:
         return self.setup.spec.is_last
 
-    def step(self, mb: Microbatch) -> Microbatch | Prediction:
+    def step(self, mb: Microbatch | CheckpointMarker) -> Microbatch | Prediction | CheckpointMarker:
         """Forward, local loss, update at once; returns the detached hand-on (or, in the last
         stage, the predictions). Evaluation microbatches change no weight and no statistic of
-        the blocks (eval mode, no gradient)."""
+        the blocks (eval mode, no gradient). A checkpoint marker writes the stage's shard and
+        goes on."""
+        if isinstance(mb, CheckpointMarker):
+            return self._write_shard(mb)
         if mb.index <= self.last_index:
             # Equivalence with the sequential run rests on stream order; never learn out of order.
             raise RuntimeError(f"stage {self.index}: microbatch {mb.index} arrived after {self.last_index}")
@@ -92,17 +106,19 @@ class Stage:
         with torch.set_grad_enabled(training):
             local = self.rule(self.blocks, mb, training)
             if training:
-                self._update(local.loss, mb)
+                self._update(local.loss, mb, local.tracked)
         result = self.rule.predict(mb, local).cpu() if self.is_last else local.handed_on
         self._count(mb, local.scores, training, started)
         return result
 
-    def _update(self, loss: torch.Tensor, mb: Microbatch) -> None:
+    def _update(self, loss: torch.Tensor, mb: Microbatch, tracked: bool = True) -> None:
         # .item() is the stage's one sync point per microbatch: the NaN/inf check needs the value
         # on the host before the update is applied, so a bad loss never reaches the weights.
         value = loss.item()
         if not math.isfinite(value):
-            raise NonFiniteLossError(self.index, mb.index, value)
+            raise NonFiniteLossError(self.index, mb.index, value, data_ok=bool(torch.isfinite(mb.inputs).all()))
+        if tracked:
+            self.loss_watch.check(value, self.index, mb.index)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -162,6 +178,59 @@ class Stage:
             for name, tensor in module.state_dict().items():
                 weights[prefix + name] = tensor.detach().cpu().clone()
         return weights
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _generators(self) -> list[torch.Generator]:
+        """Every random generator the stage draws from (the dropout masks', a rule's own such as
+        Forward-Forward's negatives), in module order, a shared one once."""
+        found: dict[int, torch.Generator] = {}
+        for module in [*self.blocks.modules(), *self.rule.modules()]:
+            for value in vars(module).values():
+                if isinstance(value, torch.Generator):
+                    found.setdefault(id(value), value)
+        return list(found.values())
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything the stage's next steps depend on, after microbatch ``last_index``: blocks and
+        rule (parameters and buffers), optimizer, learning-rate schedule, random generators, the
+        divergence watch and the counters. ``restore`` on a fresh Stage of the same setup makes it
+        continue exactly as this one would."""
+        return {
+            "stage": self.index,
+            "last_index": self.last_index,
+            "blocks": self.blocks.state_dict(),
+            "rule": self.rule.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "generators": [generator.get_state() for generator in self._generators()],
+            "loss_watch": self.loss_watch.state_dict(),
+            "stats": asdict(self.stats),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if state["stage"] != self.index:
+            raise RuntimeError(f"stage {self.index} was handed stage {state['stage']}'s checkpoint")
+        self.blocks.load_state_dict(state["blocks"])
+        self.rule.load_state_dict(state["rule"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        for generator, generator_state in zip(self._generators(), state["generators"], strict=True):
+            generator.set_state(generator_state)
+        self.loss_watch.load_state_dict(state["loss_watch"])
+        self.stats = replace(StageStats(**state["stats"]), device=str(self.device))
+        self.last_index = state["last_index"]
+        self._weights_at_last_snapshot = [p.detach().clone() for p in self._parameters]
+
+    def _write_shard(self, marker: CheckpointMarker) -> CheckpointMarker:
+        if marker.after != self.last_index:
+            # The cut is consistent only if every stage sees it after the same microbatch.
+            raise RuntimeError(
+                f"stage {self.index}: the checkpoint after microbatch {marker.after} arrived after {self.last_index}"
+            )
+        shard = save_shard(marker, self.index, self.checkpoint_state())
+        return replace(marker, shards=[*marker.shards, shard])
 
 
 def _build_optimizer(config: OptimConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

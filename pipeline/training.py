@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -14,6 +15,11 @@ from forwardflow.pipeline.messages import EVAL, Prediction, StageStats
 from forwardflow.pipeline.rules.base import Feedback
 from forwardflow.pipeline.runner import Executor
 from forwardflow.pipeline.schedule import MicrobatchSchedule
+
+if TYPE_CHECKING:
+    from forwardflow.pipeline.loop import Durability
+
+COMPLETED, INTERRUPTED = "completed", "interrupted"
 
 
 @dataclass
@@ -40,6 +46,7 @@ class Progress:
     microbatches_total: int = 0
     started: float = field(default_factory=time.perf_counter)
     latest: EvalResult | None = None
+    restarts: int = 0  # lost stages recovered so far
 
     @property
     def elapsed_s(self) -> float:
@@ -60,6 +67,10 @@ class RunObserver:
     def on_evaluation(self, result: EvalResult, progress: Progress) -> None: ...
 
     def on_end(self, result: RunResult) -> None: ...
+
+    def on_rewind(self, progress: Progress, reason: str) -> None:
+        """The run went back to a checkpoint (``reason``: a resumed run, or the stage that was
+        lost): ``progress`` is as it was there, and the microbatches after it come again."""
 
 
 class AccuracyTracker:
@@ -93,6 +104,12 @@ class AccuracyTracker:
         self._reset()
         return result
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": self.seen, "correct": dict(self.correct)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen, self.correct = state["seen"], dict(state["correct"])
+
 
 @dataclass
 class RunResult:
@@ -101,6 +118,10 @@ class RunResult:
     train_samples: int
     stages: list[StageStats]
     weights: list[dict[str, torch.Tensor]]
+    status: str = COMPLETED  # or INTERRUPTED: stopped by a signal, at a checkpoint
+    restarts: int = 0  # lost stages recovered
+    checkpoint: str | None = None  # the newest complete checkpoint's folder
+    stop_reason: str | None = None  # what stopped an interrupted run (SIGINT, SIGTERM)
 
     @property
     def train_samples_per_s(self) -> float:
@@ -113,49 +134,13 @@ def train(
     primary: str,
     observers: Sequence[RunObserver] = (),
     feedback: Feedback | None = None,
+    durability: Durability | None = None,
 ) -> RunResult:
     """Feed the stream to ``executor`` and collect its predictions in order. ``primary``: the key
     of the rule's own prediction; ``feedback``: the rule's loop from the output back to the front
-    of the pipeline, if any (``Rule.make_feedback``). Called by ``launch.build.Run``, which wires
-    both from the rule."""
-    feedback = feedback or Feedback()
-    progress = Progress(train_samples_total=schedule.total_train_samples, microbatches_total=len(schedule))
-    tracker = AccuracyTracker(len(schedule.dataset.test_y), primary)
-    evaluations: list[EvalResult] = []
+    of the pipeline, if any (``Rule.make_feedback``); ``durability``: checkpoints, recovery of a
+    lost stage, the stop request, the checkpoint to resume from. Called by ``launch.build.Run``,
+    which wires all of them from the config."""
+    from forwardflow.pipeline.loop import TrainingLoop  # the loop needs this module's types
 
-    def handle(prediction: Prediction) -> None:
-        feedback.on_prediction(prediction)
-        progress.microbatches_done += 1
-        if prediction.phase != EVAL:
-            progress.train_samples_done += prediction.size
-        for observer in observers:
-            observer.on_prediction(prediction, progress)
-        result = tracker.observe(prediction, progress)
-        if result is not None:
-            evaluations.append(result)
-            progress.latest = result
-            for observer in observers:
-                observer.on_evaluation(result, progress)
-
-    for mb in schedule:
-        if not feedback.ready(mb):  # only when the feedback delay is shorter than the window
-            for prediction in executor.completed(wait=True):
-                handle(prediction)
-        executor.submit(feedback.attach(mb))  # returns at once on Ray; blocks only when the window is full
-        for prediction in executor.completed():
-            handle(prediction)
-        for observer in observers:
-            observer.after_submit(executor, progress)
-    for prediction in executor.completed(wait=True):
-        handle(prediction)
-    wall_s = progress.elapsed_s
-    result = RunResult(
-        evaluations=evaluations,
-        wall_s=wall_s,
-        train_samples=progress.train_samples_done,
-        stages=executor.snapshots(),
-        weights=executor.state_dicts(),
-    )
-    for observer in observers:
-        observer.on_end(result)
-    return result
+    return TrainingLoop(schedule, executor, primary, observers, feedback or Feedback(), durability).run()

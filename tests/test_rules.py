@@ -53,10 +53,11 @@ CONV = ModelConfig(
 
 
 def config_for(rule: str, model: ModelConfig | None = None, epochs: int | None = None) -> RunConfig:
-    """A small synthetic run of ``rule`` (sequential unless changed), window 4."""
+    """A small synthetic run of ``rule`` (sequential unless changed); efp's feedback loop is 4 long."""
     rule_config, lr, rule_epochs = RULE_SETTINGS[rule]
     config = replace(small_config(), model=model or fc_model((24, 24, 16), name="fc-tiny"), rule=rule_config)
-    return tweak(config, optim={"lr": lr}, schedule={"epochs": epochs or rule_epochs}, execution={"window": 4})
+    config = tweak(config, optim={"lr": lr}, schedule={"epochs": epochs or rule_epochs})
+    return tweak(config, execution={"window": 4}) if rule_config.rule_class.uses_window else config
 
 
 def lone_stage(

@@ -75,7 +75,7 @@ def test_each_rule_update_changes_only_its_own_stage(rule):
     feedback = run.rule.make_feedback(config, run.dataset.num_classes, run.dataset.input_shape)
     runner = SequentialRunner(run.setups)
     stream = [mb for mb in run.schedule if mb.phase == TRAIN]
-    window = config.execution.window
+    window = config.execution.pipeline_window
     for mb in stream[:window]:  # fills the loop: the next one carries a replay
         runner.submit(feedback.attach(mb))
         for prediction in runner.completed():

@@ -15,7 +15,7 @@ the update; the rule never sees another stage.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,9 @@ class LocalStep:
     loss: torch.Tensor | None  # the local loss (None for evaluation microbatches)
     features: torch.Tensor  # this stage's h, for prediction in the last stage
     scores: torch.Tensor | None = None  # per-class scores of this stage (its own training accuracy)
+    # Whether the loss is on the scale of the stage's loss in the long run, which the divergence
+    # watch compares it with (efp: not before the first error comes back and its replay term).
+    tracked: bool = True
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,14 @@ class Feedback:
     def attach(self, mb: Microbatch) -> Microbatch:
         return mb
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the loop holds, for a checkpoint (the training loop takes it at a cut, with every
+        microbatch up to the cut submitted and its prediction taken, none after)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's ``state_dict()``."""
+
 
 class Rule(nn.Module):
     """Base class: a linear output head on detached last features, when the model asks for one."""
@@ -92,6 +103,9 @@ class Rule(nn.Module):
     # One stage with gradients through every block (backprop): its default stage count is 1 and
     # more stages are refused.
     end_to_end: ClassVar[bool] = False
+    # The rule's feedback loop is --window microbatches long in every executor (efp): --window
+    # then applies to sequential runs too.
+    uses_window: ClassVar[bool] = False
     # The rule's own prediction first; the output head is added where the model has one.
     own_predictors: ClassVar[tuple[Predictor, ...]] = ()
     head_label: ClassVar[str] = "output head"

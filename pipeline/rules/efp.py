@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +102,15 @@ class ErrorFeedback(Feedback):
         modulated = inputs - (error @ self.projection).view_as(inputs)
         return replace(mb, context=torch.cat([inputs, modulated]))
 
+    def state_dict(self) -> dict[str, Any]:
+        # At a cut nothing is in flight: the inputs kept are those whose errors came back and
+        # wait to be fed to a later microbatch.
+        return {"position": self._position, "in_flight": dict(self._in_flight), "errors": dict(self._errors)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._position = state["position"]
+        self._in_flight, self._errors = dict(state["in_flight"]), dict(state["errors"])
+
 
 class ErrorForwardRule(Rule):
     """No targets: the output head's error, fed back to the front, is what every stage learns from;
@@ -109,12 +118,15 @@ class ErrorForwardRule(Rule):
 
     name = "efp"
     Options = ErrorForwardOptions
+    uses_window = True
 
     @classmethod
     def make_feedback(cls, config: RunConfig, num_classes: int, input_shape: tuple[int, ...]) -> ErrorFeedback:
         options = config.rule.options
         assert isinstance(options, ErrorForwardOptions)
-        return ErrorFeedback(config.execution.window, num_classes, input_shape, config.seed, options.feedback_scale)
+        return ErrorFeedback(
+            config.execution.pipeline_window, num_classes, input_shape, config.seed, options.feedback_scale
+        )
 
     def forward(self, blocks: nn.ModuleList, mb: Microbatch, training: bool) -> LocalStep:
         h, _ = run_blocks(blocks, mb.inputs, None)
@@ -139,7 +151,13 @@ class ErrorForwardRule(Rule):
         scores = None
         if self.output_head is not None:
             scores = self.output_head(h.detach().flatten(1)).detach()
-        return LocalStep(handed_on=mb.handed_on(h, None, context=replay), loss=loss, features=h, scores=scores)
+        return LocalStep(
+            handed_on=mb.handed_on(h, None, context=replay),
+            loss=loss,
+            features=h,
+            scores=scores,
+            tracked=replay is not None,
+        )
 
     def predict(self, mb: Microbatch, step: LocalStep) -> Prediction:
         prediction = super().predict(mb, step)

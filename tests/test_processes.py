@@ -1,0 +1,200 @@
+"""Real processes: ``launch/train.py`` as a user starts it. A local run listens on loopback only;
+SIGTERM (or Ctrl-C, to the whole process group) stops it at a checkpoint in one line, with Ray
+shut down, and ``--resume`` finishes it with the weights of a run never stopped; a full disk
+stops it in one line with its last checkpoint intact."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import ipaddress
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from helpers import assert_same_weights, run_to_end
+
+from forwardflow.launch.cli import parse_config
+from forwardflow.launch.train import main
+from forwardflow.pipeline.checkpoint import CHECKPOINTS, complete_checkpoints, verify
+
+REPO = Path(__file__).resolve().parent.parent
+SETTINGS = ["--preset", "synthetic", "--epochs", "400", "--no-progress"]
+
+
+class Training:
+    """``python launch/train.py ARGV`` in a process of its own; stderr collected line by line."""
+
+    def __init__(self, argv: list[str], **popen):
+        env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO / "launch" / "train.py"), *argv],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **popen,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, ready, what: str, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            assert self.process.poll() is None, f"exited {self.process.returncode}: {self.lines}"
+            assert time.monotonic() < deadline, f"no {what} within {timeout_s:g} s: {self.lines}"
+            time.sleep(0.01)
+
+    def finish(self, timeout_s: float = 120.0) -> int:
+        status = self.process.wait(timeout_s)
+        self._reader.join(10)
+        return status
+
+    def ours(self) -> list[str]:
+        """forwardflow's own lines (Ray prints a few of its own when it starts)."""
+        return [line for line in self.lines if line.startswith("forwardflow:")]
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
+
+
+def checkpointed(out: Path):
+    return lambda: bool(complete_checkpoints(out / CHECKPOINTS))
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", maxsplit=1)[0])
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+def listening_sockets(processes: list[psutil.Process]) -> dict[str, list[str]]:
+    """Every listening TCP socket and bound UDP socket of ``processes``."""
+    found: dict[str, list[str]] = {}
+    for process in processes:
+        try:
+            name = f"{process.pid} {' '.join(process.cmdline())[:100] or process.name()}"
+            for connection in process.net_connections(kind="inet"):
+                if connection.status == psutil.CONN_LISTEN or connection.type == 2:  # SOCK_DGRAM
+                    found.setdefault(name, []).append(f"{connection.laddr.ip}:{connection.laddr.port}")
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def resumed_matches_uninterrupted(out: Path, settings: list[str]) -> None:
+    """``--resume OUT`` (in this process, sequentially) ends with an uninterrupted run's weights."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        status = main(["--resume", str(out), "--executor", "sequential"])
+    assert status == 0, err.getvalue()
+    expected = run_to_end(parse_config([*settings, "--executor", "sequential"]))
+    assert_same_weights(expected.weights, torch.load(out / "weights.pt"))
+
+
+def test_a_local_run_listens_on_loopback_only_and_sigterm_stops_it_at_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    settings = ["--preset", "synthetic", "--epochs", "20", "--no-progress"]
+    run = Training([*settings, "--executor", "ray", "--checkpoint-every", "2", "--out", str(out)])
+    try:
+        run.wait_for(checkpointed(out), "first checkpoint")
+        time.sleep(1)  # Ray's agents and monitors open their ports in the background
+        started = [psutil.Process(run.process.pid), *psutil.Process(run.process.pid).children(recursive=True)]
+        sockets = listening_sockets(started)
+        exposed = {name: [a for a in found if not is_loopback(a.rsplit(":", 1)[0])] for name, found in sockets.items()}
+        assert not any(exposed.values()), exposed
+        assert any("gcs_server" in name for name in sockets) and any("raylet" in name for name in sockets)
+        run.process.send_signal(signal.SIGTERM)
+        assert run.finish() == 143, run.lines
+    finally:
+        run.kill()
+    assert not [line for line in run.lines if "Traceback" in line or "SIGTERM received" in line], run.lines
+    ours = run.ours()  # the start line, the placement of each stage, the stop line
+    first, last = ours[0], ours[-1]
+    assert first.startswith("forwardflow: run ") and last.startswith("forwardflow: stopped by SIGTERM; "), run.ours()
+    assert last.endswith(f"continue with: python launch/train.py --resume {out}")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and [p for p in started[1:] if alive(p)]:
+        time.sleep(0.2)
+    assert not [p.pid for p in started[1:] if alive(p)], "Ray's processes outlived the run"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["stopped_by"] == "SIGTERM"
+    resumed_matches_uninterrupted(out, settings)
+
+
+def alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_ctrl_c_to_the_process_group_stops_at_a_checkpoint_and_resume_ends_identically(tmp_path):
+    out = tmp_path / "run"
+    settings = ["--preset", "synthetic", "--epochs", "10", "--no-progress"]
+    run = Training([*settings, "--executor", "sequential", "--out", str(out)], start_new_session=True)
+    try:
+        run.wait_for(checkpointed(out), "first checkpoint")
+        os.killpg(run.process.pid, signal.SIGINT)  # as a terminal sends Ctrl-C
+        assert run.finish() == 130, run.lines
+    finally:
+        run.kill()
+    assert len(run.ours()) == 2 and run.ours()[1].startswith("forwardflow: stopped by SIGINT; "), run.lines
+    assert not [line for line in run.lines if "Traceback" in line]
+    resumed_matches_uninterrupted(out, settings)
+
+
+def test_a_second_signal_exits_at_once(tmp_path):
+    out = tmp_path / "run"
+    run = Training([*SETTINGS, "--executor", "sequential", "--out", str(out)], start_new_session=True)
+    try:
+        run.wait_for(checkpointed(out), "first checkpoint")
+        os.killpg(run.process.pid, signal.SIGINT)
+        os.killpg(run.process.pid, signal.SIGINT)
+        assert run.finish(timeout_s=10) == 130, run.lines
+    finally:
+        run.kill()
+    assert not [line for line in run.lines if "Traceback" in line]
+    assert len(run.ours()) == 2 and "SIGINT" in run.ours()[1], run.lines
+
+
+def no_file_may_grow() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), no core dump
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_leaves_the_last_checkpoint_intact(tmp_path):
+    out = tmp_path / "run"
+    settings = ["--preset", "synthetic", "--epochs", "10", "--no-progress"]
+    run = Training([*settings, "--executor", "sequential", "--out", str(out)], preexec_fn=no_file_may_grow)
+    try:
+        run.wait_for(checkpointed(out), "first checkpoint")
+        # From now on no file of the run can grow past 1 KiB: the disk is full.
+        resource.prlimit(run.process.pid, resource.RLIMIT_FSIZE, (1024, 1024))
+        assert run.finish() == 1, run.lines
+    finally:
+        run.kill()
+    assert len(run.ours()) == 2, run.lines
+    assert "error: cannot write" in run.ours()[1] and "(File too large)" in run.ours()[1], run.ours()
+    assert run.ours()[1].endswith(f"continue with: python launch/train.py --resume {out}")
+    assert not [line for line in run.lines if "Traceback" in line]
+    folder, manifest = complete_checkpoints(out / CHECKPOINTS)[-1]
+    verify(folder, manifest)
+    assert not [p.name for p in out.rglob(".*")], "no temporary file left behind"
+    resumed_matches_uninterrupted(out, settings)
