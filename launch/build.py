@@ -28,10 +28,11 @@ from forwardflow.launch.report import summary, write_outputs
 from forwardflow.monitoring.exporter import RunInfo
 from forwardflow.monitoring.observer import MetricsConfig, MetricsObserver
 from forwardflow.pipeline.config import RunConfig
-from forwardflow.pipeline.data import Dataset, load_dataset
+from forwardflow.pipeline.data import Dataset
 from forwardflow.pipeline.rules.base import Predictor, Rule
 from forwardflow.pipeline.runner import Executor, SequentialRunner
 from forwardflow.pipeline.schedule import MicrobatchSchedule
+from forwardflow.pipeline.sequence import SequenceDataset, SequenceSchedule, load_data
 from forwardflow.pipeline.stage import StageSetup, resolve_device, stage_setups
 from forwardflow.pipeline.training import RunObserver, RunResult, train
 from forwardflow.pipeline.validation import ConfigError
@@ -138,7 +139,8 @@ class Run:
             raise RuntimeError("start the run first")
         feedback = self.rule.make_feedback(self.config, self.dataset.num_classes, self.dataset.input_shape)
         try:
-            return train(self.schedule, self.executor, self.predictors[0].key, self.observers, feedback)
+            metric = self.dataset.target_spec.metric
+            return train(self.schedule, self.executor, self.predictors[0].key, self.observers, feedback, metric)
         except Exception as error:
             if self.metrics is not None:
                 self.metrics.on_error(error)  # forwardflow_errors_total and the metrics log
@@ -186,11 +188,18 @@ def build_run(config: RunConfig, observers: Sequence[RunObserver] = (), run_id: 
     """Everything that can reject the input, before any actor starts; raises ConfigError.
     ``observers`` watch the run beside the ones the config asks for (progress bar, metrics)."""
     check_out_dir(config.output.out)
-    dataset = load_dataset(config.data, config.seed)
+    dataset = load_data(config.data, config.seed)
     config.rule.rule_class.check(config, dataset.num_classes, dataset.input_shape)
-    schedule = MicrobatchSchedule(dataset, config.schedule, config.seed, config.data.augment)
+    if isinstance(dataset, SequenceDataset):  # one microbatch per time step
+        schedule: MicrobatchSchedule = SequenceSchedule(dataset, config.schedule, config.seed)
+    else:
+        schedule = MicrobatchSchedule(dataset, config.schedule, config.seed, config.data.augment)
     setups = stage_setups(
-        config, dataset.num_classes, dataset.input_shape, total_steps=schedule.total_train_microbatches
+        config,
+        dataset.num_classes,
+        dataset.input_shape,
+        total_steps=schedule.total_train_microbatches,
+        target=dataset.target_spec,
     )
     execution = config.execution
     if execution.executor == "ray" and execution.address:

@@ -15,6 +15,7 @@ from forwardflow.monitoring.records import END, ERROR, EVALUATION, PROGRESS, Met
 from forwardflow.pipeline.config import MonitoringConfig
 from forwardflow.pipeline.messages import NonFiniteLossError, Prediction, StageStats
 from forwardflow.pipeline.runner import Executor
+from forwardflow.pipeline.targets import ACCURACY, MSE
 from forwardflow.pipeline.training import EvalResult, Progress, RunObserver, RunResult
 
 
@@ -58,7 +59,7 @@ class MetricsObserver(RunObserver):
         self._epoch = 0
         self._in_flight = 0
         self._backlog = [0] * config.info.stages
-        self._accuracy: dict[str, float] = {}
+        self._scores: dict[str, dict[str, float]] = {}  # RunRecord field of the metric -> per predictor
         self._errors = {NON_FINITE_LOSS: 0}
 
     # --- RunObserver hooks ---
@@ -79,7 +80,7 @@ class MetricsObserver(RunObserver):
 
     def on_evaluation(self, result: EvalResult, progress: Progress) -> None:
         self._progress = progress
-        self._accuracy.update(result.accuracies)
+        self._scores.setdefault(result.metric.record_field, {}).update(result.scores)
         self._collect(EVALUATION, None)
 
     def on_end(self, result: RunResult) -> None:
@@ -125,7 +126,8 @@ class MetricsObserver(RunObserver):
             eta_s=eta,
             in_flight=self._in_flight,
             backlog=list(self._backlog),
-            test_accuracy=dict(self._accuracy),
+            test_accuracy=dict(self._scores.get(ACCURACY.record_field, {})),
+            test_mse=dict(self._scores.get(MSE.record_field, {})),
             errors=dict(self._errors),
             stages=stages,
         )

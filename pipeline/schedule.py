@@ -54,6 +54,11 @@ class MicrobatchSchedule:
     def total_train_samples(self) -> int:
         return len(self.dataset.train_y) * self.config.epochs
 
+    @property
+    def scored_eval_samples(self) -> int:
+        """Predictions one pass over the test set scores (sequence data: see SequenceSchedule)."""
+        return len(self.dataset.test_y)
+
     def __len__(self) -> int:
         return self.config.epochs * (self.train_microbatches_per_epoch + self.eval_microbatches_per_pass)
 

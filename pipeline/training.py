@@ -14,21 +14,35 @@ from forwardflow.pipeline.messages import EVAL, Prediction, StageStats
 from forwardflow.pipeline.rules.base import Feedback
 from forwardflow.pipeline.runner import Executor
 from forwardflow.pipeline.schedule import MicrobatchSchedule
+from forwardflow.pipeline.targets import ACCURACY, Metric
 
 
 @dataclass
 class EvalResult:
-    """Test accuracy after an epoch, from the evaluation microbatches that followed it."""
+    """The test score after an epoch (accuracy, or the mean squared error of a real-valued
+    target: the task's ``Metric``), from the evaluation microbatches that followed it."""
 
     epoch: int
-    accuracies: dict[str, float]  # per predictor key (Rule.predictors)
+    scores: dict[str, float]  # per predictor key (Rule.predictors)
     primary: str  # the key of the rule's own prediction
     train_samples_seen: int
     wall_s: float
+    metric: Metric = ACCURACY
+
+    @property
+    def score(self) -> float:
+        """The rule's own prediction: what a run's test score reports."""
+        return self.scores[self.primary]
+
+    @property
+    def accuracies(self) -> dict[str, float]:
+        """The scores of a classification task."""
+        if self.metric is not ACCURACY:
+            raise ValueError(f"the task is scored by {self.metric.label}, not accuracy")
+        return self.scores
 
     @property
     def accuracy(self) -> float:
-        """The rule's own prediction: what a run's test accuracy reports."""
         return self.accuracies[self.primary]
 
 
@@ -62,33 +76,36 @@ class RunObserver:
     def on_end(self, result: RunResult) -> None: ...
 
 
-class AccuracyTracker:
-    """Counts correct evaluation predictions until a whole pass over the test set is in."""
+class ScoreTracker:
+    """Scores the evaluation predictions the task scores (a sequence's last step, for a many-to-one
+    task) until a whole pass over the test set is in."""
 
-    def __init__(self, test_size: int, primary: str):
+    def __init__(self, test_size: int, primary: str, metric: Metric = ACCURACY):
         self.test_size = test_size
         self.primary = primary
+        self.metric = metric
         self._reset()
 
     def _reset(self) -> None:
         self.seen = 0
-        self.correct: dict[str, int] = {}
+        self.totals: dict[str, float] = {}
 
     def observe(self, prediction: Prediction, progress: Progress) -> EvalResult | None:
-        if prediction.phase != EVAL:
+        if prediction.phase != EVAL or not prediction.scored:
             return None
         for key, predicted in prediction.outputs.items():
             # One host read per evaluation microbatch and predictor (not on a stage's hot path).
-            self.correct[key] = self.correct.get(key, 0) + int((predicted == prediction.labels).sum())
+            self.totals[key] = self.totals.get(key, 0) + self.metric.total(predicted, prediction.labels)
         self.seen += prediction.size
         if self.seen < self.test_size:
             return None
         result = EvalResult(
             epoch=prediction.epoch,
-            accuracies={k: v / self.seen for k, v in self.correct.items()},
+            scores={k: v / self.seen for k, v in self.totals.items()},
             primary=self.primary,
             train_samples_seen=progress.train_samples_done,
             wall_s=progress.elapsed_s,
+            metric=self.metric,
         )
         self._reset()
         return result
@@ -113,20 +130,21 @@ def train(
     primary: str,
     observers: Sequence[RunObserver] = (),
     feedback: Feedback | None = None,
+    metric: Metric = ACCURACY,
 ) -> RunResult:
     """Feed the stream to ``executor`` and collect its predictions in order. ``primary``: the key
     of the rule's own prediction; ``feedback``: the rule's loop from the output back to the front
-    of the pipeline, if any (``Rule.make_feedback``). Called by ``launch.build.Run``, which wires
-    both from the rule."""
+    of the pipeline, if any (``Rule.make_feedback``); ``metric``: how the task scores predictions.
+    Called by ``launch.build.Run``, which wires them from the rule and the data."""
     feedback = feedback or Feedback()
     progress = Progress(train_samples_total=schedule.total_train_samples, microbatches_total=len(schedule))
-    tracker = AccuracyTracker(len(schedule.dataset.test_y), primary)
+    tracker = ScoreTracker(schedule.scored_eval_samples, primary, metric)
     evaluations: list[EvalResult] = []
 
     def handle(prediction: Prediction) -> None:
         feedback.on_prediction(prediction)
         progress.microbatches_done += 1
-        if prediction.phase != EVAL:
+        if prediction.phase != EVAL and prediction.ends_sample:  # a sequence counts once, at its end
             progress.train_samples_done += prediction.size
         for observer in observers:
             observer.on_prediction(prediction, progress)

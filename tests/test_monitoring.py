@@ -11,10 +11,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import small_config
+from helpers import small_config, small_sequence_config
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -33,10 +34,11 @@ REPO = Path(__file__).resolve().parent.parent
 SHORT_RUN = ["--preset", "synthetic", "--executor", "sequential", "--epochs", "2", "--no-progress"]
 
 
-def observed_run(port: int = 0, out=None):
-    """A tiny sequential run watched by its metrics observer, collecting every 50 ms; returns the
-    observer (its endpoint stopped) and the result."""
-    config = small_config(
+def observed_run(port: int = 0, out=None, base=None):
+    """A tiny sequential run (``base``, or the synthetic one) watched by its metrics observer,
+    collecting every 50 ms; returns the observer (its endpoint stopped) and the result."""
+    config = replace(
+        base or small_config(),
         monitoring=MonitoringConfig(progress=False, metrics_port=port, metrics_interval=0.05, metrics_linger=0),
         output=OutputConfig(None if out is None else str(out)),
     )
@@ -83,22 +85,42 @@ def test_dashboard_has_the_panels_the_issue_asks_for_and_a_run_selector():
 
 
 def test_exporter_serves_valid_text_format_with_every_metric_the_dashboard_names():
-    observer, _ = observed_run(port=free_port())
-    text = observer.scraped
-    families = list(text_string_to_metric_families(text))
-    samples = {sample.name for family in families for sample in family.samples}
+    # A classification run, and a run of the adding problem (a regression task, on sequence data):
+    # between them they fill every series the dashboard shows.
+    samples = set()
+    for base in (None, small_sequence_config(dataset="adding")):
+        observer, _ = observed_run(port=free_port(), base=base)
+        text = observer.scraped
+        families = list(text_string_to_metric_families(text))
+        samples |= {sample.name for family in families for sample in family.samples}
+        for family in families:
+            assert family.name.startswith(PREFIX)
+            for sample in family.samples:
+                assert sample.labels["run_id"] == "test-run"
+                if family.name.startswith(PREFIX + "stage_"):
+                    assert {"stage", "device"} <= sample.labels.keys()
+        promtool = shutil.which("promtool")  # Prometheus's own parser and naming linter (Debian prometheus)
+        if promtool:
+            lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+            assert lint.returncode == 0, lint.stdout + lint.stderr
     missing = dashboard_metric_names() - samples
     assert not missing, f"the dashboard queries metrics the exporter does not serve: {missing}"
-    for family in families:
-        assert family.name.startswith(PREFIX)
-        for sample in family.samples:
-            assert sample.labels["run_id"] == "test-run"
-            if family.name.startswith(PREFIX + "stage_"):
-                assert {"stage", "device"} <= sample.labels.keys()
-    promtool = shutil.which("promtool")  # Prometheus's own parser and naming linter (Debian prometheus)
-    if promtool:
-        lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
-        assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_a_sequence_run_exports_each_stages_time_step_and_its_test_mse():
+    observer, result = observed_run(port=free_port(), base=small_sequence_config(dataset="adding"))
+    registry = observer.exporter.registry
+
+    def value(name, **labels):
+        return registry.get_sample_value(PREFIX + name, {"run_id": "test-run", **labels})
+
+    for stats in result.stages:
+        stage = {"stage": str(stats.stage), "device": "cpu"}
+        assert value("stage_time_step", **stage) == 8 and value("stage_sequence_length", **stage) == 8
+        assert value("stage_updates_total", **stage) == stats.updates == 8 * 8  # 8 batches of 8 steps
+        assert value("stage_samples_total", **stage) == 256  # sequences, counted once each
+    assert value("test_mean_squared_error", predictor="head") == result.evaluations[-1].scores["head"]
+    assert value("test_accuracy_ratio", predictor="head") is None
 
 
 def test_exported_values_follow_the_run():

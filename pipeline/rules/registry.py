@@ -10,5 +10,12 @@ from forwardflow.pipeline.rules.local import LocalHeadsRule
 from forwardflow.pipeline.rules.sigprop import SigPropRule
 
 RULES: dict[str, type[Rule]] = {
-    rule.name: rule for rule in (SigPropRule, ForwardForwardRule, LocalHeadsRule, ErrorForwardRule, BackpropRule)
+    rule.name: rule
+    for rule in (
+        SigPropRule,
+        ForwardForwardRule,
+        LocalHeadsRule,
+        ErrorForwardRule,
+        BackpropRule,
+    )
 }
