@@ -83,7 +83,7 @@ def first_sequence(run):
     return [next(stream) for _ in range(run.schedule.length)]
 
 
-@pytest.mark.parametrize("rule, first_update", [("sigprop", 1), ("local", 1)])
+@pytest.mark.parametrize("rule, first_update", [("sigprop", 1), ("local", 1), ("bptt", 8), ("tbptt", 1)])
 def test_when_a_stage_first_updates_in_a_sequence(rule, first_update):
     run = build_run(small_sequence_config(rule=rule))
     stage = Stage(run.setups[0])
@@ -139,9 +139,11 @@ def saved_bytes_over_a_sequence(rule: str, length: int) -> int:
 def test_the_state_carries_no_graph_between_steps_so_memory_is_flat_over_time():
     # Signal Propagation: the graph of a step ends at that step, whatever the sequence's length.
     assert saved_bytes_over_a_sequence("sigprop", 32) == saved_bytes_over_a_sequence("sigprop", 4) > 0
+    # Backpropagation through time keeps every step's activations until the sequence's end.
+    assert saved_bytes_over_a_sequence("bptt", 32) > 6 * saved_bytes_over_a_sequence("bptt", 4)
 
 
-@pytest.mark.parametrize("rule", ["sigprop"])
+@pytest.mark.parametrize("rule", ["sigprop", "tbptt"])
 def test_pipelined_and_sequential_runs_of_a_recurrent_net_agree_bit_for_bit(ray_cluster, rule):
     config = small_sequence_config(rule=rule)
     sequential = assert_executors_agree(config)
@@ -174,8 +176,14 @@ BAD_SEQUENCE_INPUTS = [
     (["--preset", "mnist-rows", "--config", FC_MODEL], "--config", "has no recurrent block"),
     (["--preset", "synthetic", "--config", GRU_MODEL], "--config", "--sequence rows or pixels"),
     (["--preset", "mnist-fc", "--sequence", "rows"], "model.blocks", "has no recurrent block"),
+    (["--preset", "adding", "--rule", "tbptt", "--k1", "0"], "--k1", "between 1 and"),
+    (["--preset", "adding", "--rule", "tbptt", "--k2", "0"], "--k2", "between 1 and"),
+    (["--preset", "adding", "--rule", "tbptt", "--k1", "4", "--k2", "2"], "--k2", "at least --k1"),
+    (["--preset", "adding", "--k1", "2"], "--k1", "applies to --rule tbptt only"),
+    (["--preset", "adding", "--rule", "rtrl"], "--rule", "would need 4.6 GiB"),
     (["--preset", "adding", "--rule", "ff"], "--rule", "does not learn from sequence data"),
     (["--preset", "adding", "--rule", "bp"], "--rule", "--rule bptt"),
+    (["--preset", "synthetic", "--rule", "bptt"], "--rule", "needs sequence data"),
     (["--preset", "mnist-rows", "--permute"], "--permute", "--sequence pixels"),
     (["--preset", "adding", "--sequence", "rows"], "--sequence", "is a sequence already"),
     (["--preset", "adding", "--update-every", "0"], "--update-every", "between 1 and"),
