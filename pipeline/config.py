@@ -1,11 +1,11 @@
 """The one config tree of a run: a frozen dataclass per component, each checked when it is built.
 
     RunConfig
-      data        DataConfig        which dataset, where, how much of it
+      data        DataConfig        which dataset, where, how much of it, read as sequences or not
       model       ModelConfig       the blocks and how they split into stages (pipeline/model.py)
       rule        RuleConfig        the learning rule and its own options (pipeline/rules/)
       optim       OptimConfig       every stage's optimizer and learning-rate schedule
-      schedule    ScheduleConfig    epochs and microbatch sizes
+      schedule    ScheduleConfig    epochs, microbatch sizes, when the steps of a sequence learn
       execution   ExecutionConfig   sequential or Ray, devices, placement, threads
       monitoring  MonitoringConfig  progress bar, Prometheus endpoint, plots
       output      OutputConfig      where the run's files go

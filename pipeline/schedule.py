@@ -2,7 +2,8 @@
 after each epoch the test set's evaluation microbatches, right behind them in the same stream.
 
 Evaluation therefore sees exactly the weights after that epoch (every stage handles microbatches
-in stream order), and the next epoch's training microbatches follow without a pause.
+in stream order), and the next epoch's training microbatches follow without a pause. Sequence data
+has a schedule of its own (pipeline/sequence.py: one microbatch per time step).
 """
 
 from __future__ import annotations
