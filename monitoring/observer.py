@@ -54,6 +54,7 @@ class MetricsObserver(RunObserver):
         self._due = 0.0
         self._progress: Progress | None = None
         self._previous: dict[int, StageStats] = {}
+        self._train_accuracy: dict[int, float] = {}  # per stage, the latest interval's
         self._last_elapsed = 0.0
         self._last_samples = 0
         self._epoch = 0
@@ -103,7 +104,15 @@ class MetricsObserver(RunObserver):
             stages = []
             for stats in snapshots:
                 device = self.config.devices[stats.stage]
-                stages.append(stage_record(stats, self._previous.get(stats.stage), device))
+                entry = stage_record(stats, self._previous.get(stats.stage), device)
+                # An interval without a scored training microbatch (evaluation only; the steps of a
+                # sequence before its last) has no accuracy of its own: the latest one stands, as
+                # the loss's does, so that the series has no gaps.
+                if entry.train_accuracy is None:
+                    entry.train_accuracy = self._train_accuracy.get(stats.stage)
+                else:
+                    self._train_accuracy[stats.stage] = entry.train_accuracy
+                stages.append(entry)
                 self._previous[stats.stage] = stats
         elapsed = progress.elapsed_s
         samples = progress.train_samples_done

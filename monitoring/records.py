@@ -26,7 +26,8 @@ ERROR = "error"  # the run stopped on an error
 @dataclass
 class StageRecord:
     """One stage at one collection. Counters are cumulative since the start of the run; ``loss``
-    and ``train_accuracy`` are over the training microbatches since the previous collection."""
+    and ``train_accuracy`` are over the training microbatches since the previous collection (the
+    latest values stand through an interval without any)."""
 
     stage: int
     device: str

@@ -22,13 +22,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from forwardflow.launch.build import build_run
 from forwardflow.launch.train import main
 from forwardflow.monitoring.dashboard import DASHBOARD_PATH, ROWS, dashboard_json, panel_queries
-from forwardflow.monitoring.exporter import NON_FINITE_LOSS, PREFIX
+from forwardflow.monitoring.exporter import NON_FINITE_LOSS, PREFIX, RunInfo
+from forwardflow.monitoring.observer import MetricsConfig, MetricsObserver
 from forwardflow.monitoring.records import END, ERROR, EVALUATION, LOG_NAME, PROGRESS, read_log
 from forwardflow.monitoring.report import PLOT_HEIGHT, PLOT_NAMES, PLOT_WIDTH
 from forwardflow.monitoring.report import main as report_main
 from forwardflow.monitoring.watch import free_port, prometheus_config
 from forwardflow.pipeline.config import MonitoringConfig, OutputConfig
-from forwardflow.pipeline.messages import NonFiniteLossError
+from forwardflow.pipeline.messages import NonFiniteLossError, StageStats
+from forwardflow.pipeline.training import Progress
 
 REPO = Path(__file__).resolve().parent.parent
 SHORT_RUN = ["--preset", "synthetic", "--executor", "sequential", "--epochs", "2", "--no-progress"]
@@ -284,3 +286,33 @@ def test_ray_pipeline_reports_queues_and_the_time_split_without_draining(ray_clu
         assert len(pipeline.completed()) == 5 and pipeline.in_flight == 0
         stats = pipeline.snapshots()
         assert all(s.microbatches == 5 and s.handoff_s > 0 and s.wait_s > 0 for s in stats)
+
+
+class StatsFeed:
+    """An executor that only hands the observer the stage statistics it is given."""
+
+    def __init__(self, rounds: list[list[StageStats]]):
+        self.rounds = rounds
+        self.in_flight = 0
+
+    def poll_snapshots(self) -> list[StageStats]:
+        return self.rounds.pop(0)
+
+    def stage_backlog(self) -> list[int]:
+        return [0]
+
+
+def test_a_stages_train_accuracy_stands_through_an_interval_without_training(tmp_path):
+    # A sequence's steps before its last, or an evaluation pass, score no training microbatch: the
+    # series keeps the latest accuracy instead of a gap (as the loss keeps its latest value).
+    trained = StageStats(stage=0, device="cpu", samples=64, train_correct=48, train_scored=64, last_loss=0.5)
+    later = replace(trained, microbatches=9)
+    settings = MonitoringConfig(progress=False, metrics_interval=0.05)
+    info = RunInfo("run", "synthetic", "sigprop", "fc", "sequential", stages=1, epochs=1)
+    observer = MetricsObserver(MetricsConfig(settings=settings, info=info, devices=("cpu",), out=str(tmp_path)))
+    feed = StatsFeed([[trained], [later]])
+    for _ in range(2):
+        observer.after_submit(feed, Progress())
+        time.sleep(0.06)
+    records = read_log(tmp_path / LOG_NAME)
+    assert [record.stages[0].train_accuracy for record in records] == [0.75, 0.75]
