@@ -278,7 +278,9 @@ def plot(runs: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="the GPU budget (20 epochs, 3 seeds, VGG on CIFAR-10)")
-    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    # The rules that learn through time need sequence data: benchmarks/temporal.py compares them.
+    image_rules = [name for name, rule in RULES.items() if rule.time_handling != "through-time"]
+    parser.add_argument("--rules", nargs="+", default=image_rules, choices=image_rules)
     parser.add_argument("--datasets", nargs="+", default=list(DATASET_NAMES), choices=list(DATASET_NAMES))
     parser.add_argument("--seeds", type=int, help="seeds per rule and dataset (default: the budget's)")
     parser.add_argument("--epochs", type=int, help="epochs for every dataset (default: the budget's)")

@@ -33,12 +33,13 @@ from forwardflow.monitoring.exporter import RunInfo
 from forwardflow.monitoring.observer import MetricsConfig, MetricsObserver
 from forwardflow.pipeline.checkpoint import CHECKPOINTS, Checkpointer, Manifest, estimate_checkpoint_bytes
 from forwardflow.pipeline.config import RunConfig, config_to_dict
-from forwardflow.pipeline.data import Dataset, load_dataset
+from forwardflow.pipeline.data import Dataset
 from forwardflow.pipeline.loop import Durability, StopRequest
 from forwardflow.pipeline.messages import WriteError
 from forwardflow.pipeline.rules.base import Predictor, Rule
 from forwardflow.pipeline.runner import Executor, SequentialRunner
 from forwardflow.pipeline.schedule import MicrobatchSchedule
+from forwardflow.pipeline.sequence import SequenceDataset, SequenceSchedule, load_data
 from forwardflow.pipeline.stage import StageSetup, resolve_device, stage_setups
 from forwardflow.pipeline.training import RunObserver, RunResult, train
 from forwardflow.pipeline.validation import ConfigError
@@ -194,8 +195,15 @@ class Run:
             raise RuntimeError("start the run first")
         feedback = self.rule.make_feedback(self.config, self.dataset.num_classes, self.dataset.input_shape)
         try:
+            metric = self.dataset.target_spec.metric
             return train(
-                self.schedule, self.executor, self.predictors[0].key, self.observers, feedback, self.durability()
+                self.schedule,
+                self.executor,
+                self.predictors[0].key,
+                self.observers,
+                feedback,
+                self.durability(),
+                metric=metric,
             )
         except Exception as error:
             if self.metrics is not None:
@@ -253,11 +261,18 @@ def build_run(config: RunConfig, observers: Sequence[RunObserver] = (), run_id: 
     if resume is not None:
         run_id = resume[1].run_id
     check_out(config.output)
-    dataset = load_dataset(config.data, config.seed)
+    dataset = load_data(config.data, config.seed)
     config.rule.rule_class.check(config, dataset.num_classes, dataset.input_shape)
-    schedule = MicrobatchSchedule(dataset, config.schedule, config.seed, config.data.augment)
+    if isinstance(dataset, SequenceDataset):  # one microbatch per time step
+        schedule: MicrobatchSchedule = SequenceSchedule(dataset, config.schedule, config.seed)
+    else:
+        schedule = MicrobatchSchedule(dataset, config.schedule, config.seed, config.data.augment)
     setups = stage_setups(
-        config, dataset.num_classes, dataset.input_shape, total_steps=schedule.total_train_microbatches
+        config,
+        dataset.num_classes,
+        dataset.input_shape,
+        total_steps=schedule.total_train_microbatches,
+        target=dataset.target_spec,
     )
     check_free_space(config.output, estimate_checkpoint_bytes(setups))
     execution = config.execution

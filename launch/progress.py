@@ -1,5 +1,5 @@
-"""A progress bar with training samples/s and the latest test accuracy (tqdm: a maintained
-library that handles terminals, non-terminals and rate smoothing)."""
+"""A progress bar with training samples/s and the latest test score (accuracy, or mean squared
+error; tqdm: a maintained library that handles terminals, non-terminals and rate smoothing)."""
 
 from __future__ import annotations
 
@@ -27,16 +27,14 @@ class ProgressBar(RunObserver):
             )
         self.bar.update(1)
         if self.bar.n % 10 == 0 or prediction.phase == EVAL:
-            accuracy = progress.latest.accuracy if progress.latest else None
-            self.bar.set_postfix_str(
-                f"{progress.samples_per_s:,.0f} samples/s, test acc "
-                + ("-" if accuracy is None else f"{100 * accuracy:.2f}%"),
-                refresh=False,
-            )
+            latest = progress.latest
+            score = "test -" if latest is None else f"test {latest.metric.label} {latest.metric.format(latest.score)}"
+            self.bar.set_postfix_str(f"{progress.samples_per_s:,.0f} samples/s, {score}", refresh=False)
 
     def on_evaluation(self, result: EvalResult, progress: Progress) -> None:
-        message = f"epoch {result.epoch + 1}: test accuracy {100 * result.accuracy:.2f}%"
-        others = [f"{key} {100 * value:.2f}%" for key, value in result.accuracies.items() if key != result.primary]
+        metric = result.metric
+        message = f"epoch {result.epoch + 1}: test {metric.label} {metric.format(result.score)}"
+        others = [f"{key} {metric.format(value)}" for key, value in result.scores.items() if key != result.primary]
         if others:
             message += f" ({', '.join(others)})"
         (self.bar.write if self.bar else print)(message, file=sys.stderr)

@@ -1,6 +1,8 @@
 """The end of a run: the summary (``summary.json`` in ``--out``) and the result table on the terminal.
-Which predictions a run reports, how they are labelled and which one is its test accuracy come from
-the rule (``Rule.predictors``)."""
+Which predictions a run reports, how they are labelled and which one is its test score come from
+the rule (``Rule.predictors``); the score itself (accuracy, or mean squared error) from the task
+(``pipeline.targets.Metric``): the summary's keys are ``test_<metric>`` and ``test_<metrics>``
+(``test_accuracy``/``test_accuracies``, ``test_mse``/``test_mses``)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from forwardflow.monitoring.records import finite_or_none
 from forwardflow.pipeline.config import config_to_dict
 from forwardflow.pipeline.files import atomic_write
+from forwardflow.pipeline.targets import ACCURACY, METRICS, Metric
 from forwardflow.pipeline.training import RunResult
 
 if TYPE_CHECKING:
@@ -21,6 +24,8 @@ if TYPE_CHECKING:
 
 def summary(run: Run, result: RunResult) -> dict[str, Any]:
     config, predictors = run.config, run.predictors
+    metric = run.dataset.target_spec.metric
+    one, every = f"test_{metric.name}", f"test_{metric.plural}"
     last = result.evaluations[-1] if result.evaluations else None
     out = config.output.out
     return {
@@ -37,15 +42,16 @@ def summary(run: Run, result: RunResult) -> dict[str, Any]:
         "executor": config.execution.executor,
         "prediction": predictors[0].key,
         "predictions": {p.key: p.label for p in predictors},
-        "test_accuracy": None if last is None else last.accuracy,
-        "test_accuracies": {} if last is None else dict(last.accuracies),
+        "metric": metric.name,
+        one: None if last is None else last.score,
+        every: {} if last is None else dict(last.scores),
         "train_samples_per_s": result.train_samples_per_s,
         "wall_s": result.wall_s,
         "evaluations": [
             {
                 "epoch": e.epoch + 1,
-                "test_accuracy": e.accuracy,
-                "test_accuracies": dict(e.accuracies),
+                one: e.score,
+                every: dict(e.scores),
                 "train_samples_seen": e.train_samples_seen,
                 "wall_s": round(e.wall_s, 3),
             }
@@ -60,6 +66,8 @@ def summary(run: Run, result: RunResult) -> dict[str, Any]:
                 "mean_loss": finite_or_none(s.mean_loss),
                 "train_accuracy": s.train_correct / s.train_scored if s.train_scored else None,
                 "peak_memory_bytes": s.peak_memory_bytes,
+                "updates": s.updates,
+                "first_update_step": s.first_update_step,
             }
             for i, s in enumerate(result.stages)
         ],
@@ -109,9 +117,16 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
+def metric_of(data: dict[str, Any]) -> Metric:
+    """The metric a summary reports (summaries written before metrics were declared: accuracy)."""
+    return next((m for m in METRICS if m.name == data.get("metric")), ACCURACY)
+
+
 def table(data: dict[str, Any]) -> str:
-    """Test accuracy after every epoch (one column per prediction, the rule's own first) and every
+    """The test score after every epoch (one column per prediction, the rule's own first) and every
     stage's figures."""
+    metric = metric_of(data)
+    one, every = f"test_{metric.name}", f"test_{metric.plural}"
     labels = data["predictions"]  # key -> label, the rule's own first
     widths = {key: max(9, len(label)) for key, label in labels.items()}
     lines = [
@@ -121,7 +136,7 @@ def table(data: dict[str, Any]) -> str:
         f"{'epoch':>5}" + "".join(f"  {label:>{widths[key]}}" for key, label in labels.items()) + f"  {'wall s':>8}",
     ]
     for e in data["evaluations"]:
-        cells = "".join(f"  {_pct(e['test_accuracies'].get(key)):>{widths[key]}}" for key in labels)
+        cells = "".join(f"  {metric.format(e[every].get(key)):>{widths[key]}}" for key in labels)
         lines.append(f"{e['epoch']:>5}{cells}  {e['wall_s']:>8.1f}")
     nodes = any(s.get("node_id") for s in data["stages"])  # a Ray run: which node each stage ran on
     lines += [
@@ -138,10 +153,10 @@ def table(data: dict[str, Any]) -> str:
             f"{loss:>10}  {_pct(s['train_accuracy']):>9}"
         )
     primary = data["prediction"]
-    others = [f"{label} {_pct(data['test_accuracies'].get(key))}" for key, label in labels.items() if key != primary]
+    others = [f"{label} {metric.format(data[every].get(key))}" for key, label in labels.items() if key != primary]
     lines += [
         "",
-        f"test accuracy {_pct(data['test_accuracy'])} ({'; '.join([labels[primary]] + others)}), "
+        f"test {metric.label} {metric.format(data[one])} ({'; '.join([labels[primary]] + others)}), "
         f"{data['train_samples_per_s']:.0f} training samples/s, {data['wall_s']:.1f} s",
     ]
     return "\n".join(lines)

@@ -24,6 +24,9 @@ DASHBOARD_PATH = Path(__file__).parent / "grafana" / "dashboards" / "forwardflow
 DASHBOARD_UID = "forwardflow-training"
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 PANEL_KINDS = ("timeseries", "stat", "bargauge")
+# Series that only a regression task (the adding problem) fills: a classification run leaves their
+# panel empty.
+REGRESSION_SERIES = ("forwardflow_test_mean_squared_error",)
 RUN = '{run_id=~"$run_id"}'
 
 
@@ -202,6 +205,40 @@ ROWS: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
                     Query(f"forwardflow_stage_weight_norm{RUN}", "stage {{stage}} weight norm"),
                     Query(f"forwardflow_stage_learning_rate{RUN}", "stage {{stage}} learning rate"),
                 ),
+            ),
+        ),
+    ),
+    (
+        "Sequences",
+        (
+            PanelSpec(
+                "Time step per stage",
+                "Sequence data: the time step each stage finished last, against the sequences' length. The "
+                "stream carries one time step per microbatch, so stage l works on step t while stage l+1 "
+                "works on step t-1: the pipeline fills in time as well as in depth.",
+                (
+                    Query(f"forwardflow_stage_time_step{RUN}", "stage {{stage}}"),
+                    Query(f"max by (run_id) (forwardflow_stage_sequence_length{RUN})", "sequence length"),
+                ),
+                unit="short",
+                min=0,
+            ),
+            PanelSpec(
+                "Updates per second per stage",
+                "Optimizer steps per second of each stage: every time step for rules that learn at every step "
+                "(Signal Propagation), once per sequence for backpropagation through time, every k1 steps "
+                "for truncated BPTT.",
+                (Query(_rate("forwardflow_stage_updates_total"), "stage {{stage}}"),),
+                unit="short",
+                min=0,
+            ),
+            PanelSpec(
+                "Test mean squared error",
+                "Regression tasks (the adding problem): the test mean squared error after each epoch, per "
+                "predictor. Always predicting the mean target scores 0.167 on the adding problem.",
+                (Query(f"forwardflow_test_mean_squared_error{RUN}", "test {{predictor}}"),),
+                unit="short",
+                min=0,
             ),
         ),
     ),

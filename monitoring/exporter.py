@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from forwardflow.monitoring.records import RunRecord, StageRecord
 from forwardflow.pipeline.messages import STEP_BUCKETS
+from forwardflow.pipeline.targets import METRICS
 
 PREFIX = "forwardflow_"
 STAGE_LABELS = ["run_id", "stage", "device"]
@@ -78,6 +79,14 @@ STAGE_SERIES = (
         "Peak GPU memory allocated by the stage (peak RSS on a CPU)",
         "peak_memory_bytes",
     ),
+    (
+        "stage_time_step",
+        "gauge",
+        "Sequence data: the time step (1-based) of the latest microbatch the stage finished (0: not a sequence)",
+        "time_step",
+    ),
+    ("stage_sequence_length", "gauge", "Sequence data: time steps per sequence (0: not a sequence)", "sequence_length"),
+    ("stage_updates", "counter", "Optimizer steps the stage applied", "updates"),
 )
 # (name without prefix, kind, help, RunRecord attribute)
 RUN_SERIES = (
@@ -152,14 +161,11 @@ class RunCollector(Collector):
 
     def _run_labelled(self, record: RunRecord | None) -> Iterator:
         run = self.info.run_id
-        accuracy = GaugeMetricFamily(
-            PREFIX + "test_accuracy_ratio",
-            "Test accuracy after the latest epoch, per predictor",
-            labels=["run_id", "predictor"],
-        )
-        for predictor, value in (record.test_accuracy if record is not None else {}).items():
-            accuracy.add_metric([run, predictor], value)
-        yield accuracy
+        for metric in METRICS:  # each task's metric has a gauge of its own; a run fills one of them
+            scores = GaugeMetricFamily(PREFIX + metric.prometheus_name, metric.help, labels=["run_id", "predictor"])
+            for predictor, value in (getattr(record, metric.record_field) if record is not None else {}).items():
+                scores.add_metric([run, predictor], value)
+            yield scores
         errors = CounterMetricFamily(
             PREFIX + "errors", "Errors that stopped the run, per kind", labels=["run_id", "kind"]
         )

@@ -15,6 +15,7 @@ from forwardflow.monitoring.records import END, ERROR, EVALUATION, PROGRESS, Met
 from forwardflow.pipeline.config import MonitoringConfig
 from forwardflow.pipeline.messages import NonFiniteLossError, Prediction, StageStats
 from forwardflow.pipeline.runner import Executor
+from forwardflow.pipeline.targets import ACCURACY, MSE
 from forwardflow.pipeline.training import EvalResult, Progress, RunObserver, RunResult
 
 
@@ -53,12 +54,13 @@ class MetricsObserver(RunObserver):
         self._due = 0.0
         self._progress: Progress | None = None
         self._previous: dict[int, StageStats] = {}
+        self._train_accuracy: dict[int, float] = {}  # per stage, the latest interval's
         self._last_elapsed = 0.0
         self._last_samples = 0
         self._epoch = 0
         self._in_flight = 0
         self._backlog = [0] * config.info.stages
-        self._accuracy: dict[str, float] = {}
+        self._scores: dict[str, dict[str, float]] = {}  # RunRecord field of the metric -> per predictor
         self._errors = {NON_FINITE_LOSS: 0}
 
     # --- RunObserver hooks ---
@@ -79,7 +81,7 @@ class MetricsObserver(RunObserver):
 
     def on_evaluation(self, result: EvalResult, progress: Progress) -> None:
         self._progress = progress
-        self._accuracy.update(result.accuracies)
+        self._scores.setdefault(result.metric.record_field, {}).update(result.scores)
         self._collect(EVALUATION, None)
 
     def on_end(self, result: RunResult) -> None:
@@ -112,7 +114,15 @@ class MetricsObserver(RunObserver):
             stages = []
             for stats in snapshots:
                 device = self.config.devices[stats.stage]
-                stages.append(stage_record(stats, self._previous.get(stats.stage), device))
+                entry = stage_record(stats, self._previous.get(stats.stage), device)
+                # An interval without a scored training microbatch (evaluation only; the steps of a
+                # sequence before its last) has no accuracy of its own: the latest one stands, as
+                # the loss's does, so that the series has no gaps.
+                if entry.train_accuracy is None:
+                    entry.train_accuracy = self._train_accuracy.get(stats.stage)
+                else:
+                    self._train_accuracy[stats.stage] = entry.train_accuracy
+                stages.append(entry)
                 self._previous[stats.stage] = stats
         elapsed = progress.elapsed_s
         samples = progress.train_samples_done
@@ -135,7 +145,8 @@ class MetricsObserver(RunObserver):
             eta_s=eta,
             in_flight=self._in_flight,
             backlog=list(self._backlog),
-            test_accuracy=dict(self._accuracy),
+            test_accuracy=dict(self._scores.get(ACCURACY.record_field, {})),
+            test_mse=dict(self._scores.get(MSE.record_field, {})),
             errors=dict(self._errors),
             restarts=progress.restarts,
             stages=stages,

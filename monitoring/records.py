@@ -28,7 +28,8 @@ ERROR = "error"  # the run stopped on an error
 @dataclass
 class StageRecord:
     """One stage at one collection. Counters are cumulative since the start of the run; ``loss``
-    and ``train_accuracy`` are over the training microbatches since the previous collection."""
+    and ``train_accuracy`` are over the training microbatches since the previous collection (the
+    latest values stand through an interval without any)."""
 
     stage: int
     device: str
@@ -47,6 +48,11 @@ class StageRecord:
     step_counts: list[int]  # cumulative histogram of training-step times over STEP_BUCKETS (+ above)
     step_seconds: float  # cumulative
     step_mean_s: float | None  # mean step time since the previous collection
+    # Sequence data: the time step (1-based) of the latest microbatch the stage finished, and the
+    # sequences' length (0 for data that is not a sequence); optimizer steps so far.
+    time_step: int = 0
+    sequence_length: int = 0
+    updates: int = 0
 
 
 @dataclass
@@ -63,7 +69,9 @@ class RunRecord:
     eta_s: float | None  # None until the first microbatch is done
     in_flight: int
     backlog: list[int]  # per stage: microbatches handed to it that it has not finished (live)
-    test_accuracy: dict[str, float] = field(default_factory=dict)  # latest, per predictor
+    # The latest test score per predictor, in the field of the task's metric (pipeline/targets.py).
+    test_accuracy: dict[str, float] = field(default_factory=dict)
+    test_mse: dict[str, float] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)  # per kind, cumulative
     restarts: int = 0  # stage actors restarted, cumulative
     stages: list[StageRecord] | None = None  # None: no new stage statistics at this collection
@@ -111,6 +119,9 @@ def stage_record(current: StageStats, previous: StageStats | None, device: str) 
         step_counts=list(current.step_counts),
         step_seconds=current.step_seconds,
         step_mean_s=step_seconds / steps if steps else None,
+        time_step=current.time_step,
+        sequence_length=current.sequence_length,
+        updates=current.updates,
     )
 
 

@@ -116,13 +116,24 @@ def plot_loss(records: list[RunRecord], path: Path) -> None:
 
 
 def plot_accuracy(records: list[RunRecord], path: Path) -> None:
-    figure, axes = _figure("Accuracy over time")
-    drawn = False
     evaluations = [r for r in records if r.kind == EVALUATION]
-    for predictor in sorted({name for r in evaluations for name in r.test_accuracy}):
-        tests = [(r.elapsed_s, r.test_accuracy[predictor]) for r in evaluations if predictor in r.test_accuracy]
+    regression = any(r.test_mse for r in evaluations)  # a real-valued target: scored by squared error
+    figure, axes = _figure("Test mean squared error over time" if regression else "Accuracy over time")
+    drawn = False
+    for predictor in sorted({name for r in evaluations for name in (r.test_mse if regression else r.test_accuracy)}):
+        tests = [
+            (r.elapsed_s, (r.test_mse if regression else r.test_accuracy)[predictor])
+            for r in evaluations
+            if predictor in (r.test_mse if regression else r.test_accuracy)
+        ]
         axes.plot(*zip(*tests), marker="o", linewidth=2, label=f"test ({predictor})")
         drawn = True
+    if regression:
+        axes.legend()
+        axes.set_xlabel("elapsed (s)")
+        axes.set_ylabel("mean squared error")
+        figure.savefig(path, dpi=PLOT_DPI)
+        return
     for index, points in sorted(_stage_series(records).items()):
         chosen = [(r.elapsed_s, s.train_accuracy) for r, s in points if s.train_accuracy is not None]
         if chosen:

@@ -1,11 +1,11 @@
 """The one config tree of a run: a frozen dataclass per component, each checked when it is built.
 
     RunConfig
-      data        DataConfig        which dataset, where, how much of it
+      data        DataConfig        which dataset, where, how much of it, read as sequences or not
       model       ModelConfig       the blocks and how they split into stages (pipeline/model.py)
       rule        RuleConfig        the learning rule and its own options (pipeline/rules/)
       optim       OptimConfig       every stage's optimizer and learning-rate schedule
-      schedule    ScheduleConfig    epochs and microbatch sizes
+      schedule    ScheduleConfig    epochs, microbatch sizes, when the steps of a sequence learn
       execution   ExecutionConfig   sequential or Ray, devices, placement, threads
       monitoring  MonitoringConfig  progress bar, Prometheus endpoint, plots
       output      OutputConfig      where the run's files go
@@ -25,12 +25,15 @@ from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from forwardflow.pipeline.model import BlockSpec, ModelConfig
+from forwardflow.pipeline.model import BLOCKS, BlockSpec, ModelConfig
+from forwardflow.pipeline.recurrent import RECURRENT_KINDS
 from forwardflow.pipeline.rules.base import Rule, RuleOptions
 from forwardflow.pipeline.rules.registry import RULES
 from forwardflow.pipeline.validation import ConfigError, Section, option
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "synthetic")
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "synthetic", "adding")
+SEQUENCE_DATASETS = ("adding",)  # sequences by nature (pipeline/sequence.py); the others are images
+VALUE_DATASETS = ("adding",)  # a real-valued target (pipeline/targets.py); the others have classes
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,32 @@ class DataConfig(Section):
     train_limit: int = option(0, "use only the first N training samples (0: all)", low=0, high=10**9)
     test_limit: int = option(0, "use only the first N test samples (0: all)", low=0, high=10**9)
     augment: bool = option(False, "random crops with 4-pixel padding and horizontal flips (3-channel images)")
+    sequence: str = option(
+        "none",
+        "read each image as a sequence: rows (one row per time step) or pixels (one pixel per step); "
+        "none: images as they are (the adding dataset is a sequence already)",
+        choices=("none", "rows", "pixels"),
+    )
+    permute: bool = option(False, "with --sequence pixels: the pixels in one fixed random order (permuted MNIST)")
+    sequence_length: int = option(100, "--dataset adding: time steps per sequence (T)", low=2, high=1_000_000)
+
+    def check(self) -> None:
+        if self.permute and self.sequence != "pixels":
+            raise self.error("permute", f"permutes the pixels of --sequence pixels (the sequence is {self.sequence})")
+        if self.dataset in SEQUENCE_DATASETS and self.sequence != "none":
+            raise self.error(
+                "sequence", f"reads images as sequences; --dataset {self.dataset} is a sequence already (use none)"
+            )
+
+    @property
+    def is_sequence(self) -> bool:
+        """Whether the run learns from sequences (one time step per microbatch)."""
+        return self.dataset in SEQUENCE_DATASETS or self.sequence != "none"
+
+    @property
+    def regression(self) -> bool:
+        """Whether the targets are real values (scored by mean squared error) rather than classes."""
+        return self.dataset in VALUE_DATASETS
 
 
 @dataclass(frozen=True)
@@ -49,6 +78,19 @@ class ScheduleConfig(Section):
     epochs: int = option(1, "passes over the training set", low=1, high=10000)
     batch_size: int = option(512, "training microbatch size", low=1, high=65536)
     eval_batch_size: int = option(1000, "evaluation microbatch size", low=1, high=65536)
+    loss_steps: str = option(
+        "every",
+        "sequence data with one target per sequence: the target applies at every time step (beside each "
+        "input) or at the last step only",
+        choices=("every", "last"),
+    )
+    update_every: int = option(
+        1,
+        "sequence data: each stage applies the gradients it gathered every K time steps and at a sequence's "
+        "last step (1: at every step)",
+        low=1,
+        high=1_000_000,
+    )
 
 
 @dataclass(frozen=True)
@@ -296,6 +338,20 @@ class RunConfig(Section):
         if execution.ray_dashboard and execution.address:
             raise execution.error(
                 "ray_dashboard", "applies to a local Ray only; a cluster serves its own dashboard (ray start ...)"
+            )
+        data, model = self.data, self.model
+        if data.is_sequence and not model.recurrent:
+            source = data.dataset if data.sequence == "none" else f"{data.dataset} by {data.sequence}"
+            raise ConfigError(
+                BLOCKS,
+                f"the run learns from sequences ({source}), but model {model.name} has no recurrent block "
+                f"({', '.join(RECURRENT_KINDS)}); give it one (as the mnist-rows preset's model has)",
+            )
+        if model.recurrent and not data.is_sequence:
+            raise data.error(
+                "sequence",
+                f"model {model.name} has recurrent blocks, which learn from sequence data: "
+                "--sequence rows or pixels, or --dataset adding",
             )
 
     @property

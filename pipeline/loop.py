@@ -35,14 +35,15 @@ from forwardflow.pipeline.messages import EVAL, TRAIN, CheckpointMarker, Predict
 from forwardflow.pipeline.rules.base import Feedback
 from forwardflow.pipeline.runner import Executor
 from forwardflow.pipeline.schedule import MicrobatchSchedule, StreamPosition
+from forwardflow.pipeline.targets import ACCURACY, METRICS, Metric
 from forwardflow.pipeline.training import (
     COMPLETED,
     INTERRUPTED,
-    AccuracyTracker,
     EvalResult,
     Progress,
     RunObserver,
     RunResult,
+    ScoreTracker,
 )
 
 
@@ -99,13 +100,14 @@ class TrainingLoop:
         observers: Sequence[RunObserver],
         feedback: Feedback,
         durability: Durability | None,
+        metric: Metric = ACCURACY,
     ):
         self.schedule, self.executor, self.observers = schedule, executor, observers
         self.durability = durability or Durability()
         self.initial_feedback = copy.deepcopy(feedback)  # the loop at microbatch 0
         self.feedback = feedback
         self.progress = Progress(train_samples_total=schedule.total_train_samples, microbatches_total=len(schedule))
-        self.tracker = AccuracyTracker(len(schedule.dataset.test_y), primary)
+        self.tracker = ScoreTracker(schedule.scored_eval_samples, primary, metric)
         self.evaluations: list[EvalResult] = []
         self.stream = schedule.stream()
         self.pending: list[PendingCut] = []
@@ -151,7 +153,9 @@ class TrainingLoop:
     def _feed(self) -> None:
         """Submit the rest of the stream (or up to a stop), cutting where due, and drain."""
         stop = self.durability.stop
-        while not stop.requested:
+        # A cut (and so a stop) waits for a point the stream can continue from exactly: between two
+        # batches of sequences, not inside one (a stage's recurrent state is not part of a cut).
+        while not (stop.requested and self.stream.can_cut):
             mb = next(self.stream, None)
             if mb is None:
                 break
@@ -183,7 +187,7 @@ class TrainingLoop:
             cut.feedback.on_prediction(prediction)
         progress = self.progress
         progress.microbatches_done += 1
-        if prediction.phase != EVAL:
+        if prediction.phase != EVAL and prediction.ends_sample:  # a sequence counts once, at its end
             progress.train_samples_done += prediction.size
         for observer in self.observers:
             observer.on_prediction(prediction, progress)
@@ -198,7 +202,7 @@ class TrainingLoop:
 
     def _cut_due(self) -> str | None:
         durability = self.durability
-        if durability.checkpoints is None:
+        if durability.checkpoints is None or not self.stream.can_cut:
             return None
         if self.stream.at_epoch_end:
             return "epoch"
@@ -231,7 +235,9 @@ class TrainingLoop:
                 "elapsed_s": self.progress.elapsed_s,
             },
             "tracker": self.tracker.state_dict(),
-            "evaluations": [asdict(evaluation) for evaluation in self.evaluations],
+            "evaluations": [
+                {**asdict(evaluation), "metric": evaluation.metric.name} for evaluation in self.evaluations
+            ],
         }
         assert self.durability.checkpoints is not None
         self.durability.checkpoints.complete(marker, state, cut.reason)
@@ -273,7 +279,7 @@ class TrainingLoop:
         if state is None:
             self.stream = self.schedule.stream()
             progress.microbatches_done = progress.train_samples_done = 0
-            self.tracker = AccuracyTracker(self.tracker.test_size, self.tracker.primary)
+            self.tracker = ScoreTracker(self.tracker.test_size, self.tracker.primary, self.tracker.metric)
             self.evaluations = []
             self.last_submitted = self.last_cut = -1
         else:
@@ -282,7 +288,11 @@ class TrainingLoop:
             progress.microbatches_done = state["progress"]["microbatches_done"]
             progress.train_samples_done = state["progress"]["train_samples_done"]
             self.tracker.load_state_dict(state["tracker"])
-            self.evaluations = [EvalResult(**evaluation) for evaluation in state["evaluations"]]
+            metrics = {metric.name: metric for metric in METRICS}
+            self.evaluations = [
+                EvalResult(**{**evaluation, "metric": metrics[evaluation["metric"]]})
+                for evaluation in state["evaluations"]
+            ]
             self.last_submitted = self.last_cut = state["after"]
         progress.latest = self.evaluations[-1] if self.evaluations else None
         self.trained_since_cut, self.cut_clock = 0, time.monotonic()

@@ -16,6 +16,28 @@ EVAL = "eval"
 STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+@dataclass(frozen=True)
+class TimeStep:
+    """Where a microbatch of sequence data is in time: step ``step`` (0-based) of sequences of
+    ``length`` steps. The stream carries one time step of a batch of sequences per microbatch, the
+    steps of one batch in order; a stage starts a sequence's state afresh at step 0.
+
+    ``scored``: this step's prediction is one the task scores (a many-to-one task: the last step;
+    many-to-many: every step). ``supervised``: the target applies at this step, so a stage learns
+    from it (``--loss-steps``). ``update``: a stage applies the gradients it has gathered after this
+    step (``--update-every``; always at the last step)."""
+
+    step: int
+    length: int
+    scored: bool = True
+    supervised: bool = True
+    update: bool = True
+
+    @property
+    def last(self) -> bool:
+        return self.step == self.length - 1
+
+
 @dataclass
 class Microbatch:
     """A microbatch as one stage hands it to the next.
@@ -38,10 +60,16 @@ class Microbatch:
     targets: torch.Tensor | None = None
     context: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    time: TimeStep | None = None  # sequence data: which time step this is; None: not a sequence
 
     @property
     def size(self) -> int:
         return self.inputs.shape[0]
+
+    @property
+    def ends_sample(self) -> bool:
+        """The microbatch completes its samples: always, except before a sequence's last step."""
+        return self.time is None or self.time.last
 
     def to(self, device: torch.device | str) -> Microbatch:
         # A copy to a GPU may be non-blocking: the first kernel that reads the tensor is ordered
@@ -116,10 +144,20 @@ class Prediction:
     # Error forward-propagation: the output error (softmax - one-hot) of a training microbatch,
     # which the training loop feeds back to the front of the pipeline.
     feedback: torch.Tensor | None = None
+    time: TimeStep | None = None  # the microbatch's time step (sequence data)
 
     @property
     def size(self) -> int:
         return self.labels.shape[0]
+
+    @property
+    def scored(self) -> bool:
+        """Whether the task scores this prediction (a many-to-one task: its last step only)."""
+        return self.time is None or self.time.scored
+
+    @property
+    def ends_sample(self) -> bool:
+        return self.time is None or self.time.last
 
     def cpu(self) -> Prediction:
         return replace(
@@ -166,7 +204,7 @@ class StageStats:
 
     stage: int
     device: str
-    samples: int = 0  # training samples processed
+    samples: int = 0  # training samples processed (sequence data: sequences, counted at their last step)
     eval_samples: int = 0
     microbatches: int = 0
     busy_s: float = 0.0  # time spent computing (forward, local loss, update)
@@ -192,6 +230,15 @@ class StageStats:
     peak_memory_bytes: int = 0
     first_step_at: float = 0.0  # time.time() of the first microbatch
     last_step_at: float = 0.0
+    # Sequence data: the time step (1-based) of the latest microbatch and the sequences' length (0
+    # for data that is not a sequence), so that a dashboard shows each stage's place in time.
+    time_step: int = 0
+    sequence_length: int = 0
+    updates: int = 0  # optimizer steps applied
+    # When the stage first changed its weights: time.time(), and the time step (1-based) of its
+    # sequence at which it did (Signal Propagation: 1; backpropagation through time: the last).
+    first_update_at: float = 0.0
+    first_update_step: int = 0
 
     @property
     def mean_loss(self) -> float:

@@ -14,6 +14,7 @@ from dataclasses import MISSING, dataclass
 import torch
 from torch import nn
 
+from forwardflow.pipeline.recurrent import RECURRENT_KINDS, build_recurrent, is_recurrent, recurrent_cost
 from forwardflow.pipeline.validation import ConfigError, Section, option
 
 BLOCK_KINDS = (
@@ -28,14 +29,16 @@ BLOCK_KINDS = (
     "avgpool",
     "flatten",
     "dropout",
+    *RECURRENT_KINDS,  # pipeline/recurrent.py: one time step of a batch of sequences
 )
-LAYER_KINDS = ("linear", "conv")  # blocks that carry weights and start a new layer
+LAYER_KINDS = ("linear", "conv", *RECURRENT_KINDS)  # blocks that carry weights and start a new layer
 BLOCKS = "model.blocks"  # where a bad block is reported: it comes from a preset or a config file
 
 
 @dataclass(frozen=True)
 class BlockSpec(Section):
-    """One block of a model: ``width`` is out features (linear) or out channels (conv)."""
+    """One block of a model: ``width`` is out features (linear, and the state size of a recurrent
+    block) or out channels (conv)."""
 
     kind: str = option(MISSING, "block kind", flag=BLOCKS, choices=BLOCK_KINDS)
     width: int = option(0, "out features or channels", flag=BLOCKS, low=0, high=1 << 16)
@@ -79,6 +82,11 @@ class ModelConfig(Section):
     def num_layers(self) -> int:
         return sum(block.kind in LAYER_KINDS for block in self.blocks)
 
+    @property
+    def recurrent(self) -> bool:
+        """Whether the model has recurrent blocks (it then learns from sequence data)."""
+        return is_recurrent(block.kind for block in self.blocks)
+
 
 class SeededDropout(nn.Module):
     """Dropout drawing from the stage's own generator.
@@ -112,6 +120,10 @@ def build_block(spec: BlockSpec, in_shape: tuple[int, ...]) -> tuple[nn.Module, 
         return SeededDropout(spec.p), in_shape
     if kind == "layernorm":
         return nn.LayerNorm(in_shape), in_shape
+    if kind in RECURRENT_KINDS:
+        if len(in_shape) != 1:
+            raise ConfigError(BLOCKS, f"a {kind} block takes one vector per time step; its input is {in_shape}")
+        return build_recurrent(kind, spec.width, in_shape[0]), (spec.width,)
     if len(in_shape) != 3:
         raise ConfigError(BLOCKS, f"block {kind} needs image-shaped input (C, H, W), got {in_shape}")
     channels, height, width = in_shape
@@ -136,6 +148,8 @@ def _layer_cost(spec: BlockSpec, in_shape: tuple[int, ...], out_shape: tuple[int
     """Multiply-accumulates per sample of a linear or conv block."""
     if spec.kind == "linear":
         return math.prod(in_shape) * spec.width
+    if spec.kind in RECURRENT_KINDS:
+        return recurrent_cost(spec.kind, in_shape[0], spec.width)
     return in_shape[0] * spec.kernel_size**2 * math.prod(out_shape)
 
 

@@ -40,6 +40,16 @@ def vgg_model(
     return ModelConfig(name=name or f"vgg{len(channels) + 1}", blocks=tuple(blocks))
 
 
+def rnn_model(widths: tuple[int, ...] = (128, 128), cell: str = "gru", name: str = "") -> ModelConfig:
+    """A stack of recurrent layers (pipeline/recurrent.py), each followed by a LayerNorm: one stage
+    per recurrent layer. The LayerNorm keeps the scale of what a stage hands on (and of Signal
+    Propagation's dot-product scores) fixed while the recurrent weights learn."""
+    blocks = []
+    for width in widths:
+        blocks += [BlockSpec(cell, width), BlockSpec("layernorm")]
+    return ModelConfig(name=name or f"{cell}-" + "x".join(str(w) for w in widths), blocks=tuple(blocks))
+
+
 def mnist_fc() -> RunConfig:
     """The default run: MNIST, Signal Propagation, 3 x 1000 fully connected, one stage per layer."""
     return RunConfig(
@@ -94,6 +104,46 @@ def synthetic_small() -> RunConfig:
     )
 
 
+def mnist_rows() -> RunConfig:
+    """Sequential MNIST by rows: 28 time steps of 28 pixels, two GRU layers of 128 (two stages), the
+    label as the target of every step (--loss-steps every), scored at the last step."""
+    return RunConfig(
+        data=DataConfig("mnist", sequence="rows"),
+        model=rnn_model(),
+        rule=RuleConfig("sigprop"),
+        optim=OptimConfig("adam", lr=1e-3),
+        schedule=ScheduleConfig(epochs=5, batch_size=128),
+    )
+
+
+def fashion_rows() -> RunConfig:
+    config = mnist_rows()
+    return replace(config, data=replace(config.data, dataset="fashion-mnist"))
+
+
+def mnist_pixels() -> RunConfig:
+    """Sequential MNIST by pixels: 784 time steps of one pixel (--permute: in a fixed random order).
+    A long task: every training batch is 784 microbatches through the pipeline."""
+    config = mnist_rows()
+    return replace(
+        config,
+        data=replace(config.data, sequence="pixels"),
+        schedule=replace(config.schedule, epochs=2),
+    )
+
+
+def adding() -> RunConfig:
+    """The adding problem with T = 100 (--sequence-length): one GRU layer of 128 units, a
+    real-valued target, scored by mean squared error (always predicting 1.0 scores 0.167)."""
+    return RunConfig(
+        data=DataConfig("adding", sequence_length=100),
+        model=rnn_model((128,)),
+        rule=RuleConfig("sigprop"),
+        optim=OptimConfig("adam", lr=1e-3),
+        schedule=ScheduleConfig(epochs=10, batch_size=64),
+    )
+
+
 def with_rule(config: RunConfig, rule: str) -> RunConfig:
     """``config`` trained by ``rule``: same data, same net, same epochs and optimizer, plus what the
     rule needs of its own (found on MNIST, fully connected)."""
@@ -138,5 +188,9 @@ PRESETS = {
     "mnist-local": mnist_local,
     "mnist-efp": mnist_efp,
     "mnist-bp": mnist_bp,
+    "mnist-rows": mnist_rows,
+    "mnist-pixels": mnist_pixels,
+    "fashion-rows": fashion_rows,
+    "adding": adding,
 }
 DEFAULT_PRESET = "mnist-fc"

@@ -2,7 +2,8 @@
 after each epoch the test set's evaluation microbatches, right behind them in the same stream.
 
 Evaluation therefore sees exactly the weights after that epoch (every stage handles microbatches
-in stream order), and the next epoch's training microbatches follow without a pause.
+in stream order), and the next epoch's training microbatches follow without a pause. Sequence data
+has a schedule of its own (pipeline/sequence.py: one microbatch per time step).
 """
 
 from __future__ import annotations
@@ -104,6 +105,11 @@ class ScheduleStream:
         """The last microbatch handed out ended an epoch (its test pass included)."""
         return self.phase == EVAL and self.offset >= len(self.schedule.dataset.test_y)
 
+    @property
+    def can_cut(self) -> bool:
+        """Whether ``position()`` continues the stream exactly (always, for these microbatches)."""
+        return True
+
 
 class MicrobatchSchedule:
     def __init__(self, dataset: Dataset, config: ScheduleConfig, seed: int, augment: bool = False):
@@ -127,6 +133,11 @@ class MicrobatchSchedule:
     @property
     def total_train_samples(self) -> int:
         return len(self.dataset.train_y) * self.config.epochs
+
+    @property
+    def scored_eval_samples(self) -> int:
+        """Predictions one pass over the test set scores (sequence data: see SequenceSchedule)."""
+        return len(self.dataset.test_y)
 
     def __len__(self) -> int:
         return self.config.epochs * (self.train_microbatches_per_epoch + self.eval_microbatches_per_pass)

@@ -23,7 +23,9 @@ from forwardflow.pipeline.messages import (
     StageStats,
 )
 from forwardflow.pipeline.model import SeededDropout, StageSpec, build_stage_blocks, plan_stages
+from forwardflow.pipeline.recurrent import reset_states
 from forwardflow.pipeline.rules.base import RuleContext
+from forwardflow.pipeline.targets import TargetSpec
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class StageSetup:
     head: bool
     seed: int
     total_steps: int = 0  # training microbatches in the run (for learning-rate schedules)
+    target: TargetSpec | None = None  # the task's targets (None: num_classes classes)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,7 +66,12 @@ class Stage:
             self.blocks = build_stage_blocks(setup.spec)
             assert setup.rule.options is not None
             context = RuleContext(
-                setup.rule.options, setup.spec, setup.num_classes, setup.model_input_shape, setup.head
+                setup.rule.options,
+                setup.spec,
+                setup.num_classes,
+                setup.model_input_shape,
+                setup.head,
+                setup.target or TargetSpec(setup.num_classes),
             )
             self.rule = setup.rule.rule_class(context)
         self.blocks.to(self.device)
@@ -79,6 +87,10 @@ class Stage:
         self.stats = StageStats(stage=self.index, device=str(self.device), lr=setup.optim.lr)
         self.loss_watch = LossWatch(setup.optim.divergence_factor)
         self.last_index = -1
+        # Sequence data (--update-every): gradients gathered since the last optimizer step, and the
+        # training microbatches since then, which the learning-rate schedule catches up on.
+        self._gathering = False
+        self._unscheduled = 0
         self._parameters = list(self.blocks.parameters()) + list(self.rule.parameters())
         self._weights_at_last_snapshot = [p.detach().clone() for p in self._parameters]
 
@@ -101,17 +113,25 @@ class Stage:
         # Detach on entry too: whatever the caller hands in, the update cannot reach upstream.
         mb = mb.to(self.device).detached()
         training = mb.phase == TRAIN
+        if mb.time is not None and mb.time.step == 0:
+            reset_states(self.blocks)  # a new batch of sequences starts from a zero state
         self.blocks.train(training)
         self.rule.train(training)
         with torch.set_grad_enabled(training):
             local = self.rule(self.blocks, mb, training)
             if training:
-                self._update(local.loss, mb, local.tracked)
+                self._unscheduled += 1
+                # Without a loss (a step the target does not reach, a rule that learns later in
+                # the sequence) the step only moves the recurrent state on.
+                if local.loss is not None:
+                    self._backward(local.loss, mb, local.tracked)
+                if self._gathering and (mb.time is None or mb.time.update):
+                    self._apply(mb)
         result = self.rule.predict(mb, local).cpu() if self.is_last else local.handed_on
         self._count(mb, local.scores, training, started)
         return result
 
-    def _update(self, loss: torch.Tensor, mb: Microbatch, tracked: bool = True) -> None:
+    def _backward(self, loss: torch.Tensor, mb: Microbatch, tracked: bool = True) -> None:
         # .item() is the stage's one sync point per microbatch: the NaN/inf check needs the value
         # on the host before the update is applied, so a bad loss never reaches the weights.
         value = loss.item()
@@ -119,15 +139,28 @@ class Stage:
             raise NonFiniteLossError(self.index, mb.index, value, data_ok=bool(torch.isfinite(mb.inputs).all()))
         if tracked:
             self.loss_watch.check(value, self.index, mb.index)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.rule.after_update()
+        if not self._gathering:
+            self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # adds to the gradients gathered since the last optimizer step
+        self._gathering = True
         self.stats.loss_sum += value
         self.stats.loss_count += 1
         self.stats.last_loss = value
+
+    def _apply(self, mb: Microbatch) -> None:
+        self.optimizer.step()
+        if self.scheduler is not None:
+            # The schedule counts training microbatches, whether or not each one updated.
+            for _ in range(self._unscheduled):
+                self.scheduler.step()
+        self._unscheduled = 0
+        self._gathering = False
+        self.rule.after_update()
+        stats = self.stats
+        stats.updates += 1
+        if not stats.first_update_at:
+            stats.first_update_at = time.time()
+            stats.first_update_step = 1 if mb.time is None else mb.time.step + 1
 
     def _count(self, mb: Microbatch, scores: torch.Tensor | None, training: bool, started: float) -> None:
         stats = self.stats
@@ -136,12 +169,15 @@ class Stage:
         stats.microbatches += 1
         stats.last_step_at = time.time()
         stats.first_step_at = stats.first_step_at or stats.last_step_at - elapsed
+        if mb.time is not None:
+            stats.time_step, stats.sequence_length = mb.time.step + 1, mb.time.length
         if not training:
-            stats.eval_samples += mb.size
+            stats.eval_samples += mb.size if mb.ends_sample else 0
             return
-        stats.samples += mb.size
+        stats.samples += mb.size if mb.ends_sample else 0
         stats.count_step(elapsed)
-        if scores is not None:
+        # A stage's own accuracy on the steps the task scores, for class labels.
+        if scores is not None and (mb.time is None or mb.time.scored) and not mb.labels.is_floating_point():
             stats.train_correct += int((scores.argmax(1) == mb.labels).sum())
             stats.train_scored += mb.size
 
@@ -248,7 +284,11 @@ def _build_schedule(config: OptimConfig, optimizer: torch.optim.Optimizer, total
 
 
 def stage_setups(
-    config: RunConfig, num_classes: int, input_shape: tuple[int, ...], total_steps: int = 0
+    config: RunConfig,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    total_steps: int = 0,
+    target: TargetSpec | None = None,
 ) -> list[StageSetup]:
     """One StageSetup per stage of ``config``'s model, balanced by compute."""
     specs = plan_stages(config.model, input_shape, config.num_stages)
@@ -262,6 +302,7 @@ def stage_setups(
             head=config.model.head,
             seed=config.seed,
             total_steps=total_steps,
+            target=target,
         )
         for spec in specs
     ]

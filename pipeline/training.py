@@ -15,6 +15,7 @@ from forwardflow.pipeline.messages import EVAL, Prediction, StageStats
 from forwardflow.pipeline.rules.base import Feedback
 from forwardflow.pipeline.runner import Executor
 from forwardflow.pipeline.schedule import MicrobatchSchedule
+from forwardflow.pipeline.targets import ACCURACY, Metric
 
 if TYPE_CHECKING:
     from forwardflow.pipeline.loop import Durability
@@ -24,17 +25,30 @@ COMPLETED, INTERRUPTED = "completed", "interrupted"
 
 @dataclass
 class EvalResult:
-    """Test accuracy after an epoch, from the evaluation microbatches that followed it."""
+    """The test score after an epoch (accuracy, or the mean squared error of a real-valued
+    target: the task's ``Metric``), from the evaluation microbatches that followed it."""
 
     epoch: int
-    accuracies: dict[str, float]  # per predictor key (Rule.predictors)
+    scores: dict[str, float]  # per predictor key (Rule.predictors)
     primary: str  # the key of the rule's own prediction
     train_samples_seen: int
     wall_s: float
+    metric: Metric = ACCURACY
+
+    @property
+    def score(self) -> float:
+        """The rule's own prediction: what a run's test score reports."""
+        return self.scores[self.primary]
+
+    @property
+    def accuracies(self) -> dict[str, float]:
+        """The scores of a classification task."""
+        if self.metric is not ACCURACY:
+            raise ValueError(f"the task is scored by {self.metric.label}, not accuracy")
+        return self.scores
 
     @property
     def accuracy(self) -> float:
-        """The rule's own prediction: what a run's test accuracy reports."""
         return self.accuracies[self.primary]
 
 
@@ -73,42 +87,45 @@ class RunObserver:
         lost): ``progress`` is as it was there, and the microbatches after it come again."""
 
 
-class AccuracyTracker:
-    """Counts correct evaluation predictions until a whole pass over the test set is in."""
+class ScoreTracker:
+    """Scores the evaluation predictions the task scores (a sequence's last step, for a many-to-one
+    task) until a whole pass over the test set is in."""
 
-    def __init__(self, test_size: int, primary: str):
+    def __init__(self, test_size: int, primary: str, metric: Metric = ACCURACY):
         self.test_size = test_size
         self.primary = primary
+        self.metric = metric
         self._reset()
 
     def _reset(self) -> None:
         self.seen = 0
-        self.correct: dict[str, int] = {}
+        self.totals: dict[str, float] = {}
 
     def observe(self, prediction: Prediction, progress: Progress) -> EvalResult | None:
-        if prediction.phase != EVAL:
+        if prediction.phase != EVAL or not prediction.scored:
             return None
         for key, predicted in prediction.outputs.items():
             # One host read per evaluation microbatch and predictor (not on a stage's hot path).
-            self.correct[key] = self.correct.get(key, 0) + int((predicted == prediction.labels).sum())
+            self.totals[key] = self.totals.get(key, 0) + self.metric.total(predicted, prediction.labels)
         self.seen += prediction.size
         if self.seen < self.test_size:
             return None
         result = EvalResult(
             epoch=prediction.epoch,
-            accuracies={k: v / self.seen for k, v in self.correct.items()},
+            scores={k: v / self.seen for k, v in self.totals.items()},
             primary=self.primary,
             train_samples_seen=progress.train_samples_done,
             wall_s=progress.elapsed_s,
+            metric=self.metric,
         )
         self._reset()
         return result
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seen": self.seen, "correct": dict(self.correct)}
+        return {"seen": self.seen, "totals": dict(self.totals)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seen, self.correct = state["seen"], dict(state["correct"])
+        self.seen, self.totals = state["seen"], dict(state["totals"])
 
 
 @dataclass
@@ -135,12 +152,13 @@ def train(
     observers: Sequence[RunObserver] = (),
     feedback: Feedback | None = None,
     durability: Durability | None = None,
+    metric: Metric = ACCURACY,
 ) -> RunResult:
     """Feed the stream to ``executor`` and collect its predictions in order. ``primary``: the key
     of the rule's own prediction; ``feedback``: the rule's loop from the output back to the front
     of the pipeline, if any (``Rule.make_feedback``); ``durability``: checkpoints, recovery of a
-    lost stage, the stop request, the checkpoint to resume from. Called by ``launch.build.Run``,
-    which wires all of them from the config."""
+    lost stage, the stop request, the checkpoint to resume from; ``metric``: how the task scores
+    predictions. Called by ``launch.build.Run``, which wires all of them from the config and the data."""
     from forwardflow.pipeline.loop import TrainingLoop  # the loop needs this module's types
 
-    return TrainingLoop(schedule, executor, primary, observers, feedback or Feedback(), durability).run()
+    return TrainingLoop(schedule, executor, primary, observers, feedback or Feedback(), durability, metric).run()

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 
 from forwardflow.launch.build import build_run
-from forwardflow.pipeline.config import RunConfig
+from forwardflow.pipeline.config import RuleConfig, RunConfig
 from forwardflow.pipeline.messages import EVAL, Prediction
-from forwardflow.pipeline.presets import fc_model, synthetic_small
+from forwardflow.pipeline.presets import adding, fc_model, rnn_model, synthetic_small
 from forwardflow.pipeline.training import RunObserver, RunResult
 
 
@@ -26,6 +26,30 @@ def small_config(executor: str = "sequential", **changes: Any) -> RunConfig:
     config = tweak(
         config,
         schedule={"epochs": 2},
+        monitoring={"progress": False},
+        execution={"executor": executor, "device": "cpu"},
+    )
+    return replace(config, **changes)
+
+
+def small_sequence_config(
+    executor: str = "sequential", dataset: str = "synthetic", rule: str = "sigprop", **changes: Any
+) -> RunConfig:
+    """A tiny sequence run through two GRU layers (two stages for a per-step rule): the synthetic
+    images by rows (8 time steps of 8 values, 4 classes) or the adding problem (8 steps); 1 epoch, no
+    progress bar."""
+    sequence = "rows" if dataset == "synthetic" else "none"
+    base = adding()
+    config = replace(
+        base,
+        data=replace(base.data, dataset=dataset, sequence=sequence, sequence_length=8, train_limit=256, test_limit=64),
+        model=rnn_model((12, 10), name="gru-tiny"),
+        rule=RuleConfig(rule),
+    )
+    config = tweak(
+        config,
+        schedule={"epochs": 1, "batch_size": 32, "eval_batch_size": 64},
+        optim={"lr": 3e-3},
         monitoring={"progress": False},
         execution={"executor": executor, "device": "cpu"},
     )

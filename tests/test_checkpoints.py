@@ -11,7 +11,7 @@ import stat
 
 import pytest
 import torch
-from helpers import assert_same_weights, run_to_end, small_config, tweak
+from helpers import assert_same_weights, run_to_end, small_config, small_sequence_config, tweak
 from stops import StopAt, log_counts, resume, train_and_finish
 from test_pipeline import DROPOUT_NET
 
@@ -169,3 +169,31 @@ def test_a_shard_the_driver_cannot_see_is_an_error_that_says_why(tmp_path):
     with pytest.raises(CheckpointError, match="as the driver sees it: on a cluster, --out must be storage every node"):
         checkpointer.complete(marker, {}, "interval")
     assert not complete_checkpoints(tmp_path)
+
+
+def test_a_recurrent_run_stopped_inside_a_sequence_is_cut_at_the_next_sequence_and_resumes_exactly(tmp_path):
+    # A stage's recurrent state is not part of a cut: the stop waits for the end of the batch of
+    # sequences in flight, where every stage starts afresh, and the stream goes on from there.
+    config = small_sequence_config(rule="sigprop")
+    config = tweak(config, output={"out": str(tmp_path / "run"), "checkpoint_every": 5})
+    length = build_run(config).schedule.length
+    reference = run_to_end(tweak(config, output={"out": None, "checkpoint_every": None}))
+    stopped = interrupted(config, at=length + 2)  # two steps into the second batch
+    assert stopped.status == "interrupted" and stopped.checkpoint.endswith(
+        f"mb-{2 * length:09d}"
+    )  # named by microbatches done
+    final = resume(tmp_path / "run")
+    assert_same_weights(reference.weights, final.weights)
+    assert [e.scores for e in final.evaluations] == [e.scores for e in reference.evaluations]
+
+
+def test_the_sequence_stream_continues_from_every_batch_boundary():
+    schedule = build_run(small_sequence_config()).schedule
+    whole = list(schedule)
+    stream = schedule.stream()
+    for taken in range(len(whole)):
+        if stream.can_cut:
+            rest = list(schedule.stream(stream.position()))
+            assert [(mb.index, mb.time) for mb in rest] == [(mb.index, mb.time) for mb in whole[taken:]]
+            assert all(torch.equal(a.inputs, b.inputs) for a, b in zip(rest, whole[taken:]))
+        next(stream)

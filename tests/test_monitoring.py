@@ -11,32 +11,36 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import small_config
+from helpers import small_config, small_sequence_config
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from forwardflow.launch.build import build_run
 from forwardflow.launch.train import main
 from forwardflow.monitoring.dashboard import DASHBOARD_PATH, ROWS, dashboard_json, panel_queries
-from forwardflow.monitoring.exporter import NON_FINITE_LOSS, PREFIX
+from forwardflow.monitoring.exporter import NON_FINITE_LOSS, PREFIX, RunInfo
+from forwardflow.monitoring.observer import MetricsConfig, MetricsObserver
 from forwardflow.monitoring.records import END, ERROR, EVALUATION, LOG_NAME, PROGRESS, read_log
 from forwardflow.monitoring.report import PLOT_HEIGHT, PLOT_NAMES, PLOT_WIDTH
 from forwardflow.monitoring.report import main as report_main
 from forwardflow.monitoring.watch import free_port, prometheus_config
 from forwardflow.pipeline.config import MonitoringConfig, OutputConfig
-from forwardflow.pipeline.messages import NonFiniteLossError
+from forwardflow.pipeline.messages import NonFiniteLossError, StageStats
+from forwardflow.pipeline.training import Progress
 
 REPO = Path(__file__).resolve().parent.parent
 SHORT_RUN = ["--preset", "synthetic", "--executor", "sequential", "--epochs", "2", "--no-progress"]
 
 
-def observed_run(port: int = 0, out=None):
-    """A tiny sequential run watched by its metrics observer, collecting every 50 ms; returns the
-    observer (its endpoint stopped) and the result."""
-    config = small_config(
+def observed_run(port: int = 0, out=None, base=None):
+    """A tiny sequential run (``base``, or the synthetic one) watched by its metrics observer,
+    collecting every 50 ms; returns the observer (its endpoint stopped) and the result."""
+    config = replace(
+        base or small_config(),
         monitoring=MonitoringConfig(progress=False, metrics_port=port, metrics_interval=0.05, metrics_linger=0),
         output=OutputConfig(None if out is None else str(out)),
     )
@@ -83,22 +87,42 @@ def test_dashboard_has_the_panels_the_issue_asks_for_and_a_run_selector():
 
 
 def test_exporter_serves_valid_text_format_with_every_metric_the_dashboard_names():
-    observer, _ = observed_run(port=free_port())
-    text = observer.scraped
-    families = list(text_string_to_metric_families(text))
-    samples = {sample.name for family in families for sample in family.samples}
+    # A classification run, and a run of the adding problem (a regression task, on sequence data):
+    # between them they fill every series the dashboard shows.
+    samples = set()
+    for base in (None, small_sequence_config(dataset="adding")):
+        observer, _ = observed_run(port=free_port(), base=base)
+        text = observer.scraped
+        families = list(text_string_to_metric_families(text))
+        samples |= {sample.name for family in families for sample in family.samples}
+        for family in families:
+            assert family.name.startswith(PREFIX)
+            for sample in family.samples:
+                assert sample.labels["run_id"] == "test-run"
+                if family.name.startswith(PREFIX + "stage_"):
+                    assert {"stage", "device"} <= sample.labels.keys()
+        promtool = shutil.which("promtool")  # Prometheus's own parser and naming linter (Debian prometheus)
+        if promtool:
+            lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+            assert lint.returncode == 0, lint.stdout + lint.stderr
     missing = dashboard_metric_names() - samples
     assert not missing, f"the dashboard queries metrics the exporter does not serve: {missing}"
-    for family in families:
-        assert family.name.startswith(PREFIX)
-        for sample in family.samples:
-            assert sample.labels["run_id"] == "test-run"
-            if family.name.startswith(PREFIX + "stage_"):
-                assert {"stage", "device"} <= sample.labels.keys()
-    promtool = shutil.which("promtool")  # Prometheus's own parser and naming linter (Debian prometheus)
-    if promtool:
-        lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
-        assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_a_sequence_run_exports_each_stages_time_step_and_its_test_mse():
+    observer, result = observed_run(port=free_port(), base=small_sequence_config(dataset="adding"))
+    registry = observer.exporter.registry
+
+    def value(name, **labels):
+        return registry.get_sample_value(PREFIX + name, {"run_id": "test-run", **labels})
+
+    for stats in result.stages:
+        stage = {"stage": str(stats.stage), "device": "cpu"}
+        assert value("stage_time_step", **stage) == 8 and value("stage_sequence_length", **stage) == 8
+        assert value("stage_updates_total", **stage) == stats.updates == 8 * 8  # 8 batches of 8 steps
+        assert value("stage_samples_total", **stage) == 256  # sequences, counted once each
+    assert value("test_mean_squared_error", predictor="head") == result.evaluations[-1].scores["head"]
+    assert value("test_accuracy_ratio", predictor="head") is None
 
 
 def test_exported_values_follow_the_run():
@@ -262,3 +286,33 @@ def test_ray_pipeline_reports_queues_and_the_time_split_without_draining(ray_clu
         assert len(pipeline.completed()) == 5 and pipeline.in_flight == 0
         stats = pipeline.snapshots()
         assert all(s.microbatches == 5 and s.handoff_s > 0 and s.wait_s > 0 for s in stats)
+
+
+class StatsFeed:
+    """An executor that only hands the observer the stage statistics it is given."""
+
+    def __init__(self, rounds: list[list[StageStats]]):
+        self.rounds = rounds
+        self.in_flight = 0
+
+    def poll_snapshots(self) -> list[StageStats]:
+        return self.rounds.pop(0)
+
+    def stage_backlog(self) -> list[int]:
+        return [0]
+
+
+def test_a_stages_train_accuracy_stands_through_an_interval_without_training(tmp_path):
+    # A sequence's steps before its last, or an evaluation pass, score no training microbatch: the
+    # series keeps the latest accuracy instead of a gap (as the loss keeps its latest value).
+    trained = StageStats(stage=0, device="cpu", samples=64, train_correct=48, train_scored=64, last_loss=0.5)
+    later = replace(trained, microbatches=9)
+    settings = MonitoringConfig(progress=False, metrics_interval=0.05)
+    info = RunInfo("run", "synthetic", "sigprop", "fc", "sequential", stages=1, epochs=1)
+    observer = MetricsObserver(MetricsConfig(settings=settings, info=info, devices=("cpu",), out=str(tmp_path)))
+    feed = StatsFeed([[trained], [later]])
+    for _ in range(2):
+        observer.after_submit(feed, Progress())
+        time.sleep(0.06)
+    records = read_log(tmp_path / LOG_NAME)
+    assert [record.stages[0].train_accuracy for record in records] == [0.75, 0.75]

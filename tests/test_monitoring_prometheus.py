@@ -13,7 +13,7 @@ import pytest
 
 from forwardflow.launch.build import build_run
 from forwardflow.launch.cli import parse_config
-from forwardflow.monitoring.dashboard import DASHBOARD_PATH, panel_queries
+from forwardflow.monitoring.dashboard import DASHBOARD_PATH, REGRESSION_SERIES, panel_queries
 from forwardflow.monitoring.records import LOG_NAME, PROGRESS
 from forwardflow.monitoring.watch import free_port, prometheus_config, start_prometheus, stop, wait_ready
 
@@ -118,6 +118,9 @@ def check_every_panel(base: str, run_id: str, result, tmp_path) -> None:
 
     queries = panel_queries(json.loads(DASHBOARD_PATH.read_text()))
     assert len(queries) >= 15
+    # A classification run fills every series but the regression tasks' score, whose export a run
+    # of the adding problem checks (tests/test_monitoring.py).
+    queries = [(title, expr) for title, expr in queries if not any(name in expr for name in REGRESSION_SERIES)]
     empty = []
     for title, expr in queries:
         promql = expr.replace("$run_id", run_id).replace("$__rate_interval", WINDOW).replace("$__range", WINDOW)

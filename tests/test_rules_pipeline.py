@@ -130,7 +130,7 @@ def test_ff_on_a_model_whose_input_cannot_hold_the_label_is_refused_with_one_lin
     def tiny_input(config, seed):  # a user's data set of 3x3 inputs and 10 classes
         return make_synthetic(seed, num_classes=10, shape=(1, 3, 3))
 
-    monkeypatch.setattr(build, "load_dataset", tiny_input)
+    monkeypatch.setattr(build, "load_data", tiny_input)
     monkeypatch.setattr(Run, "start", lambda self: pytest.fail("the run was started"))
     assert main(["--preset", "synthetic", "--rule", "ff", "--no-progress"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from forwardflow.pipeline.messages import Microbatch, Prediction
 from forwardflow.pipeline.model import StageSpec
-from forwardflow.pipeline.validation import Section
+from forwardflow.pipeline.targets import TargetSpec
+from forwardflow.pipeline.validation import ConfigError, Section
 
 if TYPE_CHECKING:
     from forwardflow.pipeline.config import RunConfig
@@ -66,6 +66,7 @@ class RuleContext:
     num_classes: int
     model_input_shape: tuple[int, ...]
     head: bool
+    target: TargetSpec | None = None  # the task's targets; None: num_classes classes
 
 
 class Feedback:
@@ -109,6 +110,13 @@ class Rule(nn.Module):
     # The rule's own prediction first; the output head is added where the model has one.
     own_predictors: ClassVar[tuple[Predictor, ...]] = ()
     head_label: ClassVar[str] = "output head"
+    # How the rule learns from sequence data (pipeline/sequence.py, pipeline/recurrent.py):
+    # "per-step": like from any microbatch, at every time step; the stage's recurrent blocks carry
+    # the state from step to step, detached. "through-time": the rule keeps the recurrent state and
+    # carries the gradient through time itself. "": it does not (``why_not_sequences`` says why).
+    time_handling: ClassVar[str] = "per-step"
+    why_not_sequences: ClassVar[str] = ""
+    learns_values: ClassVar[bool] = True  # whether it can learn a real-valued target (regression)
 
     def __init__(self, context: RuleContext):
         super().__init__()
@@ -116,7 +124,7 @@ class Rule(nn.Module):
         self.output_head: nn.Linear | None = None
         if context.stage.is_last and context.head:
             features = int(torch.Size(context.stage.output_shape).numel())
-            self.output_head = nn.Linear(features, context.num_classes)
+            self.output_head = nn.Linear(features, self.target.head_outputs)
 
     # ---------------------------------------------------------------- what the rule declares
 
@@ -138,6 +146,16 @@ class Rule(nn.Module):
             raise config.model.error("stages", f"rule {cls.name} trains end to end through one stage; use --stages 1")
         if not cls.predictors(config.model.head):
             raise config.model.error("head", f"rule {cls.name} predicts with the output head; the model needs one")
+        if config.data.is_sequence and not cls.time_handling:
+            raise ConfigError("--rule", f"rule {cls.name} does not learn from sequence data: {cls.why_not_sequences}")
+        if cls.time_handling == "through-time" and not config.data.is_sequence:
+            raise ConfigError(
+                "--rule", f"rule {cls.name} learns through time: it needs sequence data and a recurrent model"
+            )
+        if config.data.regression and not cls.learns_values:
+            raise ConfigError(
+                "--rule", f"rule {cls.name} learns classes; --dataset {config.data.dataset} has a real-valued target"
+            )
 
     @classmethod
     def make_feedback(cls, config: RunConfig, num_classes: int, input_shape: tuple[int, ...]) -> Feedback:
@@ -151,14 +169,18 @@ class Rule(nn.Module):
     def options(self) -> RuleOptions:
         return self.context.options
 
+    @property
+    def target(self) -> TargetSpec:
+        return self.context.target or TargetSpec(self.context.num_classes)
+
     def forward(self, blocks: nn.ModuleList, mb: Microbatch, training: bool) -> LocalStep:
         raise NotImplementedError
 
     def head_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the output head on *detached* features: it learns to read the last
-        stage without changing it."""
+        """The output head's loss (cross-entropy, or squared error for a real-valued target) on
+        *detached* features: it learns to read the last stage without changing it."""
         assert self.output_head is not None
-        return F.cross_entropy(self.output_head(features.detach().flatten(1)), labels)
+        return self.target.head_loss(self.output_head(features.detach().flatten(1)), labels)
 
     def own_outputs(self, mb: Microbatch, step: LocalStep) -> dict[str, torch.Tensor]:
         """The rule's own predictions of the last stage, by predictor key."""
@@ -167,8 +189,19 @@ class Rule(nn.Module):
     def predict(self, mb: Microbatch, step: LocalStep) -> Prediction:
         outputs = self.own_outputs(mb, step)
         if self.output_head is not None:
-            outputs[HEAD] = self.output_head(step.features.flatten(1)).argmax(1)
-        return Prediction(index=mb.index, phase=mb.phase, epoch=mb.epoch, labels=mb.labels, outputs=outputs)
+            outputs[HEAD] = self.target.predict(self.output_head(step.features.flatten(1)))
+        return prediction_of(mb, outputs)
 
     def after_update(self) -> None:
         """Called after the stage's optimizer step (rules with extra state override it)."""
+
+
+def prediction_of(mb: Microbatch, outputs: dict[str, torch.Tensor]) -> Prediction:
+    """The prediction of microbatch ``mb`` (its place in the stream and in time, and its labels)."""
+    return Prediction(index=mb.index, phase=mb.phase, epoch=mb.epoch, labels=mb.labels, outputs=outputs, time=mb.time)
+
+
+def learns_from(mb: Microbatch, training: bool) -> bool:
+    """Whether a rule that learns at every step has a loss for ``mb``: a training microbatch, and
+    for sequence data a time step the target applies at (``TimeStep.supervised``)."""
+    return training and (mb.time is None or mb.time.supervised)

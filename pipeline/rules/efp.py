@@ -119,6 +119,12 @@ class ErrorForwardRule(Rule):
     name = "efp"
     Options = ErrorForwardOptions
     uses_window = True
+    time_handling = ""
+    why_not_sequences = (
+        "the replay of a microbatch comes back --window microbatches later, when the recurrent state of its time "
+        "step is gone"
+    )
+    learns_values = False  # the error fed back is softmax minus one-hot
 
     @classmethod
     def make_feedback(cls, config: RunConfig, num_classes: int, input_shape: tuple[int, ...]) -> ErrorFeedback:

@@ -147,6 +147,13 @@ class ForwardForwardRule(Rule):
     Options = ForwardForwardOptions
     own_predictors = (Predictor("scan", "label scan"),)
     head_label = "one pass"  # the output head reads the neutral-label pass
+    time_handling = ""
+    why_not_sequences = (
+        "it writes the label into the first input values of every step (a third of an MNIST row), its label "
+        "scan would need one recurrent state per sequence and label, and its hard negatives a scan with states "
+        "of their own"
+    )
+    learns_values = False
 
     def __init__(self, context: RuleContext):
         super().__init__(context)

@@ -1,7 +1,9 @@
 """Local heads, the local-learning family (decoupled greedy learning, DGL; the prediction loss of
-predsim): each stage trains a small classifier on its own output by cross-entropy, and the
-gradient runs through the classifier into the stage's own blocks and stops there. The target is
-the label itself; the next stage receives the output detached.
+predsim): each stage trains a small classifier on its own output by cross-entropy (a regressor by
+squared error, for a real-valued target), and the gradient runs through the classifier into the
+stage's own blocks and stops there. The target is the label itself; the next stage receives the
+output detached. On sequence data every stage does this at every time step, from the state its
+recurrent blocks carry (detached) from the step before.
 
 The classifier is linear, or one hidden layer of ``--head-width`` units. For conv stages the
 feature map is first average-pooled to 2x2, which keeps the classifier small whatever the map
@@ -14,12 +16,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from forwardflow.pipeline.messages import Microbatch
 from forwardflow.pipeline.model import run_blocks
-from forwardflow.pipeline.rules.base import LocalStep, Predictor, Rule, RuleContext, RuleOptions
+from forwardflow.pipeline.rules.base import LocalStep, Predictor, Rule, RuleContext, RuleOptions, learns_from
 from forwardflow.pipeline.validation import option
 
 POOLED_SIZE = 2  # conv maps are pooled to POOLED_SIZE x POOLED_SIZE before the local classifier
@@ -59,18 +60,18 @@ class LocalHeadsRule(Rule):
     def __init__(self, context: RuleContext):
         super().__init__(context)
         assert isinstance(context.options, LocalOptions)
-        self.local_head = LocalHead(context.stage.output_shape, context.num_classes, context.options.head_width)
+        self.local_head = LocalHead(context.stage.output_shape, self.target.head_outputs, context.options.head_width)
 
     def forward(self, blocks: nn.ModuleList, mb: Microbatch, training: bool) -> LocalStep:
         h, _ = run_blocks(blocks, mb.inputs, None)
         logits = self.local_head(h)  # not detached: this stage's blocks learn from their own head
         loss = None
-        if training:
-            loss = F.cross_entropy(logits, mb.labels)
+        if learns_from(mb, training):
+            loss = self.target.head_loss(logits, mb.labels)
             if self.output_head is not None:
                 loss = loss + self.head_loss(h, mb.labels)
         return LocalStep(handed_on=mb.handed_on(h, None), loss=loss, features=h, scores=logits.detach())
 
     def own_outputs(self, mb: Microbatch, step: LocalStep) -> dict[str, torch.Tensor]:
         assert step.scores is not None  # the last stage's own classifier
-        return {"local_head": step.scores.argmax(1)}
+        return {"local_head": self.target.predict(step.scores)}

@@ -13,7 +13,7 @@ from torch import nn
 from forwardflow.pipeline.losses import batch_contrastive_loss, default_temperature, per_class_loss, similarity
 from forwardflow.pipeline.messages import Microbatch
 from forwardflow.pipeline.model import run_blocks
-from forwardflow.pipeline.rules.base import LocalStep, Predictor, Rule, RuleContext, RuleOptions
+from forwardflow.pipeline.rules.base import LocalStep, Predictor, Rule, RuleContext, RuleOptions, learns_from
 from forwardflow.pipeline.validation import option
 
 
@@ -97,16 +97,20 @@ class SigPropRule(Rule):
 
     def forward(self, blocks: nn.ModuleList, mb: Microbatch, training: bool) -> LocalStep:
         targets, loss = mb.targets, None
+        classes = self.target.classes_of(mb.labels)  # a real-valued target: its bin
+        learns = learns_from(mb, training)
         if self.target_layer is not None:
             targets = self.target_layer()
-            if training and self.target_layer.learned and self.sigprop.target_loss:
+            if learns and self.target_layer.learned and self.sigprop.target_loss:
                 # The target layer's own local loss, at the input.
-                loss = self.local_loss(self.scores(mb.inputs, targets), mb.labels)
+                loss = self.local_loss(self.scores(mb.inputs, targets), classes)
+        # Sequence data: the class targets enter at every time step beside x_t and go through the
+        # same recurrent blocks, with states of their own (pipeline/recurrent.py).
         h, t = run_blocks(blocks, mb.inputs, targets)
         assert t is not None
         scores = self.scores(h, t)
-        if training:
-            layer_loss = self.local_loss(scores, mb.labels)
+        if learns:
+            layer_loss = self.local_loss(scores, classes)
             loss = layer_loss if loss is None else loss + layer_loss
             if self.output_head is not None:
                 loss = loss + self.head_loss(h, mb.labels)
@@ -114,4 +118,4 @@ class SigPropRule(Rule):
 
     def own_outputs(self, mb: Microbatch, step: LocalStep) -> dict[str, torch.Tensor]:
         assert step.scores is not None
-        return {"nearest_target": step.scores.argmax(1)}
+        return {"nearest_target": self.target.from_classes(step.scores.argmax(1))}
