@@ -1,5 +1,5 @@
 """The Grafana dashboard, built with grafana-foundation-sdk (Grafana's own typed builders) from
-the panel list below. ``python -m monitoring.dashboard`` rewrites the committed JSON
+the panel list below. ``python -m forwardflow.monitoring.dashboard`` rewrites the committed JSON
 (monitoring/grafana/dashboards/forwardflow.json); ``--check`` only compares, and a test keeps
 the two equal.
 
@@ -317,7 +317,8 @@ def panel_queries(board: dict) -> list[tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m monitoring.dashboard", description=f"Write the Grafana dashboard to {DASHBOARD_PATH}."
+        prog="python -m forwardflow.monitoring.dashboard",
+        description=f"Write the Grafana dashboard to {DASHBOARD_PATH}.",
     )
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when the file differs")
     args = parser.parse_args(argv)
