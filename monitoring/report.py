@@ -1,6 +1,6 @@
 """PNG plots of a run from its metrics log, for users without Grafana:
 
-    python -m monitoring.report RUN_DIR [--run-id ID]
+    python -m forwardflow.monitoring.report RUN_DIR [--run-id ID]
 
 writes into RUN_DIR (where ``launch/train.py --out RUN_DIR`` kept ``metrics.jsonl``; ``--plot``
 does the same at the end of the run) four images of PLOT_WIDTH x PLOT_HEIGHT pixels:
@@ -59,7 +59,9 @@ def plot_throughput(records: list[RunRecord], path: Path) -> None:
             drawn = True
     driver = [r for r in records if r.kind != EVALUATION and r.samples_per_s > 0]
     if driver:
-        axes.plot([r.elapsed_s for r in driver], [r.samples_per_s for r in driver], "k--", label="run (driver)")
+        axes.plot(
+            [r.elapsed_s for r in driver], [r.samples_per_s for r in driver], "k--", marker=".", label="run (driver)"
+        )
         drawn = True
     if drawn:
         axes.legend()
@@ -129,7 +131,7 @@ def plot_accuracy(records: list[RunRecord], path: Path) -> None:
             axes.plot(*zip(*chosen), alpha=0.6, linewidth=1, label=f"stage {index} train (own targets)")
             drawn = True
     if drawn:
-        axes.set_ylim(0, 1)
+        axes.set_ylim(-0.02, 1.02)  # a margin: lines at 0 or 1 (an easy set) would hide in the frame
         axes.legend()
     else:
         _no_data(axes, "accuracy")
@@ -156,7 +158,7 @@ def write_plots(run_dir: Path, run_id: str | None = None) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m monitoring.report", description="Write PNG plots of a run from its metrics.jsonl."
+        prog="python -m forwardflow.monitoring.report", description="Write PNG plots of a run from its metrics.jsonl."
     )
     parser.add_argument("run_dir", help="the run's --out directory")
     parser.add_argument("--run-id", help="which run of the log (default: the last one)")
