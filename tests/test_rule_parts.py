@@ -24,7 +24,7 @@ from forwardflow.pipeline.rules.base import HEAD, Feedback, Predictor
 from forwardflow.pipeline.rules.efp import ErrorFeedback, ErrorForwardOptions, ErrorForwardRule
 from forwardflow.pipeline.rules.ff import ForwardForwardOptions, ForwardForwardRule, LabelInput
 from forwardflow.pipeline.rules.local import LocalOptions
-from forwardflow.pipeline.rules.sigprop import SigPropOptions
+from forwardflow.pipeline.rules.sigprop import SigPropOptions, TargetProjection
 from forwardflow.pipeline.validation import ConfigError
 
 HEAD_W, HEAD_B = [[1.0, -0.5, 0.25], [-1.0, 0.5, 0.75]], [0.0, 0.1]
@@ -166,6 +166,15 @@ def test_sigprop_first_stage_loss_adds_the_target_layer_loss_at_the_input_and_th
     assert rule(blocks, microbatch(X, labels, phase=EVAL), training=False).loss is None
 
 
+def test_sigprop_target_projection_starts_at_scale_one_over_root_k_and_is_fixed_or_learned():
+    torch.manual_seed(0)
+    learned = TargetProjection(10, (1, 28, 28), learned=True)
+    assert learned.forward().shape == (10, 1, 28, 28) and isinstance(learned.weight, torch.nn.Parameter)
+    assert learned.weight.std().item() == pytest.approx(1 / math.sqrt(10), rel=0.03)
+    fixed = TargetProjection(10, (1, 28, 28), learned=False)
+    assert not fixed.learned and not any(True for _ in fixed.parameters()) and "weight" in dict(fixed.named_buffers())
+
+
 # ---------------------------------------------------------------- error forward-propagation
 
 
@@ -178,7 +187,9 @@ def test_efp_feeds_back_the_output_error_of_training_microbatches_only():
     assert np.allclose(prediction.feedback.numpy(), error, atol=1e-6)
     assert prediction.outputs[HEAD].tolist() == head_logits(X).argmax(1).tolist()
     eval_mb = microbatch(X, labels, phase=EVAL)
-    evaluation = rule.predict(eval_mb, rule(blocks, eval_mb, training=False))
+    eval_step = rule(blocks, eval_mb, training=False)
+    assert eval_step.loss is None
+    evaluation = rule.predict(eval_mb, eval_step)
     assert evaluation.feedback is None and evaluation.outputs[HEAD].tolist() == head_logits(X).argmax(1).tolist()
 
 
@@ -269,6 +280,19 @@ def first_ff_stage(hard: bool = False, num_classes: int = 3, width: int = 3, inp
     )
 
 
+def test_ff_goodness_is_read_before_trailing_normalisations():
+    def position(*kinds):
+        return ff.activity_position(
+            tuple(BlockSpec(kind, 3) if kind == "linear" else BlockSpec(kind) for kind in kinds)
+        )
+
+    assert position("linear", "relu", "layernorm") == 1
+    assert position("linear", "relu", "dropout", "layernorm", "batchnorm") == 2
+    assert position("linear", "layernorm") == 0
+    assert position("layernorm") == 0
+    assert position("linear", "relu") == 1
+
+
 def test_ff_label_is_written_into_the_first_input_values():
     rule, _ = first_ff_stage()
     x = torch.arange(10.0).view(2, 5)
@@ -314,7 +338,10 @@ def test_ff_check_needs_two_classes_and_an_input_with_room_for_the_label():
     ForwardForwardRule.check(fc, 2, (1, 3, 1))  # 2 classes, 3 input values: room for the label
     with pytest.raises(ConfigError) as refused:
         ForwardForwardRule.check(fc, 1, (1, 3, 1))
-    assert refused.value.where == "--dataset" and "2 or more classes" in refused.value.message
+    assert (refused.value.where, refused.value.message) == (
+        "--dataset",
+        "rule ff draws a wrong label for every negative: it needs 2 or more classes",
+    )
     with pytest.raises(ConfigError) as refused:
         ForwardForwardRule.check(fc, 3, (1, 3, 1))  # as many values as classes: none left for the data
     assert refused.value.where == "--rule" and refused.value.message.startswith(
