@@ -157,6 +157,10 @@ def test_watch_stops_its_prometheus_and_removes_its_directory_when_stopped(tmp_p
     scratch = tmp_path / "tmp"  # the watcher's temporary directory goes here (TMPDIR)
     scratch.mkdir()
     command = [sys.executable, "-m", "forwardflow.monitoring.watch", "--no-grafana", "--prometheus", PROMETHEUS]
+    # The watcher gets Ctrl-C as from a terminal even when this test runs as a shell's background
+    # job, which ignores SIGINT (an ignored signal stays ignored in children; a handled one is
+    # reset to the default at exec, where Python installs its own).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     watch = subprocess.Popen(
         [*command, "--target", f"127.0.0.1:{free_port()}"],
         cwd=tmp_path,  # the documented module path works from anywhere, not only from the checkout
@@ -165,6 +169,7 @@ def test_watch_stops_its_prometheus_and_removes_its_directory_when_stopped(tmp_p
         stderr=subprocess.PIPE,
         text=True,
     )
+    signal.signal(signal.SIGINT, inherited)
     prometheus = None
     try:
         assert watch.stdout is not None
