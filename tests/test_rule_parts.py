@@ -70,7 +70,8 @@ def test_bp_predicts_with_its_output_layer_whatever_the_model_says():
     step = rule(blocks, mb, training=False)
     prediction = rule.predict(mb, step)
     assert step.loss is None
-    assert (prediction.index, prediction.phase) == (7, EVAL)
+    assert (prediction.index, prediction.phase, prediction.epoch) == (7, EVAL, mb.epoch)
+    assert torch.equal(prediction.labels, mb.labels)
     assert prediction.outputs.keys() == {HEAD}
     assert prediction.outputs[HEAD].tolist() == head_logits(X).argmax(1).tolist()
 
@@ -80,8 +81,13 @@ def test_local_predicts_with_its_last_stage_classifier_and_the_output_head():
     local_w, local_b = [[-0.5, 0.25, 1.0], [0.5, 1.0, -1.0]], [-0.1, 0.2]
     set_linear(rule.local_head.net[-1], local_w, local_b)
     mb = microbatch(X, [1, 0, 1], phase=EVAL)
-    prediction = rule.predict(mb, rule(blocks, mb, training=False))
+    step = rule(blocks, mb, training=False)
+    assert step.loss is None
+    prediction = rule.predict(mb, step)
     local_logits = np_relu_layer(X) @ np.asarray(local_w).T + np.asarray(local_b)
+    training = rule(blocks, microbatch(X, [1, 0, 1]), training=True)  # its own loss and the head's
+    expected = np_cross_entropy(local_logits, [1, 0, 1]) + np_cross_entropy(head_logits(X), [1, 0, 1])
+    assert training.loss.item() == pytest.approx(expected, rel=1e-6)
     assert prediction.outputs["local_head"].tolist() == local_logits.argmax(1).tolist()
     assert prediction.outputs[HEAD].tolist() == head_logits(X).argmax(1).tolist()
     assert local_logits.argmax(1).tolist() != head_logits(X).argmax(1).tolist()  # the two are told apart
@@ -186,6 +192,9 @@ def test_efp_feeds_back_the_output_error_of_training_microbatches_only():
     error = np_softmax(head_logits(X)) - np.eye(2)[labels]
     assert np.allclose(prediction.feedback.numpy(), error, atol=1e-6)
     assert prediction.outputs[HEAD].tolist() == head_logits(X).argmax(1).tolist()
+    only_first = microbatch(X, [0, 0, 0])  # no sample of the last class: the error still has K columns
+    fed_back = rule.predict(only_first, rule(blocks, only_first, training=True)).feedback
+    assert np.allclose(fed_back.numpy(), np_softmax(head_logits(X)) - np.eye(2)[[0, 0, 0]], atol=1e-6)
     eval_mb = microbatch(X, labels, phase=EVAL)
     eval_step = rule(blocks, eval_mb, training=False)
     assert eval_step.loss is None
@@ -325,6 +334,20 @@ def test_ff_conv_label_part_has_no_bias_of_its_own():
     assert torch.allclose(maps, expected, atol=1e-5)
 
 
+def test_ff_conv_label_channels_on_a_non_square_image():
+    conv = (BlockSpec("conv", 4, kernel_size=3, padding=1), BlockSpec("relu"))
+    rule, blocks = lone_stage(
+        RuleConfig("ff", ForwardForwardOptions()), conv, (2, 5, 7), (4, 5, 7), index=0, num_classes=3
+    )
+    x = torch.randn(2, 2, 5, 7, generator=torch.Generator().manual_seed(3))
+    label_rows = torch.tensor([[0.0, 0.0, 1.0], [1 / 3, 1 / 3, 1 / 3]])
+    _, output = rule._run(blocks[:1], x, label_rows)
+    channels = label_rows[:, :, None, None].expand(-1, -1, 5, 7) * ff.LABEL_VALUE
+    weight = torch.cat([blocks[0].weight, rule.label_input.label_conv.weight], dim=1)
+    expected = torch.nn.functional.conv2d(torch.cat([x, channels], 1), weight, blocks[0].bias, padding=1)
+    assert torch.allclose(output, expected, atol=1e-5)
+
+
 def conv_net_stage(model: ModelConfig) -> StageSpec:
     return StageSpec(index=0, num_stages=1, blocks=model.blocks, input_shape=(1, 5, 5), output_shape=(4, 5, 5), cost=0)
 
@@ -393,6 +416,7 @@ def test_ff_hard_negatives_are_the_wrong_label_this_stage_finds_best():
     goodness[[0, 1], [0, 2]] = -np.inf
     assert label_rows[4:].argmax(1).tolist() == goodness.argmax(1).tolist()
     assert blocks.training  # the scan ran in eval mode and left the stage training
+    assert torch.isfinite(rule(blocks, mb, training=True).loss)  # the whole first-stage step
 
 
 def test_ff_first_stage_training_loss_by_hand():
@@ -420,21 +444,38 @@ def test_ff_first_stage_training_loss_by_hand():
 
 
 def test_ff_label_scan_in_chunks_equals_one_pass(monkeypatch):
-    rule, blocks = first_ff_stage(num_classes=3)
+    rule, blocks = lone_stage(
+        RuleConfig("ff", ForwardForwardOptions()),
+        (BlockSpec("linear", 3), BlockSpec("relu"), BlockSpec("layernorm")),  # activity before the norm
+        (5,),
+        (3,),
+        index=0,
+        num_classes=3,
+    )
     blocks.eval()
     x = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
     label_rows = ff.all_labels(7, 3, x.device)[:7]
     whole = rule._blocks(blocks, x, label_rows, training=False)
+    assert not torch.allclose(whole[0], whole[1])  # activity and output differ
     monkeypatch.setattr(ff, "EVAL_CHUNK_ROWS", 3)  # 7 rows: chunks of 3, 3 and 1
     chunked = rule._blocks(blocks, x, label_rows, training=False)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, chunked))
     calls = []
-    monkeypatch.setattr(rule, "_run", lambda *args: calls.append(args[1].shape[0]) or (args[1], args[1]))
-    rule._blocks(blocks, x, label_rows, training=False)
-    assert calls == [3, 3, 1]
+
+    def run(blocks, rows, labels):
+        calls.append((rows.shape[0], None if labels is None else labels.shape[0]))
+        return rows, rows
+
+    monkeypatch.setattr(rule, "_run", run)
+    narrow = torch.zeros(7, 2)  # fewer columns than a chunk has rows: chunks count rows
+    rule._blocks(blocks, narrow, label_rows, training=False)
+    assert calls == [(3, 3), (3, 3), (1, 1)]
     calls.clear()
-    rule._blocks(blocks, x, label_rows, training=True)  # training rows are never chunked
-    assert calls == [7]
+    rule._blocks(blocks, narrow, None, training=False)  # later stages: no label rows
+    assert calls == [(3, None), (3, None), (1, None)]
+    calls.clear()
+    rule._blocks(blocks, narrow, label_rows, training=True)  # training rows are never chunked
+    assert calls == [(7, 7)]
 
 
 def test_ff_evaluation_starts_the_goodness_sum_in_the_only_stage_of_a_one_stage_model():
