@@ -24,7 +24,7 @@ from forwardflow.pipeline.rules.base import HEAD, Feedback, Predictor
 from forwardflow.pipeline.rules.efp import ErrorFeedback, ErrorForwardOptions, ErrorForwardRule
 from forwardflow.pipeline.rules.ff import ForwardForwardOptions, ForwardForwardRule, LabelInput
 from forwardflow.pipeline.rules.local import LocalOptions
-from forwardflow.pipeline.rules.sigprop import SigPropOptions, TargetProjection
+from forwardflow.pipeline.rules.sigprop import SigPropOptions, SigPropRule, TargetProjection
 from forwardflow.pipeline.validation import ConfigError
 
 HEAD_W, HEAD_B = [[1.0, -0.5, 0.25], [-1.0, 0.5, 0.75]], [0.0, 0.1]
@@ -501,3 +501,52 @@ def test_ff_first_stage_of_several_leaves_the_goodness_sum_at_zero():
     step = rule(blocks, microbatch(X_FF, [0, 2], phase=EVAL), training=False)
     assert torch.equal(step.handed_on.extra["goodness"], torch.zeros(2, 3))
     assert step.loss is None and math.isclose(float(step.handed_on.inputs.pow(2).mean(1)[0]), 1.0, rel_tol=1e-4)
+
+
+# ---------------------------------------------------------------- what every rule declares
+
+
+def test_a_rule_declares_its_predictions_own_first_then_the_output_head():
+    assert SigPropRule.predictors(head=True) == (
+        Predictor("nearest_target", "nearest target"),
+        Predictor(HEAD, "output head"),
+    )
+    assert SigPropRule.predictors(head=False) == (Predictor("nearest_target", "nearest target"),)
+    assert ForwardForwardRule.predictors(head=True)[1] == Predictor(HEAD, "one pass")
+
+
+def test_only_the_last_stage_has_the_output_head():
+    middle, _ = lone_stage(RuleConfig("sigprop"), (BlockSpec("linear", 3),), (4,), (3,), index=1, head=True)
+    last, _ = lone_stage(RuleConfig("sigprop"), (BlockSpec("linear", 3),), (4,), (3,), index=2, head=True)
+    assert middle.output_head is None and last.output_head is not None
+
+
+def test_end_to_end_rules_take_one_stage_and_refuse_more():
+    assert BackpropRule.default_stages(5) == 1 and SigPropRule.default_stages(5) == 5
+    bp = replace(small_config(), rule=RuleConfig("bp"))
+    BackpropRule.check(replace(bp, model=replace(bp.model, stages=1)), 10, (1, 4, 4))
+    with pytest.raises(ConfigError) as refused:
+        BackpropRule.check(replace(bp, model=replace(bp.model, stages=2)), 10, (1, 4, 4))
+    assert (refused.value.where, refused.value.message) == (
+        "--stages",
+        "rule bp trains end to end through one stage; use --stages 1",
+    )
+    sigprop = small_config()
+    SigPropRule.check(replace(sigprop, model=replace(sigprop.model, stages=2)), 10, (1, 4, 4))
+    with pytest.raises(ConfigError) as refused:
+        ErrorForwardRule.check(
+            replace(sigprop, rule=RuleConfig("efp"), model=replace(sigprop.model, head=False)), 10, (1, 4, 4)
+        )
+    assert (refused.value.where, refused.value.message) == (
+        "--head",
+        "rule efp predicts with the output head; the model needs one",
+    )
+
+
+def test_sigprop_positives_belong_to_the_contrastive_loss():
+    with pytest.raises(ConfigError) as refused:
+        SigPropOptions(loss="per-class", positives="one")
+    assert (refused.value.where, refused.value.message) == (
+        "--positives",
+        "chooses the positives of --loss contrastive; --loss per-class scores each sample against one target per class",
+    )
