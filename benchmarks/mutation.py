@@ -42,6 +42,7 @@ TESTS = (
     "tests/test_losses.py",
     "tests/test_rules.py",
     "tests/test_rule_parts.py",
+    "tests/test_ff_parts.py",
     "tests/test_rules_pipeline.py",
 )
 DESELECT = "not ray_pipeline and not benchmark_path and not conv_form and not learns_from_the_feedback_loop"
