@@ -10,6 +10,7 @@ actor starts, nothing written); 3 training stopped on a diverged loss; 130 / 143
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -31,6 +32,31 @@ EXIT_FAULT = 1
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 3
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as a shell reports it
+
+# Ray's loggers that speak while ``ray.init`` starts or joins a cluster.
+RAY_START_LOGGER = "ray._private.worker"
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+AUTH_ENABLED_NOTICE = "Token authentication is enabled"
+
+
+class RayStartNotes(logging.Filter):
+    """Drops what Ray logs at start that asks nothing of the user: its INFO lines ("Started a local
+    Ray instance."; the launcher's own line says where the run goes) and the notice that token
+    authentication is on, whose only suggestion is to turn it off. Authentication stays as Ray set
+    it; every other warning (among them Ray's notice that authentication is *disabled*) still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == RAY_START_LOGGER:
+            return record.levelno > logging.INFO
+        return not record.getMessage().startswith(AUTH_ENABLED_NOTICE)
+
+
+def quiet_ray_start() -> None:
+    """Install the filter on Ray's loggers (by name: Ray itself is imported only for Ray runs)."""
+    for name in (RAY_START_LOGGER, RAY_AUTH_LOGGER):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RayStartNotes) for f in logger.filters):
+            logger.addFilter(RayStartNotes())
 
 
 def say(message: str) -> None:
@@ -103,6 +129,7 @@ def last_checkpoint(run: Run, resumable: bool = True) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_ray_start()
     signals = Signals()
     signals.install()
     try:

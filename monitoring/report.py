@@ -59,7 +59,9 @@ def plot_throughput(records: list[RunRecord], path: Path) -> None:
             drawn = True
     driver = [r for r in records if r.kind != EVALUATION and r.samples_per_s > 0]
     if driver:
-        axes.plot([r.elapsed_s for r in driver], [r.samples_per_s for r in driver], "k--", label="run (driver)")
+        axes.plot(
+            [r.elapsed_s for r in driver], [r.samples_per_s for r in driver], "k--", marker=".", label="run (driver)"
+        )
         drawn = True
     if drawn:
         axes.legend()
@@ -140,7 +142,7 @@ def plot_accuracy(records: list[RunRecord], path: Path) -> None:
             axes.plot(*zip(*chosen), alpha=0.6, linewidth=1, label=f"stage {index} train (own targets)")
             drawn = True
     if drawn:
-        axes.set_ylim(0, 1)
+        axes.set_ylim(-0.02, 1.02)  # a margin: lines at 0 or 1 (an easy set) would hide in the frame
         axes.legend()
     else:
         _no_data(axes, "accuracy")

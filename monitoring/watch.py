@@ -3,10 +3,10 @@ trainer's metrics endpoint and Ray's own metrics where Ray exports them; where G
 installed, provision it (datasource + the forwardflow dashboard) and start it on loopback too.
 
     python launch/train.py --metrics-port 9400 ... &
-    python -m monitoring.watch --target 127.0.0.1:9400
+    python -m forwardflow.monitoring.watch --target 127.0.0.1:9400
 
-Runs until Ctrl-C (or ``--for SECONDS``), then stops what it started. Nothing listens on a
-non-loopback address unless ``--host`` says so.
+Runs until Ctrl-C, SIGTERM (``kill``) or ``--for SECONDS``, then stops what it started and removes
+its temporary directory. Nothing listens on a non-loopback address unless ``--host`` says so.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -161,7 +162,9 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def parse(argv: list[str] | None) -> tuple[WatchConfig, argparse.Namespace]:
-    parser = argparse.ArgumentParser(prog="python -m monitoring.watch", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m forwardflow.monitoring.watch", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument(
         "--target",
         action="append",
@@ -190,6 +193,12 @@ def parse(argv: list[str] | None) -> tuple[WatchConfig, argparse.Namespace]:
     return config, args
 
 
+def interrupt(signum: int, frame: object) -> None:
+    """SIGTERM handler: raise what Ctrl-C raises, so that both take the same way out (the
+    ``finally`` that stops the servers and removes the temporary directory)."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         config, args = parse(argv)
@@ -210,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     prometheus_port = config.prometheus_port or free_port(config.host)
     prometheus_url = f"http://{config.host}:{prometheus_port}"
     processes = []
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         processes.append(
             start_prometheus(config_file, work / "prometheus-data", config.host, prometheus_port, args.prometheus)
@@ -231,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 "Grafana is not installed: use Prometheus's own graphs, or import "
                 f"{DASHBOARDS / 'forwardflow.json'} into a Grafana you have (see the README)"
             )
-        print("Ctrl-C stops them.", flush=True)
+        print("Ctrl-C (or SIGTERM) stops them.", flush=True)
         deadline = None if args.duration is None else time.monotonic() + args.duration
         while deadline is None or time.monotonic() < deadline:
             if any(process.poll() is not None for process in processes):

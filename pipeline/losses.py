@@ -15,7 +15,7 @@ import torch.nn.functional as F
 def similarity(h: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """``S_ik = <h_i, t_k> / temperature``; for conv feature maps the channel dot product at each
     spatial position, averaged over positions (= the flattened dot product divided by H*W)."""
-    positions = h[0, 0].numel() if h.dim() > 2 else 1
+    positions = h.shape[2:].numel()  # H*W of a conv map; 1 for (B, F) features
     return h.flatten(1) @ targets.flatten(1).T / (positions * temperature)
 
 
@@ -63,7 +63,7 @@ def per_class_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def goodness(h: torch.Tensor) -> torch.Tensor:
     """Forward-Forward goodness: sum of squared activations per sample (mean over conv positions)."""
     squares = h.pow(2).flatten(1).sum(1)
-    return squares / (h[0, 0].numel() if h.dim() > 2 else 1)
+    return squares / h.shape[2:].numel()  # positions: H*W of a conv map; 1 for (B, F) features
 
 
 def forward_forward_loss(goodness_pos: torch.Tensor, goodness_neg: torch.Tensor, threshold: float) -> torch.Tensor:

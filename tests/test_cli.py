@@ -5,7 +5,10 @@ starts, and nothing written."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -247,3 +250,29 @@ def test_cluster_yaml_passes_rays_own_schema():
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
     assert len(starts) == 2 and all("RAY_AUTH_MODE=token ray start" in command for command in starts)
+
+
+# launch/train.py's main in a fresh process that starts its own local Ray, then Ray's view of token
+# authentication in that process.
+RAY_RUN = r"""
+import os, sys
+from forwardflow.launch.train import main
+status = main(sys.argv[1:])
+from ray._raylet import AuthenticationMode, get_authentication_mode
+print("auth", os.environ.get("RAY_AUTH_MODE"), get_authentication_mode() == AuthenticationMode.TOKEN)
+sys.exit(status)
+"""
+
+
+def test_a_ray_run_prints_only_its_own_lines_and_keeps_token_authentication(tmp_path):
+    # Ray announces at every start that token authentication is on and that it started a local
+    # instance; the launcher keeps those notes (nothing to act on) off stderr, not authentication.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    argv = ["--preset", "synthetic", "--executor", "ray", "--epochs", "1", "--no-progress"]
+    done = subprocess.run(
+        [sys.executable, "-c", RAY_RUN, *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines and all(line.startswith("forwardflow: ") for line in lines), done.stderr
+    assert "auth token True" in done.stdout

@@ -105,9 +105,26 @@ def test_schedule_is_seeded_and_puts_a_test_pass_after_each_epoch():
     assert not torch.equal(first[0].inputs, other[0].inputs)
 
 
+def mirrored(image: torch.Tensor, flip: bool) -> torch.Tensor:
+    return image.flip(-1) if flip else image
+
+
 def test_augmentation_crops_and_flips_within_bounds():
-    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    images = torch.arange(16 * 3 * 8 * 8, dtype=torch.float32).view(16, 3, 8, 8) + 1  # no zero in the images
     out = augment_images(images, torch.Generator().manual_seed(0), padding=2)
     assert out.shape == images.shape
-    # Every output value comes from the image itself or from the zero padding.
-    assert set(out.unique().tolist()) <= set(images.unique().tolist()) | {0.0}
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    found = []
+    for i in range(16):  # each output is a 8x8 window of the zero-padded image, mirrored or not
+        windows = [
+            (row - 2, col - 2, flip)
+            for row in range(5)
+            for col in range(5)
+            for flip in (False, True)
+            if torch.equal(out[i], mirrored(padded[i, :, row : row + 8, col : col + 8], flip))
+        ]
+        assert windows, f"sample {i} is no crop of its padded image"
+        found.append(windows[0])
+    # The windows vary: shifted both ways, mirrored and not (16 draws out of 50 windows).
+    assert {flip for _, _, flip in found} == {False, True}
+    assert len({(row, col) for row, col, _ in found}) > 3 and any(row or col for row, col, _ in found)

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from forwardflow.pipeline.losses import batch_contrastive_loss, per_class_loss, similarity
+from forwardflow.pipeline.losses import (
+    batch_contrastive_loss,
+    default_temperature,
+    forward_forward_loss,
+    goodness,
+    per_class_loss,
+    similarity,
+)
 
 
 def explicit_batch_contrastive(h: np.ndarray, targets: np.ndarray, labels: np.ndarray) -> float:
@@ -73,3 +80,49 @@ def test_conv_similarity_is_the_channel_dot_product_averaged_over_positions():
 def test_temperature_divides_the_scores():
     h, t = torch.tensor(H), torch.tensor(T)
     assert torch.allclose(similarity(h, t, temperature=4.0) * 4.0, similarity(h, t))
+
+
+def test_goodness_is_the_sum_of_squares_per_sample_and_for_conv_maps_its_mean_over_positions():
+    h = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]], dtype=torch.float64)
+    assert goodness(h).tolist() == pytest.approx([1 + 4 + 0.25, 9 + 1])
+    maps = torch.linspace(-1.0, 2.0, 2 * 3 * 2 * 4, dtype=torch.float64).view(2, 3, 2, 4)  # B, C, H, W
+    expected = [
+        np.mean([sum(float(maps[b, c, y, x]) ** 2 for c in range(3)) for y in range(2) for x in range(4)])
+        for b in range(2)
+    ]
+    assert goodness(maps).tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_forward_forward_loss_by_hand():
+    # softplus(theta - G_pos) + softplus(G_neg - theta), averaged over the samples: theta = 2.
+    positive, negative = torch.tensor([3.0, 1.0]), torch.tensor([0.5, 2.5])
+    expected = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(-1.5)) + math.log1p(math.exp(1.0))) / 2
+    expected += math.log1p(math.exp(0.5)) / 2
+    assert forward_forward_loss(positive, negative, 2.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_default_temperature_is_the_square_root_of_the_features_per_position():
+    assert default_temperature(torch.zeros(5, 16)) == 4.0
+    assert default_temperature(torch.zeros(5, 9, 7, 3)) == 3.0  # 9 channels at each of 7 x 3 positions
+
+
+@pytest.mark.parametrize("positives", ["all", "one", "topk"])
+def test_batch_contrastive_ignores_classes_absent_from_the_microbatch(positives):
+    # Class 2 has no sample: it is not a column of S (no j has y_j = 2), whatever its score.
+    scores = similarity(torch.tensor(H), torch.tensor(T))
+    labels = torch.tensor(LABELS)
+    with_absent = torch.cat([scores, torch.full((3, 1), 50.0, dtype=scores.dtype)], dim=1)
+    assert batch_contrastive_loss(with_absent, labels, positives, topk=1).item() == pytest.approx(
+        batch_contrastive_loss(scores, labels, positives, topk=1).item(), rel=1e-9
+    )
+
+
+def test_batch_contrastive_positive_weights_by_hand():
+    # Equal scores (softmax 1/B = 1/5 for every j), labels with counts n = (3, 2):
+    # all: P_i = n_{y_i}; one: P_i = 1; topk with k = 2: P_i = min(2, n_{y_i}).
+    scores, labels = torch.zeros(5, 2), torch.tensor([0, 0, 0, 1, 1])
+    log5 = math.log(5)
+    assert batch_contrastive_loss(scores, labels, "all").item() == pytest.approx((3 * 3 + 2 * 2) / 5 * log5)
+    assert batch_contrastive_loss(scores, labels, "one").item() == pytest.approx(log5)
+    assert batch_contrastive_loss(scores, labels, "topk", topk=2).item() == pytest.approx(2 * log5)
+    assert batch_contrastive_loss(scores, labels, "topk", topk=3).item() == pytest.approx((3 * 3 + 2 * 2) / 5 * log5)

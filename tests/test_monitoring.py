@@ -9,17 +9,19 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import small_config, small_sequence_config
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from forwardflow.launch.build import build_run
+from forwardflow.launch.build import Run, build_run
 from forwardflow.launch.train import main
 from forwardflow.monitoring.dashboard import DASHBOARD_PATH, ROWS, dashboard_json, panel_queries
 from forwardflow.monitoring.exporter import NON_FINITE_LOSS, PREFIX, RunInfo
@@ -30,7 +32,7 @@ from forwardflow.monitoring.report import main as report_main
 from forwardflow.monitoring.watch import free_port, prometheus_config
 from forwardflow.pipeline.config import MonitoringConfig, OutputConfig
 from forwardflow.pipeline.messages import NonFiniteLossError, StageStats
-from forwardflow.pipeline.training import Progress
+from forwardflow.pipeline.training import Progress, RunObserver
 
 REPO = Path(__file__).resolve().parent.parent
 SHORT_RUN = ["--preset", "synthetic", "--executor", "sequential", "--epochs", "2", "--no-progress"]
@@ -62,7 +64,7 @@ def dashboard_metric_names() -> set[str]:
 
 
 def test_committed_dashboard_is_what_the_generator_writes():
-    assert DASHBOARD_PATH.read_text() == dashboard_json(), "run: python -m monitoring.dashboard"
+    assert DASHBOARD_PATH.read_text() == dashboard_json(), "run: python -m forwardflow.monitoring.dashboard"
 
 
 def test_dashboard_has_the_panels_the_issue_asks_for_and_a_run_selector():
@@ -161,6 +163,84 @@ def test_an_error_is_counted_and_logged(tmp_path):
     assert last.kind == ERROR and last.errors == {NON_FINITE_LOSS: 1}
 
 
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
+def sample_value(text: str, name: str, **labels: str) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
+
+
+class ScrapeAtFirstEvaluation(RunObserver):
+    """Scrapes ``url`` once, mid-run: at the first of the run's evaluations."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.text: str | None = None
+
+    def on_evaluation(self, result, progress) -> None:
+        if self.text is None:
+            self.text = scrape(self.url)
+
+
+def test_the_launcher_prints_the_metrics_url_at_start_and_it_answers_during_the_run(monkeypatch, capsys):
+    port = free_port()
+    seen = {}
+    original_train = Run.train
+
+    def train(self):  # what the launcher has printed when training starts, and a scrape mid-run
+        seen["printed"] = capsys.readouterr().err
+        url = re.search(r"^forwardflow: metrics on (\S+)$", seen["printed"], re.M)
+        seen["scraper"] = ScrapeAtFirstEvaluation(url.group(1) if url else "http://unprinted")
+        self.observers.append(seen["scraper"])
+        return original_train(self)
+
+    monkeypatch.setattr(Run, "train", train)
+    assert main([*SHORT_RUN, "--metrics-port", str(port), "--metrics-linger", "0"]) == 0
+    assert f"forwardflow: metrics on http://127.0.0.1:{port}/metrics\n" in seen["printed"]
+    run_id = re.search(r"^forwardflow: run (\S+):", seen["printed"], re.M).group(1)
+    text = seen["scraper"].text
+    assert sample_value(text, "forwardflow_run_info", run_id=run_id) == 1.0
+    assert 0 < sample_value(text, "forwardflow_progress_ratio", run_id=run_id) < 1  # answered mid-run
+
+
+def test_by_default_a_scrape_after_the_training_loop_still_gets_the_final_accuracy(monkeypatch, tmp_path):
+    # The default --metrics-linger keeps the endpoint up after the loop, so a Prometheus scraping
+    # every few seconds still sees the final values. The scrape comes 1 s after the loop ended.
+    port, out = free_port(), tmp_path / "run"
+    late = {}
+    original_train = Run.train
+
+    def train(self):
+        result = original_train(self)
+
+        def scrape_later():
+            time.sleep(1.0)
+            try:
+                late["text"] = scrape(f"http://127.0.0.1:{port}/metrics")
+            except OSError as error:
+                late["error"] = error
+
+        late["thread"] = threading.Thread(target=scrape_later)
+        late["thread"].start()
+        return result
+
+    monkeypatch.setattr(Run, "train", train)
+    assert main([*SHORT_RUN, "--metrics-port", str(port), "--out", str(out)]) == 0  # no --metrics-linger
+    late["thread"].join()
+    assert "error" not in late, late.get("error")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["evaluations"][0]["test_accuracies"] != summary["test_accuracies"]  # the final ones differ
+    assert sample_value(late["text"], "forwardflow_progress_ratio") == 1.0
+    for predictor, accuracy in summary["test_accuracies"].items():
+        assert sample_value(late["text"], "forwardflow_test_accuracy_ratio", predictor=predictor) == accuracy
+
+
 def test_metrics_port_in_use_is_rejected_in_one_line(tmp_path, capsys):
     import socket
 
@@ -179,27 +259,46 @@ def test_plot_without_out_is_rejected_before_anything_runs(capsys):
     assert "--plot: needs --out" in capsys.readouterr().err
 
 
-def test_a_run_keeps_a_metrics_log_and_draws_the_plots(tmp_path, capsys):
+# The README's plot demo (with --out DIR added): long enough for some thirty collections.
+PLOT_DEMO = ["--preset", "synthetic", "--epochs", "30", "--metrics-interval", "0.1", "--plot"]
+DRAWN_PIXELS = 3000  # coloured pixels of a plot with data: a line across it, or bars (text is black)
+
+
+def drawn_pixels(path: Path) -> int:
+    """Pixels in colour (lines, markers, bars), as against the black text and grey grid of a plot
+    without data."""
+    with Image.open(path) as image:
+        assert image.size == (PLOT_WIDTH, PLOT_HEIGHT)
+        pixels = np.asarray(image.convert("RGB")).astype(int)
+    return int((pixels.max(axis=2) - pixels.min(axis=2) > 60).sum())
+
+
+def test_the_plot_demo_keeps_a_metrics_log_and_draws_plots_with_data(ray_cluster, tmp_path):
     out = tmp_path / "run"
-    assert main([*SHORT_RUN, "--out", str(out), "--plot", "--metrics-interval", "0.05"]) == 0
+    assert main([*PLOT_DEMO, "--no-progress", "--out", str(out)]) == 0
     records = read_log(out / LOG_NAME)
     kinds = [record.kind for record in records]
-    assert kinds[0] == PROGRESS and kinds[-1] == END and kinds.count(EVALUATION) == 2
+    assert kinds[0] == PROGRESS and kinds[-1] == END and kinds.count(EVALUATION) == 30
     assert len({record.run_id for record in records}) == 1
     assert records[-1].progress == 1.0 and records[-1].stages
     evaluation = next(record for record in records if record.kind == EVALUATION)
     assert 0.0 <= evaluation.test_accuracy["nearest_target"] <= 1.0
-    for name in PLOT_NAMES:
-        with Image.open(out / name) as image:
-            assert image.size == (PLOT_WIDTH, PLOT_HEIGHT)
-            colors = image.convert("L").getextrema()
-            assert colors[0] < 100 < colors[1], f"{name} looks blank"  # drawn lines and text on white
+    drawn = {name: drawn_pixels(out / name) for name in PLOT_NAMES}
+    assert all(count >= DRAWN_PIXELS for count in drawn.values()), drawn
     # The stand-alone command draws the same plots from the log of an existing run.
     for name in PLOT_NAMES:
         (out / name).unlink()
     assert report_main([str(out)]) == 0
-    assert all((out / name).stat().st_size > 10_000 for name in PLOT_NAMES)
+    assert {name: drawn_pixels(out / name) for name in PLOT_NAMES} == drawn
     assert report_main([str(tmp_path / "missing")]) == 2
+
+
+def test_a_plot_without_data_is_told_from_one_with_data(tmp_path):
+    # The blank check above against what a run too short to collect draws (the former demo): with
+    # only the first collection and the end of the run, the throughput plot has no stage line.
+    out = tmp_path / "run"
+    assert main([*SHORT_RUN, "--epochs", "1", "--metrics-interval", "3600", "--out", str(out), "--plot"]) == 0
+    assert drawn_pixels(out / "throughput.png") < DRAWN_PIXELS <= drawn_pixels(out / "time_split.png")
 
 
 def test_watch_config_is_valid_for_prometheus(tmp_path):

@@ -1,13 +1,20 @@
 """A real Prometheus (Debian package ``prometheus``, installed by launch/setup.sh) on a free
 loopback port scrapes a short real training run on the Ray executor; every query of every
-dashboard panel, evaluated through Prometheus's HTTP API, returns data."""
+dashboard panel, evaluated through Prometheus's HTTP API, returns data. ``monitoring.watch``, run
+as a user runs it, stops its Prometheus and removes its temporary directory on Ctrl-C and SIGTERM."""
 
 import json
 import math
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +134,63 @@ def check_every_panel(base: str, run_id: str, result, tmp_path) -> None:
         if not finite_values(query(base, promql)):
             empty.append(f"{title}: {promql}")
     assert not empty, "panels without data:\n" + "\n".join(empty)
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def gone(pid: int, timeout_s: float = 10.0) -> bool:
+    """True once ``pid`` has exited and been reaped (no /proc entry, or only a zombie's)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_watch_stops_its_prometheus_and_removes_its_directory_when_stopped(tmp_path, stop_signal):
+    if not shutil.which(PROMETHEUS):
+        pytest.skip("prometheus (Debian package) is not installed: bash launch/setup.sh installs it")
+    scratch = tmp_path / "tmp"  # the watcher's temporary directory goes here (TMPDIR)
+    scratch.mkdir()
+    command = [sys.executable, "-m", "forwardflow.monitoring.watch", "--no-grafana", "--prometheus", PROMETHEUS]
+    # The watcher gets Ctrl-C as from a terminal even when this test runs as a shell's background
+    # job, which ignores SIGINT (an ignored signal stays ignored in children; a handled one is
+    # reset to the default at exec, where Python installs its own).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    watch = subprocess.Popen(
+        [*command, "--target", f"127.0.0.1:{free_port()}"],
+        cwd=tmp_path,  # the documented module path works from anywhere, not only from the checkout
+        env=dict(os.environ, TMPDIR=str(scratch)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    signal.signal(signal.SIGINT, inherited)
+    prometheus = None
+    try:
+        assert watch.stdout is not None
+        started = [watch.stdout.readline(), watch.stdout.readline()]
+        assert started[1].startswith("Ctrl-C"), "".join(started) + watch.stderr.read()  # type: ignore[union-attr]
+        url = re.match(r"Prometheus: (\S+) ", started[0]).group(1)  # type: ignore[union-attr]
+        with urllib.request.urlopen(url + "/-/ready", timeout=10) as response:
+            assert response.status == 200
+        (prometheus,) = children(watch.pid)
+        assert len(list(scratch.iterdir())) == 1  # its working directory
+        watch.send_signal(stop_signal)
+        assert watch.wait(timeout=30) == 0
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+        stray = prometheus is not None and not gone(prometheus)
+        if stray:
+            os.kill(prometheus, signal.SIGKILL)  # type: ignore[arg-type]
+    assert not stray, "Prometheus outlived the watcher"
+    assert list(scratch.iterdir()) == [], "the temporary directory was left behind"

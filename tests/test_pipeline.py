@@ -29,8 +29,10 @@ DROPOUT_NET = ModelConfig(
 
 
 def test_pipelined_and_sequential_runs_agree_bit_for_bit(ray_cluster):
-    # Dropout and layer statistics included: every random draw belongs to its stage.
-    config = small_config(model=DROPOUT_NET)
+    # The README's condition: one torch thread per stage on both sides (the sequential runner's
+    # process, each actor). Dropout and layer statistics included: every random draw belongs to
+    # its stage.
+    config = tweak(small_config(model=DROPOUT_NET), execution={"threads": 1})
     sequential = assert_executors_agree(config)
     # The weights did move: equality is not the trivial one of two untrained nets.
     untrained = SequentialRunner(build_run(config).setups).state_dicts()
