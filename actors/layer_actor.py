@@ -10,8 +10,9 @@ import time
 import ray
 import torch
 
+from forwardflow.pipeline.device import resolve_device
 from forwardflow.pipeline.messages import Microbatch, Prediction, StageStats
-from forwardflow.pipeline.stage import Stage, StageSetup, resolve_device
+from forwardflow.pipeline.stage import Stage, StageSetup
 
 
 # max_task_retries=0 and max_restarts=0: Ray guarantees that a synchronous actor runs the tasks
@@ -36,9 +37,9 @@ class LayerActor:
         result = self.stage.step(mb)
         computed = time.perf_counter()
         # The object store lives in host memory: hand on CPU tensors, and let the next stage copy
-        # them to its own device (which may be another GPU on another node).
-        if not isinstance(result, Prediction):
-            result = result.to("cpu")
+        # them to its own device (which may be another GPU on another node). This copy is the
+        # executor's sync point per microbatch on a GPU, not the stage's.
+        result = result.cpu() if isinstance(result, Prediction) else result.to("cpu")
         self._last_step_end = time.perf_counter()
         stats.handoff_s += self._last_step_end - computed
         return result

@@ -29,10 +29,11 @@ from forwardflow.monitoring.exporter import RunInfo
 from forwardflow.monitoring.observer import MetricsConfig, MetricsObserver
 from forwardflow.pipeline.config import RunConfig
 from forwardflow.pipeline.data import Dataset, load_dataset
+from forwardflow.pipeline.device import resolve_device
 from forwardflow.pipeline.rules.base import Predictor, Rule
 from forwardflow.pipeline.runner import Executor, SequentialRunner
 from forwardflow.pipeline.schedule import MicrobatchSchedule
-from forwardflow.pipeline.stage import StageSetup, resolve_device, stage_setups
+from forwardflow.pipeline.stage import StageSetup, stage_setups
 from forwardflow.pipeline.training import RunObserver, RunResult, train
 from forwardflow.pipeline.validation import ConfigError
 

@@ -108,6 +108,14 @@ class ExecutionConfig(Section):
     )
     placement: str = option("pack", "pack: stages on one node; spread: across nodes", choices=("pack", "spread"))
     threads: int = option(1, "torch threads per stage (per actor; the sequential runner's process)", low=1, high=256)
+    nan_check_every: int = option(
+        32,
+        "training microbatches between reads of each stage's non-finite-loss flag: a NaN/inf loss stops "
+        "the run at most this many microbatches after it (each read waits for the device; snapshots "
+        "and the end of the run read it too)",
+        low=1,
+        high=10**6,
+    )
 
     def check(self) -> None:
         device = self.device

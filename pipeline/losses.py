@@ -26,7 +26,9 @@ def default_temperature(h: torch.Tensor) -> float:
 
 
 def _label_counts(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.bincount(labels, minlength=num_classes).to(dtype)
+    # Not torch.bincount: on a GPU it reads the largest label on the host to size its output.
+    classes = torch.arange(num_classes, device=labels.device)
+    return (labels[:, None] == classes).sum(0).to(dtype)
 
 
 def batch_contrastive_loss(

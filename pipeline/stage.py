@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from forwardflow.pipeline.config import OptimConfig, RuleConfig, RunConfig
+from forwardflow.pipeline.device import StepClock, host_read
 from forwardflow.pipeline.messages import TRAIN, Microbatch, NonFiniteLossError, Prediction, StageStats
 from forwardflow.pipeline.model import SeededDropout, StageSpec, build_stage_blocks, plan_stages
 from forwardflow.pipeline.rules.base import RuleContext
@@ -28,12 +29,7 @@ class StageSetup:
     head: bool
     seed: int
     total_steps: int = 0  # training microbatches in the run (for learning-rate schedules)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    check_every: int = 32  # training microbatches between reads of the non-finite-loss flag
 
 
 def _current_rss_bytes() -> int:
@@ -67,9 +63,22 @@ class Stage:
         self.optimizer = _build_optimizer(setup.optim, params)
         self.scheduler = _build_schedule(setup.optim, self.optimizer, setup.total_steps)
         self.stats = StageStats(stage=self.index, device=str(self.device), lr=setup.optim.lr)
+        self.clock = StepClock(self.device)
         self.last_index = -1
         self._parameters = list(self.blocks.parameters()) + list(self.rule.parameters())
         self._weights_at_last_snapshot = [p.detach().clone() for p in self._parameters]
+        # What the host learns only at a read (snapshot, or every check_every training steps):
+        # device tensors, updated without waiting.
+        zero = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._loss_sum = zero.clone()
+        self._last_loss = torch.full_like(zero, math.nan)
+        self._correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self._first_bad = torch.full((), -1, device=self.device, dtype=torch.long)  # microbatch index
+        self._first_bad_value = zero.clone()
+        # 1.0 from the first non-finite loss on: the fused optimizer skips every step while it is set.
+        self._diverged = torch.zeros((), device=self.device, dtype=torch.float32)
+        self.optimizer.found_inf = self._diverged  # type: ignore[attr-defined]
+        self._steps_since_check = 0
 
     @property
     def is_last(self) -> bool:
@@ -77,13 +86,14 @@ class Stage:
 
     def step(self, mb: Microbatch) -> Microbatch | Prediction:
         """Forward, local loss, update at once; returns the detached hand-on (or, in the last
-        stage, the predictions). Evaluation microbatches change no weight and no statistic of
-        the blocks (eval mode, no gradient)."""
+        stage, the predictions, on this stage's device). Evaluation microbatches change no weight
+        and no statistic of the blocks (eval mode, no gradient). Nothing here waits for the
+        device, except the read of the non-finite flag every ``check_every`` training steps."""
         if mb.index <= self.last_index:
             # Equivalence with the sequential run rests on stream order; never learn out of order.
             raise RuntimeError(f"stage {self.index}: microbatch {mb.index} arrived after {self.last_index}")
         self.last_index = mb.index
-        started = time.perf_counter()
+        started = self.clock.start()
         # Detach on entry too: whatever the caller hands in, the update cannot reach upstream.
         mb = mb.to(self.device).detached()
         training = mb.phase == TRAIN
@@ -93,30 +103,46 @@ class Stage:
             local = self.rule(self.blocks, mb, training)
             if training:
                 self._update(local.loss, mb)
-        result = self.rule.predict(mb, local).cpu() if self.is_last else local.handed_on
+        result = self.rule.predict(mb, local) if self.is_last else local.handed_on
         self._count(mb, local.scores, training, started)
+        if training:
+            self._steps_since_check += 1
+            if self._steps_since_check >= self.setup.check_every:
+                self.check_finite()
         return result
 
     def _update(self, loss: torch.Tensor, mb: Microbatch) -> None:
-        # .item() is the stage's one sync point per microbatch: the NaN/inf check needs the value
-        # on the host before the update is applied, so a bad loss never reaches the weights.
-        value = loss.item()
-        if not math.isfinite(value):
-            raise NonFiniteLossError(self.index, mb.index, value)
+        # No host read here: the non-finite check is made on the device. The fused optimizer takes
+        # the sticky flag as its found_inf and skips the whole step (weights, moments, step count)
+        # while it is set, so no step from the first non-finite loss on reaches the parameters.
+        # The host learns of it at the next read (check_finite), at most check_every steps later.
+        value = loss.detach()
+        bad = ~torch.isfinite(value)
+        first = bad & (self._first_bad < 0)
+        self._first_bad.copy_(torch.where(first, mb.index, self._first_bad))
+        self._first_bad_value.copy_(torch.where(first, value.double(), self._first_bad_value))
+        torch.maximum(self._diverged, bad.float(), out=self._diverged)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.rule.after_update()
-        self.stats.loss_sum += value
+        self._loss_sum += value
+        self._last_loss.copy_(value)
         self.stats.loss_count += 1
-        self.stats.last_loss = value
 
-    def _count(self, mb: Microbatch, scores: torch.Tensor | None, training: bool, started: float) -> None:
+    def check_finite(self) -> None:
+        """Read the non-finite flag (a sync point); raise if a loss of this stage was NaN or inf."""
+        self._steps_since_check = 0
+        with host_read():
+            first, value = torch.stack([self._first_bad.double(), self._first_bad_value]).tolist()
+        if first >= 0:
+            raise NonFiniteLossError(self.index, int(first), value)
+
+    def _count(self, mb: Microbatch, scores: torch.Tensor | None, training: bool, started) -> None:
         stats = self.stats
-        elapsed = time.perf_counter() - started
-        stats.busy_s += elapsed
+        elapsed = self.clock.stop(started, training, stats)
         stats.microbatches += 1
         stats.last_step_at = time.time()
         stats.first_step_at = stats.first_step_at or stats.last_step_at - elapsed
@@ -124,28 +150,37 @@ class Stage:
             stats.eval_samples += mb.size
             return
         stats.samples += mb.size
-        stats.count_step(elapsed)
         if scores is not None:
-            stats.train_correct += int((scores.argmax(1) == mb.labels).sum())
+            self._correct += (scores.argmax(1) == mb.labels).sum()
             stats.train_scored += mb.size
 
     @torch.no_grad()
-    def _weight_and_update_norms(self) -> tuple[float, float]:
-        """Norm of all weights and of their change since the last snapshot, tensor by tensor
-        (no concatenated copy of the model); the reference copy is updated in place."""
-        weight_sq = update_sq = 0.0
+    def _squared_norms(self) -> torch.Tensor:
+        """Squared norm of all weights and of their change since the last snapshot, on the device,
+        tensor by tensor (no concatenated copy of the model); the reference copy is updated in place."""
+        weight_sq = torch.zeros((), device=self.device, dtype=torch.float64)
+        update_sq = torch.zeros((), device=self.device, dtype=torch.float64)
         for param, previous in zip(self._parameters, self._weights_at_last_snapshot):
-            weight_sq += float(param.pow(2).sum())
+            weight_sq += param.pow(2).sum(dtype=torch.float64)
             previous.sub_(param)
-            update_sq += float(previous.pow(2).sum())
+            update_sq += previous.pow(2).sum(dtype=torch.float64)
             previous.copy_(param)
-        return math.sqrt(weight_sq), math.sqrt(update_sq)
+        return torch.stack([weight_sq, update_sq])
 
     def snapshot(self) -> StageStats:
-        """Counters so far plus norms and memory. Called at the metrics cadence, never per
-        microbatch (the norms read every weight)."""
+        """Counters so far plus norms and memory, read from the device at once. Called at the
+        metrics cadence and at the end, never per microbatch; raises if a loss was non-finite."""
+        self.check_finite()
         stats = self.stats
-        stats.weight_norm, stats.update_norm = self._weight_and_update_norms()
+        norms = self._squared_norms()
+        with host_read():
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.clock.collect(stats, finished=True)
+            values = torch.cat([norms, torch.stack([self._loss_sum, self._last_loss, self._correct.double()])])
+            weight_sq, update_sq, stats.loss_sum, stats.last_loss, correct = values.tolist()
+        stats.train_correct = int(correct)
+        stats.weight_norm, stats.update_norm = math.sqrt(weight_sq), math.sqrt(update_sq)
         stats.lr = self.optimizer.param_groups[0]["lr"]
         if self.device.type == "cuda":
             stats.memory_bytes = torch.cuda.memory_allocated(self.device)
@@ -156,18 +191,24 @@ class Stage:
         return replace(stats, step_counts=list(stats.step_counts))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights (and the rule's own parameters), on the CPU."""
+        """Weights (and the rule's own parameters), on the CPU; refused after a non-finite loss."""
+        self.check_finite()
         weights: dict[str, torch.Tensor] = {}
-        for prefix, module in (("blocks.", self.blocks), ("rule.", self.rule)):
-            for name, tensor in module.state_dict().items():
-                weights[prefix + name] = tensor.detach().cpu().clone()
+        with host_read():
+            for prefix, module in (("blocks.", self.blocks), ("rule.", self.rule)):
+                for name, tensor in module.state_dict().items():
+                    weights[prefix + name] = tensor.detach().cpu().clone()
         return weights
 
 
 def _build_optimizer(config: OptimConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    # Fused: one kernel per step for all parameters, and it takes a device-side found_inf flag (a
+    # step is skipped without the host having to look at the loss).
     if config.name == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, fused=True
+        )
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
 
 
 def _build_schedule(config: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int):
@@ -193,6 +234,7 @@ def stage_setups(
             head=config.model.head,
             seed=config.seed,
             total_steps=total_steps,
+            check_every=config.execution.nan_check_every,
         )
         for spec in specs
     ]

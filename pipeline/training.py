@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from forwardflow.pipeline.device import host_read
 from forwardflow.pipeline.messages import EVAL, Prediction, StageStats
 from forwardflow.pipeline.rules.base import Feedback
 from forwardflow.pipeline.runner import Executor
@@ -72,20 +73,25 @@ class AccuracyTracker:
 
     def _reset(self) -> None:
         self.seen = 0
-        self.correct: dict[str, int] = {}
+        self.correct: dict[str, torch.Tensor] = {}
 
     def observe(self, prediction: Prediction, progress: Progress) -> EvalResult | None:
         if prediction.phase != EVAL:
             return None
         for key, predicted in prediction.outputs.items():
-            # One host read per evaluation microbatch and predictor (not on a stage's hot path).
-            self.correct[key] = self.correct.get(key, 0) + int((predicted == prediction.labels).sum())
+            # Counted where the prediction is (a GPU in the sequential runner): no host read per
+            # microbatch; the pass's counts are read once, when it is complete.
+            hits = (predicted == prediction.labels).sum()
+            self.correct[key] = hits if key not in self.correct else self.correct[key] + hits
         self.seen += prediction.size
         if self.seen < self.test_size:
             return None
+        keys = list(self.correct)
+        with host_read():
+            counts = torch.stack([self.correct[key] for key in keys]).tolist() if keys else []
         result = EvalResult(
             epoch=prediction.epoch,
-            accuracies={k: v / self.seen for k, v in self.correct.items()},
+            accuracies={key: count / self.seen for key, count in zip(keys, counts)},
             primary=self.primary,
             train_samples_seen=progress.train_samples_done,
             wall_s=progress.elapsed_s,
