@@ -27,22 +27,25 @@ class LayerActor:
         self.stage = Stage(setup, resolve_device(device))
         self._last_step_end: float | None = None  # perf_counter() when the previous step returned
 
-    def step(self, mb: Microbatch) -> Microbatch | Prediction:
-        # The time split for monitoring: three clock reads per microbatch, kept in the stage's
+    def step(self, group: list[Microbatch]) -> list[Microbatch | Prediction]:
+        """The stage's step on each microbatch of a call, in order; the results go on as one object."""
+        # The time split for monitoring: a few clock reads per microbatch, kept in the stage's
         # counters and fetched with its snapshot (no extra remote call).
         started = time.perf_counter()
         stats = self.stage.stats
         if self._last_step_end is not None:
             stats.wait_s += started - self._last_step_end
-        result = self.stage.step(mb)
-        computed = time.perf_counter()
-        # The object store lives in host memory: hand on CPU tensors, and let the next stage copy
-        # them to its own device (which may be another GPU on another node). This copy is the
-        # executor's sync point per microbatch on a GPU, not the stage's.
-        result = result.cpu() if isinstance(result, Prediction) else result.to("cpu")
+        results: list[Microbatch | Prediction] = []
+        for mb in group:
+            result = self.stage.step(mb)
+            computed = time.perf_counter()
+            # The object store lives in host memory: hand on CPU tensors, and let the next stage
+            # copy them to its own device (which may be another GPU on another node). On a GPU this
+            # copy is the executor's sync point per microbatch, not the stage's.
+            results.append(result.cpu() if isinstance(result, Prediction) else result.to("cpu"))
+            stats.handoff_s += time.perf_counter() - computed
         self._last_step_end = time.perf_counter()
-        stats.handoff_s += self._last_step_end - computed
-        return result
+        return results
 
     def snapshot(self) -> StageStats:
         snapshot = self.stage.snapshot()

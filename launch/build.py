@@ -107,7 +107,14 @@ class Run:
         from forwardflow.actors.ray_pipeline import RayPipeline
 
         placement = plan_placement(len(self.setups), execution.device, connect(execution.address))
-        pipeline = RayPipeline(self.setups, placement, execution.window, execution.placement, execution.threads)
+        pipeline = RayPipeline(
+            self.setups,
+            placement,
+            execution.window,
+            execution.placement,
+            execution.threads,
+            execution.microbatches_per_call,
+        )
         return pipeline, [stage_device(location) for location in pipeline.locations]
 
     def _make_observers(self) -> list[RunObserver]:

@@ -53,6 +53,7 @@ class MetricsObserver(RunObserver):
         self._due = 0.0
         self._progress: Progress | None = None
         self._previous: dict[int, StageStats] = {}
+        self._train_accuracy: dict[int, float] = {}  # per stage, the latest interval's
         self._last_elapsed = 0.0
         self._last_samples = 0
         self._epoch = 0
@@ -102,7 +103,14 @@ class MetricsObserver(RunObserver):
             stages = []
             for stats in snapshots:
                 device = self.config.devices[stats.stage]
-                stages.append(stage_record(stats, self._previous.get(stats.stage), device))
+                stage = stage_record(stats, self._previous.get(stats.stage), device)
+                if stage.train_accuracy is None:
+                    # No training step since the previous collection (an evaluation pass, the end):
+                    # the latest value stands, as the loss's does.
+                    stage.train_accuracy = self._train_accuracy.get(stats.stage)
+                else:
+                    self._train_accuracy[stats.stage] = stage.train_accuracy
+                stages.append(stage)
                 self._previous[stats.stage] = stats
         elapsed = progress.elapsed_s
         samples = progress.train_samples_done

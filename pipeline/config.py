@@ -101,6 +101,13 @@ class ExecutionConfig(Section):
     window: int = option(
         8, "microbatches in flight in the Ray pipeline (bounds memory for any run length)", low=1, high=1024
     )
+    microbatches_per_call: int = option(
+        0,
+        "Ray: microbatches per actor call, at most --window (0: window // (stages + 1), so that every "
+        "stage has a call in hand)",
+        low=0,
+        high=1024,
+    )
     address: str | None = option(
         None,
         "an existing Ray cluster: HOST:PORT, ray://HOST:PORT or auto (default: a "
@@ -118,6 +125,8 @@ class ExecutionConfig(Section):
     )
 
     def check(self) -> None:
+        if self.microbatches_per_call > self.window:
+            raise self.error("microbatches_per_call", f"must be at most --window ({self.window})")
         device = self.device
         if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
             raise self.error("device", f"{device!r} is not one of auto, cpu, cuda, cuda:N")
