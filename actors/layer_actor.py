@@ -10,8 +10,10 @@ import time
 import ray
 import torch
 
+from forwardflow.pipeline.data import Dataset
 from forwardflow.pipeline.device import resolve_device
-from forwardflow.pipeline.messages import Microbatch, Prediction, StageStats
+from forwardflow.pipeline.messages import Microbatch, MicrobatchPlan, Prediction, StageStats
+from forwardflow.pipeline.source import DataSource
 from forwardflow.pipeline.stage import Stage, StageSetup
 
 
@@ -20,15 +22,26 @@ from forwardflow.pipeline.stage import Stage, StageSetup
 # stage would also have lost its weights, so a failure stops the run instead.
 @ray.remote(max_restarts=0, max_task_retries=0)
 class LayerActor:
-    def __init__(self, setup: StageSetup, device: str, torch_threads: int):
+    def __init__(
+        self,
+        setup: StageSetup,
+        device: str,
+        torch_threads: int,
+        dataset: Dataset | None = None,
+        data_placement: str = "auto",
+    ):
         # One intra-op thread per stage: several stages share the cores, and more threads per
         # actor made every stage slower through oversubscription.
         torch.set_num_threads(torch_threads)
         self.stage = Stage(setup, resolve_device(device))
+        # The first stage holds the dataset (sent once, through the object store) on its device and
+        # makes each microbatch from the plan the driver sends.
+        self.source = None if dataset is None else DataSource(dataset, self.stage.device, data_placement)
         self._last_step_end: float | None = None  # perf_counter() when the previous step returned
 
-    def step(self, group: list[Microbatch]) -> list[Microbatch | Prediction]:
-        """The stage's step on each microbatch of a call, in order; the results go on as one object."""
+    def step(self, group: list[MicrobatchPlan] | list[Microbatch]) -> list[Microbatch | Prediction]:
+        """The stage's step on each microbatch of a call, in order; the results go on as one object.
+        The first stage receives plans and makes the microbatches from its dataset."""
         # The time split for monitoring: a few clock reads per microbatch, kept in the stage's
         # counters and fetched with its snapshot (no extra remote call).
         started = time.perf_counter()
@@ -36,8 +49,8 @@ class LayerActor:
         if self._last_step_end is not None:
             stats.wait_s += started - self._last_step_end
         results: list[Microbatch | Prediction] = []
-        for mb in group:
-            result = self.stage.step(mb)
+        for item in group:
+            result = self.stage.step(self._microbatch(item))
             computed = time.perf_counter()
             # The object store lives in host memory: hand on CPU tensors, and let the next stage
             # copy them to its own device (which may be another GPU on another node). On a GPU this
@@ -46,6 +59,12 @@ class LayerActor:
             stats.handoff_s += time.perf_counter() - computed
         self._last_step_end = time.perf_counter()
         return results
+
+    def _microbatch(self, item: MicrobatchPlan | Microbatch) -> Microbatch:
+        if not isinstance(item, MicrobatchPlan):
+            return item
+        assert self.source is not None, "plans go to the first stage, which holds the dataset"
+        return self.source.read(item)
 
     def snapshot(self) -> StageStats:
         snapshot = self.stage.snapshot()

@@ -15,10 +15,11 @@ call (by default ``window // (stages + 1)``: enough calls in flight for every st
 hand). A partial group goes out at once when nothing is in flight, so a slow submitter never
 waits for company, and whenever the caller drains.
 
-Data path: each stage's call takes the previous stage's ObjectRef, so activations go from actor
-to actor through the object store; activations smaller than Ray's inline limit (100 KiB) travel
-inside the call's reply and request, through the driver. Only the last stage's predictions come
-back to the driver for good.
+Data path: the dataset goes once to the first stage, which keeps it on its device; per call the
+driver sends plans only (sample numbers, crop offsets, flips), never samples. Each stage's call
+takes the previous stage's ObjectRef, so activations go from actor to actor through the object
+store; activations smaller than Ray's inline limit (100 KiB) travel inside the call's reply and
+request, through the driver. Only the last stage's predictions come back to the driver for good.
 
 Memory: at most ``window`` microbatches are in flight (sent or waiting to be grouped); the driver
 blocks on the oldest call when the window is full, so the object store holds O(window)
@@ -38,7 +39,8 @@ import torch
 
 from forwardflow.actors.layer_actor import LayerActor
 from forwardflow.actors.placement import StageGroup, StagePlacement
-from forwardflow.pipeline.messages import Microbatch, NonFiniteLossError, Prediction, StageStats
+from forwardflow.pipeline.data import Dataset
+from forwardflow.pipeline.messages import MicrobatchPlan, NonFiniteLossError, Prediction, StageStats
 from forwardflow.pipeline.stage import StageSetup
 
 
@@ -64,28 +66,35 @@ class RayPipeline:
     def __init__(
         self,
         setups: list[StageSetup],
+        dataset: Dataset,
         placement: StagePlacement,
         window: int,
         strategy: str = "pack",
         torch_threads: int = 1,
         per_call: int = 0,
+        data_placement: str = "auto",
     ):
         self.window = window
         self.per_call = min(window, per_call or max(1, window // (len(setups) + 1)))
         self.group = StageGroup(len(setups), placement, strategy)
+        # The dataset goes once, through the object store, to the first stage, which places it on
+        # its device; from then on the driver sends plans (sample numbers, crops, flips) only.
+        data = ray.put(dataset)
         self.actors: list = [
-            LayerActor.options(**self.group.options(i)).remote(setup, placement.device, torch_threads)  # type: ignore[attr-defined]
+            LayerActor.options(**self.group.options(i)).remote(  # type: ignore[attr-defined]
+                setup, placement.device, torch_threads, data if i == 0 else None, data_placement
+            )
             for i, setup in enumerate(setups)
         ]
         # Sync point: every actor has built its stage before the first microbatch is sent.
         self.locations = ray.get([actor.location.remote() for actor in self.actors])
-        self._waiting: list[Microbatch] = []  # submitted, not sent yet (grouped into the next call)
+        self._waiting: list[MicrobatchPlan] = []  # submitted, not sent yet (grouped into the next call)
         self._calls: deque[Call] = deque()  # sent, predictions not collected yet
         self._done: list[Prediction] = []
         self._snapshot_refs: list[ray.ObjectRef] | None = None
 
-    def submit(self, mb: Microbatch) -> None:
-        self._waiting.append(mb)
+    def submit(self, plan: MicrobatchPlan) -> None:
+        self._waiting.append(plan)
         if len(self._waiting) >= self.per_call:
             self._send()
         while self.in_flight >= self.window:

@@ -100,7 +100,8 @@ class Run:
         if execution.executor == "sequential":
             device = check_local_device(execution.device)
             torch.set_num_threads(execution.threads)
-            return SequentialRunner(self.setups, device), [device] * len(self.setups)
+            runner = SequentialRunner(self.setups, self.dataset, device, self.config.data.placement)
+            return runner, [device] * len(self.setups)
         # Ray is imported only when it is used.
         from forwardflow.actors.cluster import connect
         from forwardflow.actors.placement import plan_placement
@@ -109,11 +110,13 @@ class Run:
         placement = plan_placement(len(self.setups), execution.device, connect(execution.address))
         pipeline = RayPipeline(
             self.setups,
+            self.dataset,
             placement,
             execution.window,
             execution.placement,
             execution.threads,
             execution.microbatches_per_call,
+            self.config.data.placement,
         )
         return pipeline, [stage_device(location) for location in pipeline.locations]
 

@@ -41,7 +41,14 @@ class DataConfig(Section):
     )
     train_limit: int = option(0, "use only the first N training samples (0: all)", low=0, high=10**9)
     test_limit: int = option(0, "use only the first N test samples (0: all)", low=0, high=10**9)
-    augment: bool = option(False, "random crops with 4-pixel padding and horizontal flips (3-channel images)")
+    augment: bool = option(False, "random crops with 4-pixel padding and horizontal flips (image data)")
+    placement: str = option(
+        "auto",
+        "where the first stage keeps the dataset on a GPU: device (its memory), host (pinned memory, "
+        "each microbatch copied without waiting), auto (device when it fits in half the free memory)",
+        flag="--data-placement",
+        choices=("auto", "device", "host"),
+    )
 
 
 @dataclass(frozen=True)

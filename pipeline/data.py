@@ -16,6 +16,7 @@ import gzip
 import os
 import pickle
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,19 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train_x.shape[1:])
+
+    def __reduce__(self):
+        # As NumPy arrays: Ray keeps them out of band in its object store, and the first stage's
+        # actor maps them from there instead of unpickling a copy.
+        arrays = (self.train_x, self.train_y, self.test_x, self.test_y)
+        return (_rebuild_dataset, (self.name, *(t.numpy() for t in arrays), self.num_classes))
+
+
+def _rebuild_dataset(name: str, train_x, train_y, test_x, test_y, num_classes: int) -> Dataset:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only arrays: the data source only gathers from them
+        tensor = torch.from_numpy
+        return Dataset(name, tensor(train_x), tensor(train_y), tensor(test_x), tensor(test_y), num_classes)
 
 
 # ---------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)

@@ -17,6 +17,40 @@ STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05
 
 
 @dataclass
+class MicrobatchPlan:
+    """What the schedule decides for one microbatch, and all the driver sends for it: its place in
+    the stream, which samples (rows of the training or the test set, by ``phase``) and how they
+    are augmented. The first stage's data source (``pipeline/source.py``), which holds the dataset
+    on that stage's device, turns it into a :class:`Microbatch`, so the samples themselves never
+    travel per microbatch."""
+
+    index: int  # position in the one stream of training and evaluation microbatches
+    phase: str  # TRAIN (rows of the training set) or EVAL (rows of the test set)
+    epoch: int
+    rows: torch.Tensor  # int64 sample numbers
+    crops: torch.Tensor | None = None  # augmentation: (B, 2) offsets (row, column) into the padded image
+    flips: torch.Tensor | None = None  # augmentation: (B,) bool, flip horizontally
+    # A rule's further input rows, made by the driver (error forward-propagation's replay); the
+    # data source hands them on as the microbatch's ``context``.
+    context: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return self.rows.shape[0]
+
+    def __reduce__(self):
+        # As NumPy arrays, like Microbatch: Ray stores those out of band.
+        values = [getattr(self, f.name) for f in fields(self)]
+        return (_rebuild_plan, tuple(v.numpy() if isinstance(v, torch.Tensor) else v for v in values))
+
+
+def _rebuild_plan(*values) -> MicrobatchPlan:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only arrays from the object store; never written
+        return MicrobatchPlan(*[torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in values])  # type: ignore[arg-type]
+
+
+@dataclass
 class Microbatch:
     """A microbatch as one stage hands it to the next.
 

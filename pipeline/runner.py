@@ -8,14 +8,17 @@ from typing import Protocol
 
 import torch
 
-from forwardflow.pipeline.messages import Microbatch, Prediction, StageStats
+from forwardflow.pipeline.data import Dataset
+from forwardflow.pipeline.messages import Microbatch, MicrobatchPlan, Prediction, StageStats
+from forwardflow.pipeline.source import DataSource
 from forwardflow.pipeline.stage import Stage, StageSetup
 
 
 class Executor(Protocol):
     """What the training loop needs from an executor (sequential here, Ray in ``actors/``)."""
 
-    def submit(self, mb: Microbatch) -> None: ...
+    def submit(self, plan: MicrobatchPlan) -> None:
+        """Queue the microbatch ``plan`` describes; the first stage's data source makes it."""
 
     def completed(self, wait: bool = False) -> list[Prediction]:
         """Predictions finished so far, in stream order; ``wait`` drains everything in flight."""
@@ -40,12 +43,14 @@ class Executor(Protocol):
 
 
 class SequentialRunner:
-    def __init__(self, setups: list[StageSetup], device: str = "cpu"):
+    def __init__(self, setups: list[StageSetup], dataset: Dataset, device: str = "cpu", data_placement: str = "auto"):
         self.stages = [Stage(setup, device) for setup in setups]
+        # The dataset on the stages' device, placed once: a microbatch is gathered there.
+        self.source = DataSource(dataset, device, data_placement)
         self._done: list[Prediction] = []
 
-    def submit(self, mb: Microbatch) -> None:
-        message: Microbatch | Prediction = mb
+    def submit(self, plan: MicrobatchPlan) -> None:
+        message: Microbatch | Prediction = self.source.read(plan)
         for stage in self.stages:
             assert isinstance(message, Microbatch)  # only the last stage returns a Prediction
             message = stage.step(message)

@@ -3,6 +3,10 @@ after each epoch the test set's evaluation microbatches, right behind them in th
 
 Evaluation therefore sees exactly the weights after that epoch (every stage handles microbatches
 in stream order), and the next epoch's training microbatches follow without a pause.
+
+The schedule yields plans (``MicrobatchPlan``: which samples, which crops and flips), drawn on the
+host from one seeded generator; the first stage's data source makes the microbatches from them
+where the data lives (``pipeline/source.py``).
 """
 
 from __future__ import annotations
@@ -10,25 +14,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from forwardflow.pipeline.config import ScheduleConfig
 from forwardflow.pipeline.data import Dataset
-from forwardflow.pipeline.messages import EVAL, TRAIN, Microbatch
-
-
-def augment_images(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip, drawn from ``generator``."""
-    count, _, height, width = images.shape
-    padded = F.pad(images, (padding, padding, padding, padding))
-    rows = torch.randint(0, 2 * padding + 1, (count,), generator=generator)
-    cols = torch.randint(0, 2 * padding + 1, (count,), generator=generator)
-    flips = torch.rand(count, generator=generator) < 0.5
-    out = torch.empty_like(images)
-    for i in range(count):
-        crop = padded[i, :, rows[i] : rows[i] + height, cols[i] : cols[i] + width]
-        out[i] = crop.flip(-1) if flips[i] else crop
-    return out
+from forwardflow.pipeline.messages import EVAL, TRAIN, Microbatch, MicrobatchPlan
+from forwardflow.pipeline.source import DataSource, draw_augmentation
 
 
 class MicrobatchSchedule:
@@ -36,7 +26,8 @@ class MicrobatchSchedule:
         self.dataset = dataset
         self.config = config
         self.seed = seed
-        self.augment = augment
+        self.augment = augment and dataset.train_x.dim() == 4
+        self._host: DataSource | None = None
 
     @property
     def train_microbatches_per_epoch(self) -> int:
@@ -57,20 +48,29 @@ class MicrobatchSchedule:
     def __len__(self) -> int:
         return self.config.epochs * (self.train_microbatches_per_epoch + self.eval_microbatches_per_pass)
 
-    def __iter__(self) -> Iterator[Microbatch]:
-        data, config = self.dataset, self.config
+    def __iter__(self) -> Iterator[MicrobatchPlan]:
+        config = self.config
         generator = torch.Generator().manual_seed(self.seed)
         index = 0
         for epoch in range(config.epochs):
-            order = torch.randperm(len(data.train_y), generator=generator)
+            order = torch.randperm(len(self.dataset.train_y), generator=generator)
             for start in range(0, len(order), config.batch_size):
-                chosen = order[start : start + config.batch_size]
-                inputs = data.train_x[chosen]
-                if self.augment and inputs.dim() == 4:
-                    inputs = augment_images(inputs, generator)
-                yield Microbatch(index, TRAIN, epoch, inputs, data.train_y[chosen])
+                rows = order[start : start + config.batch_size]
+                crops, flips = draw_augmentation(len(rows), generator) if self.augment else (None, None)
+                yield MicrobatchPlan(index, TRAIN, epoch, rows, crops, flips)
                 index += 1
-            for start in range(0, len(data.test_y), config.eval_batch_size):
-                stop = start + config.eval_batch_size
-                yield Microbatch(index, EVAL, epoch, data.test_x[start:stop], data.test_y[start:stop])
+            test_size = len(self.dataset.test_y)
+            for start in range(0, test_size, config.eval_batch_size):
+                rows = torch.arange(start, min(start + config.eval_batch_size, test_size))
+                yield MicrobatchPlan(index, EVAL, epoch, rows)
                 index += 1
+
+    def read(self, plan: MicrobatchPlan) -> Microbatch:
+        """The microbatch of ``plan``, made on the host (what the first stage makes on its device)."""
+        if self._host is None:
+            self._host = DataSource(self.dataset, "cpu")
+        return self._host.read(plan)
+
+    def inputs_of(self, plan: MicrobatchPlan) -> torch.Tensor:
+        """The inputs of ``plan``, augmented, on the host (for a rule's feedback loop)."""
+        return self.read(plan).inputs

@@ -143,11 +143,12 @@ def train(
             for observer in observers:
                 observer.on_evaluation(result, progress)
 
-    for mb in schedule:
-        if not feedback.ready(mb):  # only when the feedback delay is shorter than the window
+    for plan in schedule:
+        if not feedback.ready(plan):  # only when the feedback delay is shorter than the window
             for prediction in executor.completed(wait=True):
                 handle(prediction)
-        executor.submit(feedback.attach(mb))  # returns at once on Ray; blocks only when the window is full
+        # Returns at once on Ray; blocks only when the window is full.
+        executor.submit(feedback.attach(plan, schedule.inputs_of))
         for prediction in executor.completed():
             handle(prediction)
         for observer in observers:

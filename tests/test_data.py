@@ -7,10 +7,12 @@ import struct
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from forwardflow.pipeline.config import DataConfig, ScheduleConfig
-from forwardflow.pipeline.data import DATA_DIR_ENV, load_dataset, read_idx
-from forwardflow.pipeline.schedule import MicrobatchSchedule, augment_images
+from forwardflow.pipeline.data import DATA_DIR_ENV, load_dataset, make_synthetic, read_idx
+from forwardflow.pipeline.schedule import MicrobatchSchedule
+from forwardflow.pipeline.source import augment_images, draw_augmentation
 from forwardflow.pipeline.validation import ConfigError
 
 
@@ -96,18 +98,50 @@ def test_schedule_is_seeded_and_puts_a_test_pass_after_each_epoch():
     dataset = load_dataset(DataConfig("synthetic"))
     config = ScheduleConfig(batch_size=100, eval_batch_size=100, epochs=2)
     first, second = list(MicrobatchSchedule(dataset, config, seed=3)), list(MicrobatchSchedule(dataset, config, seed=3))
-    assert all(torch.equal(a.inputs, b.inputs) for a, b in zip(first, second))
+    assert all(torch.equal(a.rows, b.rows) for a, b in zip(first, second))
     phases = [(mb.epoch, mb.phase) for mb in first]
     per_epoch = [("train",) * 11 + ("eval",) * 3] * 2
     assert [p for _, p in phases] == list(per_epoch[0] + per_epoch[1])
     assert [mb.index for mb in first] == list(range(len(first)))
     other = list(MicrobatchSchedule(dataset, config, seed=4))
-    assert not torch.equal(first[0].inputs, other[0].inputs)
+    assert not torch.equal(first[0].rows, other[0].rows)
+    # The samples are the ones the plan names, from the training or the test set by phase.
+    made = MicrobatchSchedule(dataset, config, seed=3).read(first[0])
+    assert torch.equal(made.inputs, dataset.train_x[first[0].rows]) and torch.equal(
+        made.labels, dataset.train_y[first[0].rows]
+    )
+    evaluation = next(plan for plan in first if plan.phase == "eval")
+    assert torch.equal(MicrobatchSchedule(dataset, config, seed=3).read(evaluation).inputs, dataset.test_x[:100])
 
 
-def test_augmentation_crops_and_flips_within_bounds():
-    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
-    out = augment_images(images, torch.Generator().manual_seed(0), padding=2)
-    assert out.shape == images.shape
+def augment_one_by_one(images, crops, flips, padding):
+    """The per-image loop the batched augmentation replaces."""
+    _, _, height, width = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding))
+    out = torch.empty_like(images)
+    for i in range(len(images)):
+        crop = padded[i, :, crops[i, 0] : crops[i, 0] + height, crops[i, 1] : crops[i, 1] + width]
+        out[i] = crop.flip(-1) if flips[i] else crop
+    return out
+
+
+def test_batched_augmentation_is_the_per_image_crop_and_flip_bit_for_bit():
+    images = torch.randn(64, 3, 8, 6, generator=torch.Generator().manual_seed(1))
+    crops, flips = draw_augmentation(64, torch.Generator().manual_seed(0), padding=2)
+    assert flips.any() and not flips.all() and len(set(crops[:, 0].tolist())) == 5  # every offset 0..4
+    out = augment_images(images, crops, flips, padding=2)
+    assert torch.equal(out, augment_one_by_one(images, crops, flips, 2))
     # Every output value comes from the image itself or from the zero padding.
     assert set(out.unique().tolist()) <= set(images.unique().tolist()) | {0.0}
+
+
+def test_augmented_schedule_draws_its_crops_from_the_seed():
+    dataset = make_synthetic(0, shape=(3, 8, 8), train=64, test=16)
+    config = ScheduleConfig(batch_size=32, eval_batch_size=16, epochs=1)
+    plans = list(MicrobatchSchedule(dataset, config, seed=5, augment=True))
+    again = list(MicrobatchSchedule(dataset, config, seed=5, augment=True))
+    assert all(torch.equal(a.crops, b.crops) and torch.equal(a.flips, b.flips) for a, b in zip(plans[:2], again[:2]))
+    assert plans[-1].crops is None  # evaluation microbatches are not augmented
+    made = MicrobatchSchedule(dataset, config, seed=5, augment=True).read(plans[0])
+    expected = augment_one_by_one(dataset.train_x[plans[0].rows], plans[0].crops, plans[0].flips, 4)
+    assert torch.equal(made.inputs, expected)

@@ -21,7 +21,7 @@ def weights(stage: Stage) -> dict[str, torch.Tensor]:
 
 
 def first_microbatch(schedule, phase=TRAIN) -> Microbatch:
-    return next(mb for mb in schedule if mb.phase == phase)
+    return schedule.read(next(plan for plan in schedule if plan.phase == phase))
 
 
 def gradients(stage: Stage) -> list[torch.Tensor | None]:
@@ -30,7 +30,7 @@ def gradients(stage: Stage) -> list[torch.Tensor | None]:
 
 def test_a_stage_update_reaches_only_its_own_parameters(tiny):
     run = tiny()
-    runner = SequentialRunner(run.setups)
+    runner = SequentialRunner(run.setups, run.dataset)
     handed = runner.stages[0].step(first_microbatch(run.schedule))  # stage 0 learns once
     before = weights(runner.stages[1])
     stage0_gradients = gradients(runner.stages[0])
@@ -46,7 +46,7 @@ def test_a_stage_update_reaches_only_its_own_parameters(tiny):
 def test_no_gradient_crosses_a_stage_boundary(tiny):
     run = tiny()
     schedule, setups = run.schedule, run.setups
-    runner = SequentialRunner(setups)
+    runner = SequentialRunner(setups, run.dataset)
     mb = first_microbatch(schedule)
     handed = runner.stages[0].step(mb)
     assert handed.inputs.grad_fn is None and not handed.inputs.requires_grad
@@ -74,8 +74,8 @@ def test_evaluation_microbatches_change_no_weight_nor_normalisation_statistics(t
     )
     run = tiny(model=conv)
     schedule, setups = run.schedule, run.setups
-    runner = SequentialRunner(setups)
-    runner.submit(first_microbatch(schedule, TRAIN))  # some state to preserve
+    runner = SequentialRunner(setups, run.dataset)
+    runner.submit(next(iter(schedule)))  # some state to preserve (the first plan is a training one)
     before = [weights(stage) for stage in runner.stages]
     result = None
     for stage in runner.stages:
@@ -99,12 +99,12 @@ def test_a_non_finite_loss_stops_the_stage_within_check_every_and_never_reaches_
     # Normalisation statistics are not covered (batch norm moves its running statistics in the
     # forward pass), which is why the weights of a stopped stage are refused rather than written.
     run = tiny(execution=replace(small_config().execution, nan_check_every=4))
-    runner = SequentialRunner(run.setups)
+    runner = SequentialRunner(run.setups, run.dataset)
     stream = [mb for mb in run.schedule if mb.phase == TRAIN]
     runner.submit(stream[0])
     before = parameters(runner.stages[0])
     bad = stream[1]
-    bad.inputs[0, 0, 0, 0] = float("nan")
+    run.dataset.train_x[bad.rows[0], 0, 0, 0] = float("nan")  # one sample of that microbatch
     submitted = 1
     with pytest.raises(NonFiniteLossError) as caught:
         for mb in stream[1:]:
@@ -128,7 +128,7 @@ def test_a_stage_reads_nothing_from_its_device_per_microbatch(monkeypatch, rule)
     config = config_for(rule)
     config = replace(config, execution=replace(config.execution, nan_check_every=8))
     run = build_run(config)
-    runner = SequentialRunner(run.setups)
+    runner = SequentialRunner(run.setups, run.dataset)
     stream = [mb for mb in run.schedule if mb.epoch == 0]  # 16 training, 2 evaluation microbatches
     runner.submit(stream[0])  # the optimizers' state is made on the first step
     reads: Counter[str] = Counter()
@@ -151,7 +151,7 @@ def test_a_stage_refuses_microbatches_out_of_stream_order(tiny):
     run = tiny()
     schedule, setups = run.schedule, run.setups
     stream = iter(schedule)
-    first, second = next(stream), next(stream)
+    first, second = schedule.read(next(stream)), schedule.read(next(stream))
     stage = Stage(setups[0])
     stage.step(second)
     with pytest.raises(RuntimeError, match="arrived after"):

@@ -14,6 +14,7 @@ the update; the rule never sees another stage.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from forwardflow.pipeline.messages import Microbatch, Prediction
+from forwardflow.pipeline.messages import Microbatch, MicrobatchPlan, Prediction
 from forwardflow.pipeline.model import StageSpec
 from forwardflow.pipeline.validation import Section
 
@@ -71,17 +72,18 @@ class Feedback:
 
     The loop calls ``on_prediction`` for every prediction, asks ``ready`` before submitting a
     microbatch (False only when what it must carry has not come back yet: the loop then drains
-    the pipeline), and submits ``attach(mb)`` instead of ``mb``.
+    the pipeline), and submits ``attach(plan, inputs_of)`` instead of ``plan``; ``inputs_of`` gives
+    the (augmented) inputs of a plan on the host.
     """
 
     def on_prediction(self, prediction: Prediction) -> None:
         """Take what the rule feeds back from a finished microbatch."""
 
-    def ready(self, mb: Microbatch) -> bool:
+    def ready(self, plan: MicrobatchPlan) -> bool:
         return True
 
-    def attach(self, mb: Microbatch) -> Microbatch:
-        return mb
+    def attach(self, plan: MicrobatchPlan, inputs_of: Callable[[MicrobatchPlan], torch.Tensor]) -> MicrobatchPlan:
+        return plan
 
 
 class Rule(nn.Module):

@@ -40,6 +40,7 @@ microbatches carry no replay (their stages only train the output head) and the e
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -47,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from forwardflow.pipeline.messages import TRAIN, Microbatch, Prediction
+from forwardflow.pipeline.messages import TRAIN, Microbatch, MicrobatchPlan, Prediction
 from forwardflow.pipeline.model import run_blocks
 from forwardflow.pipeline.rules.base import Feedback, LocalStep, Rule, RuleOptions
 from forwardflow.pipeline.validation import option
@@ -67,40 +68,45 @@ class ErrorForwardOptions(RuleOptions):
 
 
 class ErrorFeedback(Feedback):
-    """The loop from the output back to the front: keeps the inputs of in-flight training
+    """The loop from the output back to the front: keeps the plans of in-flight training
     microbatches and the errors that have come back, and attaches replays ``delay`` training
-    microbatches later. Holds at most ``delay`` + window microbatches of inputs."""
+    microbatches later. Holds at most ``delay`` + window errors."""
 
     def __init__(self, delay: int, num_classes: int, input_shape: tuple[int, ...], seed: int, scale: float):
         self.delay = delay
         generator = torch.Generator().manual_seed(seed * 1000 + 977)
         self.projection = torch.randn(num_classes, math.prod(input_shape), generator=generator) * scale
         self._position = 0  # training microbatches attached so far
-        self._in_flight: dict[int, tuple[int, torch.Tensor]] = {}  # stream index -> (position, inputs)
-        self._errors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # position -> (inputs, error)
+        self._in_flight: dict[int, tuple[int, MicrobatchPlan]] = {}  # stream index -> (position, plan)
+        self._errors: dict[int, tuple[MicrobatchPlan, torch.Tensor]] = {}  # position -> (plan, error)
 
     def on_prediction(self, prediction: Prediction) -> None:
         entry = self._in_flight.pop(prediction.index, None)
         if entry is not None and prediction.feedback is not None:
-            position, inputs = entry
-            self._errors[position] = (inputs, prediction.feedback)
+            position, plan = entry
+            self._errors[position] = (plan, prediction.feedback)
 
-    def ready(self, mb: Microbatch) -> bool:
+    def ready(self, plan: MicrobatchPlan) -> bool:
         source = self._position - self.delay
-        return mb.phase != TRAIN or source < 0 or source in self._errors
+        return plan.phase != TRAIN or source < 0 or source in self._errors
 
-    def attach(self, mb: Microbatch) -> Microbatch:
-        if mb.phase != TRAIN:
-            return mb
+    def attach(self, plan: MicrobatchPlan, inputs_of: Callable[[MicrobatchPlan], torch.Tensor]) -> MicrobatchPlan:
+        if plan.phase != TRAIN:
+            return plan
         position = self._position
         self._position += 1
-        self._in_flight[mb.index] = (position, mb.inputs)
+        self._in_flight[plan.index] = (position, plan)
         found = self._errors.pop(position - self.delay, None)
         if found is None:
-            return mb
-        inputs, error = found
+            return plan
+        replayed, error = found
+        # Where the error is (the last stage's device in the sequential runner, the host with Ray):
+        # the inputs are copied there without waiting, and the replay goes to the first stage.
+        inputs = inputs_of(replayed).to(error.device, non_blocking=True)
+        if self.projection.device != error.device:
+            self.projection = self.projection.to(error.device)
         modulated = inputs - (error @ self.projection).view_as(inputs)
-        return replace(mb, context=torch.cat([inputs, modulated]))
+        return replace(plan, context=torch.cat([inputs, modulated]))
 
 
 class ErrorForwardRule(Rule):
