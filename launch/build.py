@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from forwardflow.monitoring.observer import MetricsConfig, MetricsObserver
 from forwardflow.pipeline.config import RunConfig
 from forwardflow.pipeline.data import Dataset, load_dataset
 from forwardflow.pipeline.device import resolve_device
+from forwardflow.pipeline.model import split_matches
 from forwardflow.pipeline.rules.base import Predictor, Rule
 from forwardflow.pipeline.runner import Executor, SequentialRunner
 from forwardflow.pipeline.schedule import MicrobatchSchedule
@@ -193,16 +194,28 @@ def stage_device(location: dict[str, str]) -> str:
     return location["device"]
 
 
+def with_measured_split(config: RunConfig, input_shape: tuple[int, ...]) -> RunConfig:
+    """``config`` with ``model.split`` from a short profiling pass, when the run groups layers into
+    fewer stages by time and has no matching split yet (a rerun from summary.json has one)."""
+    model, stages = config.model, config.num_stages
+    if model.balance != "time" or stages in (1, model.num_layers) or split_matches(model, stages):
+        return config
+    device = resolve_device(config.execution.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return config  # the stages' GPUs are elsewhere (a Ray cluster): multiply-accumulates it is
+    from forwardflow.pipeline.profiling import measured_split
+
+    batch = config.schedule.batch_size
+    split = measured_split(model, input_shape, stages, batch, device, config.execution.threads)
+    return replace(config, model=replace(model, split=split))
+
+
 def build_run(config: RunConfig, observers: Sequence[RunObserver] = (), run_id: str | None = None) -> Run:
     """Everything that can reject the input, before any actor starts; raises ConfigError.
     ``observers`` watch the run beside the ones the config asks for (progress bar, metrics)."""
     check_out_dir(config.output.out)
     dataset = load_dataset(config.data, config.seed)
     config.rule.rule_class.check(config, dataset.num_classes, dataset.input_shape)
-    schedule = MicrobatchSchedule(dataset, config.schedule, config.seed, config.data.augment)
-    setups = stage_setups(
-        config, dataset.num_classes, dataset.input_shape, total_steps=schedule.total_train_microbatches
-    )
     execution = config.execution
     if execution.executor == "ray" and execution.address:
         from forwardflow.actors.cluster import check_address
@@ -210,6 +223,11 @@ def build_run(config: RunConfig, observers: Sequence[RunObserver] = (), run_id: 
         check_address(execution.address)
     else:  # the stages will run on this machine's devices
         check_local_device(execution.device)
+    config = with_measured_split(config, dataset.input_shape)
+    schedule = MicrobatchSchedule(dataset, config.schedule, config.seed, config.data.augment)
+    setups = stage_setups(
+        config, dataset.num_classes, dataset.input_shape, total_steps=schedule.total_train_microbatches
+    )
     return Run(
         config=config,
         run_id=run_id or new_run_id(),

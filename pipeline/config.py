@@ -212,6 +212,10 @@ def _section_from_dict(base: Section, data: Any, path: str) -> Section:
             continue  # below, once the rule's name is known
         if is_dataclass(current) and isinstance(current, Section):
             changes[key] = _section_from_dict(current, value, f"{path}{key}.")
+        elif isinstance(base, ModelConfig) and key == "split":
+            if not isinstance(value, list):
+                raise ConfigError(f"{path}split", "must be a list of layers per stage")
+            changes[key] = tuple(value)
         elif isinstance(base, ModelConfig) and key == "blocks":
             if not isinstance(value, list):
                 raise ConfigError(f"{path}blocks", "must be a list of blocks")
