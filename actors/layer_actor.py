@@ -11,7 +11,7 @@ import ray
 import torch
 
 from forwardflow.pipeline.data import Dataset
-from forwardflow.pipeline.device import resolve_device
+from forwardflow.pipeline.device import CopyStream, resolve_device
 from forwardflow.pipeline.messages import Microbatch, MicrobatchPlan, Prediction, StageStats
 from forwardflow.pipeline.source import DataSource
 from forwardflow.pipeline.stage import Stage, StageSetup
@@ -29,6 +29,7 @@ class LayerActor:
         torch_threads: int,
         dataset: Dataset | None = None,
         data_placement: str = "auto",
+        streams: bool = False,
     ):
         # One intra-op thread per stage: several stages share the cores, and more threads per
         # actor made every stage slower through oversubscription.
@@ -36,7 +37,10 @@ class LayerActor:
         self.stage = Stage(setup, resolve_device(device))
         # The first stage holds the dataset (sent once, through the object store) on its device and
         # makes each microbatch from the plan the driver sends.
-        self.source = None if dataset is None else DataSource(dataset, self.stage.device, data_placement)
+        self.source = None if dataset is None else DataSource(dataset, self.stage.device, data_placement, streams)
+        # --streams on a GPU: a call's inputs are all copied in on a side stream at once, and each
+        # result is copied out there while the next microbatch computes; one wait per call.
+        self.copies = CopyStream(self.stage.device) if streams and self.stage.device.type == "cuda" else None
         self._last_step_end: float | None = None  # perf_counter() when the previous step returned
 
     def step(self, group: list[MicrobatchPlan] | list[Microbatch]) -> list[Microbatch | Prediction]:
@@ -48,6 +52,8 @@ class LayerActor:
         stats = self.stage.stats
         if self._last_step_end is not None:
             stats.wait_s += started - self._last_step_end
+        if self.copies is not None:
+            return self._step_with_copy_stream(group, self.copies, stats)
         results: list[Microbatch | Prediction] = []
         for item in group:
             result = self.stage.step(self._microbatch(item))
@@ -58,6 +64,23 @@ class LayerActor:
             results.append(result.cpu() if isinstance(result, Prediction) else result.to("cpu"))
             stats.handoff_s += time.perf_counter() - computed
         self._last_step_end = time.perf_counter()
+        return results
+
+    def _step_with_copy_stream(
+        self, group: list[MicrobatchPlan] | list[Microbatch], copies: CopyStream, stats: StageStats
+    ) -> list[Microbatch | Prediction]:
+        staged = []
+        for item in group:
+            mb = self._microbatch(item)
+            staged.append(copies.to_device(mb) if mb.inputs.device.type == "cpu" else (mb, None))
+        results: list[Microbatch | Prediction] = []
+        for mb, copied in staged:
+            result = self.stage.step(mb if copied is None else copies.use(mb, copied))
+            results.append(copies.to_host(result))
+        waiting = time.perf_counter()
+        copies.finish()  # the call's one wait: its results are in host memory once it returns
+        self._last_step_end = time.perf_counter()
+        stats.handoff_s += self._last_step_end - waiting
         return results
 
     def _microbatch(self, item: MicrobatchPlan | Microbatch) -> Microbatch:

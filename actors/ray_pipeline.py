@@ -73,6 +73,7 @@ class RayPipeline:
         torch_threads: int = 1,
         per_call: int = 0,
         data_placement: str = "auto",
+        streams: bool = False,
     ):
         self.window = window
         self.per_call = min(window, per_call or max(1, window // (len(setups) + 1)))
@@ -82,7 +83,7 @@ class RayPipeline:
         data = ray.put(dataset)
         self.actors: list = [
             LayerActor.options(**self.group.options(i)).remote(  # type: ignore[attr-defined]
-                setup, placement.device, torch_threads, data if i == 0 else None, data_placement
+                setup, placement.device, torch_threads, data if i == 0 else None, data_placement, streams
             )
             for i, setup in enumerate(setups)
         ]

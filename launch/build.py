@@ -101,7 +101,7 @@ class Run:
         if execution.executor == "sequential":
             device = check_local_device(execution.device)
             torch.set_num_threads(execution.threads)
-            runner = SequentialRunner(self.setups, self.dataset, device, self.config.data.placement)
+            runner = SequentialRunner(self.setups, self.dataset, device, self.config.data.placement, execution.streams)
             return runner, [device] * len(self.setups)
         # Ray is imported only when it is used.
         from forwardflow.actors.cluster import connect
@@ -118,6 +118,7 @@ class Run:
             execution.threads,
             execution.microbatches_per_call,
             self.config.data.placement,
+            execution.streams,
         )
         return pipeline, [stage_device(location) for location in pipeline.locations]
 

@@ -122,6 +122,18 @@ class ExecutionConfig(Section):
     )
     placement: str = option("pack", "pack: stages on one node; spread: across nodes", choices=("pack", "spread"))
     threads: int = option(1, "torch threads per stage (per actor; the sequential runner's process)", low=1, high=256)
+    bf16: bool = option(
+        False, "CUDA stages: bfloat16 autocast for the forward pass and the local loss (a CPU stage ignores it)"
+    )
+    channels_last: bool = option(
+        False, "CUDA stages: conv weights and image inputs in channels-last memory format (a CPU stage ignores it)"
+    )
+    compile: bool = option(False, "CUDA stages: torch.compile each block of a stage (a CPU stage ignores it)")
+    streams: bool = option(
+        False,
+        "CUDA: copies between host and GPU (pinned data, Ray hand-offs) on a side stream, so that the "
+        "copy of one microbatch overlaps the compute of another (ignored on the CPU)",
+    )
     nan_check_every: int = option(
         32,
         "training microbatches between reads of each stage's non-finite-loss flag: a NaN/inf loss stops "

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
-from forwardflow.pipeline.messages import StageStats
+from forwardflow.pipeline.messages import Microbatch, Prediction, StageStats
 
 
 def resolve_device(name: str) -> torch.device:
@@ -85,3 +85,54 @@ class StepClock:
             if training:
                 stats.count_step(seconds)
         self._pending = kept
+
+
+class CopyStream:
+    """A side CUDA stream for copies between host and GPU (``--streams``): the copy of one
+    microbatch runs while the compute stream works on another, instead of queueing behind it.
+
+    Ordering stays explicit: the compute stream waits on an event recorded after a microbatch's
+    copy before it reads it (``use``), and the copy stream waits on the compute stream before it
+    copies a result out (``to_host``); ``record_stream`` keeps the caching allocator from reusing
+    memory that the other stream may still touch. ``finish`` waits on the host for the copies out:
+    once per Ray call, not per microbatch.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def to_device(self, message: Microbatch) -> tuple[Microbatch, torch.cuda.Event]:
+        """Queue the copy of ``message`` to the GPU; pass the result to ``use`` before computing on it."""
+        pinned = message.map(lambda tensor: tensor if tensor.is_pinned() else tensor.pin_memory())
+        with torch.cuda.stream(self.stream):
+            moved = pinned.map(lambda tensor: tensor.to(self.device, non_blocking=True))
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+        return moved, copied
+
+    def use(self, message: Microbatch, copied: torch.cuda.Event) -> Microbatch:
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(copied)
+
+        def owned(tensor: torch.Tensor) -> torch.Tensor:
+            tensor.record_stream(compute)
+            return tensor
+
+        return message.map(owned)
+
+    def to_host(self, result: Microbatch | Prediction) -> Microbatch | Prediction:
+        """Queue the copy of ``result`` into pinned host memory, after what the compute stream has
+        queued so far; the values are there once ``finish`` returns."""
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+        def out(tensor: torch.Tensor) -> torch.Tensor:
+            tensor.record_stream(self.stream)
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            return host.copy_(tensor, non_blocking=True)
+
+        with torch.cuda.stream(self.stream):
+            return result.map(out)
+
+    def finish(self) -> None:
+        self.stream.synchronize()

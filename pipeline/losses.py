@@ -12,6 +12,11 @@ import torch
 import torch.nn.functional as F
 
 
+def full_precision(tensor: torch.Tensor) -> torch.Tensor:
+    """At least float32: under bfloat16 autocast (--bf16) the losses are still summed in float32."""
+    return tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor
+
+
 def similarity(h: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """``S_ik = <h_i, t_k> / temperature``; for conv feature maps the channel dot product at each
     spatial position, averaged over positions (= the flattened dot product divided by H*W)."""
@@ -44,6 +49,7 @@ def batch_contrastive_loss(
     - ``topk``: its k most similar same-label samples; with one target row per class they tie,
       so P_i = min(k, n_{y_i}).
     """
+    scores = full_precision(scores)
     counts = _label_counts(labels, scores.shape[1], scores.dtype)
     log_counts = torch.where(counts > 0, counts.clamp_min(1).log(), torch.full_like(counts, -torch.inf))
     log_softmax_own = scores.gather(1, labels[:, None]).squeeze(1) - torch.logsumexp(scores + log_counts, dim=1)
@@ -59,12 +65,12 @@ def batch_contrastive_loss(
 
 def per_class_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``L = CE(h T^T, c)`` with one target per class."""
-    return F.cross_entropy(scores, labels)
+    return F.cross_entropy(full_precision(scores), labels)
 
 
 def goodness(h: torch.Tensor) -> torch.Tensor:
     """Forward-Forward goodness: sum of squared activations per sample (mean over conv positions)."""
-    squares = h.pow(2).flatten(1).sum(1)
+    squares = full_precision(h).pow(2).flatten(1).sum(1)
     return squares / (h[0, 0].numel() if h.dim() > 2 else 1)
 
 

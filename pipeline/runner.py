@@ -43,10 +43,17 @@ class Executor(Protocol):
 
 
 class SequentialRunner:
-    def __init__(self, setups: list[StageSetup], dataset: Dataset, device: str = "cpu", data_placement: str = "auto"):
+    def __init__(
+        self,
+        setups: list[StageSetup],
+        dataset: Dataset,
+        device: str = "cpu",
+        data_placement: str = "auto",
+        streams: bool = False,
+    ):
         self.stages = [Stage(setup, device) for setup in setups]
         # The dataset on the stages' device, placed once: a microbatch is gathered there.
-        self.source = DataSource(dataset, device, data_placement)
+        self.source = DataSource(dataset, device, data_placement, streams)
         self._done: list[Prediction] = []
 
     def submit(self, plan: MicrobatchPlan) -> None:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from forwardflow.pipeline.data import Dataset
+from forwardflow.pipeline.device import CopyStream
 from forwardflow.pipeline.messages import EVAL, TRAIN, Microbatch, MicrobatchPlan
 
 PADDING = 4  # pixels of zero padding around an image before a random crop
@@ -68,7 +69,9 @@ def keeps_on_device(dataset: Dataset, device: torch.device, placement: str) -> b
 
 
 class DataSource:
-    def __init__(self, dataset: Dataset, device: str | torch.device = "cpu", placement: str = "auto"):
+    def __init__(
+        self, dataset: Dataset, device: str | torch.device = "cpu", placement: str = "auto", streams: bool = False
+    ):
         self.device = torch.device(device)
         self.on_device = keeps_on_device(dataset, self.device, placement)
         # Placed once: on the device, pinned in host memory (a GPU that cannot hold it), or as is.
@@ -84,6 +87,9 @@ class DataSource:
             EVAL: (place(dataset.test_x), place(dataset.test_y)),
         }
         self.pinned = pinned
+        # --streams: the copy of a microbatch from pinned memory runs beside the compute queued
+        # before it, instead of behind it on the compute stream.
+        self.copies = CopyStream(self.device) if pinned and streams else None
 
     def read(self, plan: MicrobatchPlan) -> Microbatch:
         """The microbatch ``plan`` describes, on this source's device."""
@@ -95,8 +101,13 @@ class DataSource:
             targets = torch.empty((plan.size,), dtype=labels.dtype, pin_memory=True)
             torch.index_select(images, 0, rows, out=inputs)
             torch.index_select(labels, 0, rows, out=targets)
-            inputs = inputs.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
+            if self.copies is not None:
+                gathered = Microbatch(plan.index, plan.phase, plan.epoch, inputs, targets)
+                gathered = self.copies.use(*self.copies.to_device(gathered))
+                inputs, targets = gathered.inputs, gathered.labels
+            else:
+                inputs = inputs.to(self.device, non_blocking=True)
+                targets = targets.to(self.device, non_blocking=True)
         else:
             inputs, targets = images.index_select(0, rows), labels.index_select(0, rows)
         if plan.crops is not None and plan.flips is not None:

@@ -7,14 +7,26 @@ import math
 import resource
 import time
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
+from torch import nn
 
 from forwardflow.pipeline.config import OptimConfig, RuleConfig, RunConfig
 from forwardflow.pipeline.device import StepClock, host_read
 from forwardflow.pipeline.messages import TRAIN, Microbatch, NonFiniteLossError, Prediction, StageStats
 from forwardflow.pipeline.model import SeededDropout, StageSpec, build_stage_blocks, plan_stages
 from forwardflow.pipeline.rules.base import RuleContext
+
+
+@dataclass(frozen=True)
+class DeviceOptions:
+    """What a stage on a CUDA device may do to go faster (``--bf16``, ``--channels-last``,
+    ``--compile``). A stage on the CPU ignores them: its numbers are those of the options off."""
+
+    bf16: bool = False  # bfloat16 autocast over the forward pass and the local loss
+    channels_last: bool = False  # conv weights and image inputs in channels-last memory format
+    compile: bool = False  # torch.compile each block (dropout, which draws from its own generator, excepted)
 
 
 @dataclass(frozen=True)
@@ -30,6 +42,7 @@ class StageSetup:
     seed: int
     total_steps: int = 0  # training microbatches in the run (for learning-rate schedules)
     check_every: int = 32  # training microbatches between reads of the non-finite-loss flag
+    options: DeviceOptions = DeviceOptions()
 
 
 def _current_rss_bytes() -> int:
@@ -54,6 +67,21 @@ class Stage:
             self.rule = setup.rule.rule_class(context)
         self.blocks.to(self.device)
         self.rule.to(self.device)
+        self.options = setup.options if self.device.type == "cuda" else DeviceOptions()
+        if self.options.channels_last:
+            self.blocks.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        # What the rule runs: the blocks themselves, or each compiled (the parameters are shared,
+        # so the optimizer, the snapshot and the state dict see the same tensors either way).
+        self.run_blocks = self.blocks
+        if self.options.compile:
+            # Every block of a kind shares its forward's code, and each stage's shapes (training,
+            # evaluation) compile it again: more than dynamo's default of 8 graphs per code object,
+            # past which it would quietly run the rest uncompiled.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.run_blocks = nn.ModuleList(
+                block if isinstance(block, SeededDropout) else cast(nn.Module, torch.compile(block))
+                for block in self.blocks
+            )
         generator = torch.Generator(device=self.device)
         generator.manual_seed(setup.seed * 1000 + self.index + 7919)
         for module in self.blocks:
@@ -96,14 +124,22 @@ class Stage:
         started = self.clock.start()
         # Detach on entry too: whatever the caller hands in, the update cannot reach upstream.
         mb = mb.to(self.device).detached()
+        if self.options.channels_last:
+            mb = mb.map(_channels_last)
         training = mb.phase == TRAIN
-        self.blocks.train(training)
+        self.run_blocks.train(training)
         self.rule.train(training)
         with torch.set_grad_enabled(training):
-            local = self.rule(self.blocks, mb, training)
+            # bfloat16 for the forward pass and the loss only; the backward pass follows the
+            # forward's types and the optimizer updates the float32 weights.
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.options.bf16):
+                local = self.rule(self.run_blocks, mb, training)
             if training:
                 self._update(local.loss, mb)
-        result = self.rule.predict(mb, local) if self.is_last else local.handed_on
+        result: Microbatch | Prediction = local.handed_on
+        if self.is_last:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.options.bf16):
+                result = self.rule.predict(mb, local)
         self._count(mb, local.scores, training, started)
         if training:
             self._steps_since_check += 1
@@ -201,6 +237,10 @@ class Stage:
         return weights
 
 
+def _channels_last(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
+
+
 def _build_optimizer(config: OptimConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     # Fused: one kernel per step for all parameters, and it takes a device-side found_inf flag (a
     # step is skipped without the host having to look at the loss).
@@ -235,6 +275,11 @@ def stage_setups(
             seed=config.seed,
             total_steps=total_steps,
             check_every=config.execution.nan_check_every,
+            options=DeviceOptions(
+                bf16=config.execution.bf16,
+                channels_last=config.execution.channels_last,
+                compile=config.execution.compile,
+            ),
         )
         for spec in specs
     ]
