@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from forwardflow.launch.report import summary, write_outputs
-from forwardflow.monitoring.exporter import RunInfo
 from forwardflow.monitoring.observer import MetricsConfig, MetricsObserver
+from forwardflow.monitoring.records import RunInfo
 from forwardflow.pipeline.config import RunConfig
 from forwardflow.pipeline.data import Dataset, load_dataset
 from forwardflow.pipeline.device import resolve_device
