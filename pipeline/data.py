@@ -75,18 +75,25 @@ def _rebuild_dataset(name: str, train_x, train_y, test_x, test_y, num_classes: i
 # ---------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)
 
 
-def _open_maybe_gz(path: Path):
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-
-
 def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (magic: 0, 0, dtype code, number of dimensions; big-endian sizes)."""
-    with _open_maybe_gz(path) as handle:
-        zero, dtype_code, ndim = struct.unpack(">HBB", handle.read(4))
-        if zero != 0 or dtype_code != 0x08:
-            raise ValueError(f"{path} is not an unsigned-byte IDX file")
-        shape = struct.unpack(">" + "I" * ndim, handle.read(4 * ndim))
-        data = np.frombuffer(handle.read(), dtype=np.uint8)
+    """An IDX file (magic: 0, 0, dtype code, number of dimensions; big-endian sizes), raw or gzipped.
+
+    The whole (decompressed) payload is read at once and parsed from memory: a read of n bytes from
+    a stream may return fewer, and a short or damaged file is reported as such, naming the file,
+    instead of failing inside ``struct``."""
+    try:
+        payload = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as error:
+        raise ValueError(f"{path} cannot be read ({error})") from None
+    if len(payload) < 4:
+        raise ValueError(f"{path} is not an IDX file (only {len(payload)} bytes)")
+    zero, dtype_code, ndim = struct.unpack_from(">HBB", payload)
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    if len(payload) < 4 + 4 * ndim:
+        raise ValueError(f"{path} is truncated: its header names {ndim} dimensions")
+    shape = struct.unpack_from(">" + "I" * ndim, payload, 4)
+    data = np.frombuffer(payload, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
         raise ValueError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {data.size}")
     return data.reshape(shape)

@@ -19,7 +19,11 @@ from forwardflow.pipeline.validation import ConfigError
 def write_idx(path, array: np.ndarray, gz: bool):
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
     data = header + array.astype(np.uint8).tobytes()
-    (gzip.open if gz else open)(path, "wb").write(data)
+    # Closed before anyone reads it: from Python 3.12 an unclosed GzipFile keeps its last block
+    # in a write buffer until the garbage collector gets to it (that is how read_idx once saw a
+    # 0-byte gzip stream on another machine).
+    with (gzip.open if gz else open)(path, "wb") as handle:
+        handle.write(data)
 
 
 def make_idx_set(directory, gz: bool, train=20, test=10):
@@ -49,6 +53,23 @@ def test_truncated_idx_is_refused(tmp_path):
     path.write_bytes(struct.pack(">HBBI", 0, 8, 1, 100) + bytes(10))
     with pytest.raises(ValueError, match="truncated"):
         read_idx(path)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (gzip.compress(b""), "not an IDX file"),  # an empty stream: the unflushed writer's file
+        (gzip.compress(struct.pack(">HBB", 0, 8, 3)), "truncated"),
+        (gzip.compress(bytes(2000))[:30], "cannot be read"),  # the gzip stream itself cut short
+    ],
+    ids=["empty", "header-only", "cut-gzip"],
+)
+def test_a_short_or_damaged_gzip_idx_file_is_named_not_a_struct_error(tmp_path, content, message):
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as caught:
+        read_idx(path)
+    assert str(path) in str(caught.value)
 
 
 def test_cifar10_python_batches(tmp_path):

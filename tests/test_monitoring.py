@@ -30,7 +30,8 @@ from forwardflow.pipeline.config import MonitoringConfig, OutputConfig
 from forwardflow.pipeline.messages import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parent.parent
-SHORT_RUN = ["--preset", "synthetic", "--executor", "sequential", "--epochs", "2", "--no-progress"]
+# On the CPU on any machine: the tests must not need a GPU, nor behave differently where one is.
+SHORT_RUN = ["--preset", "synthetic", "--executor", "sequential", "--device", "cpu", "--epochs", "2", "--no-progress"]
 
 
 def observed_run(port: int = 0, out=None):
@@ -200,8 +201,8 @@ from forwardflow.monitoring.watch import free_port
 
 found = {}
 for extra in ([], ["--metrics-host", "0.0.0.0"]):
-    config = parse_config(["--preset", "synthetic", "--no-progress", "--executor", "sequential", "--metrics-port",
-                           str(free_port()), "--metrics-linger", "0"] + extra)
+    config = parse_config(["--preset", "synthetic", "--no-progress", "--executor", "sequential", "--device", "cpu",
+                           "--metrics-port", str(free_port()), "--metrics-linger", "0"] + extra)
     with build_run(config) as run:
         for address in sys.argv[1:]:
             try:

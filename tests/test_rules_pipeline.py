@@ -56,7 +56,8 @@ def test_every_benchmark_path_wires_the_efp_feedback_loop():
     from benchmarks.accuracy import run_one
     from benchmarks.common import run as benchmark_run
 
-    argv = ["--preset", "synthetic", "--rule", "efp", "--executor", "sequential", "--epochs", "2", "--no-progress"]
+    argv = ["--preset", "synthetic", "--rule", "efp", "--executor", "sequential", "--device", "cpu", "--epochs", "2"]
+    argv.append("--no-progress")
     assert hidden_stage_moved(benchmark_run(argv), build_run(parse_config(argv)))
     config = config_for("efp")
     run = build_run(config)
