@@ -59,7 +59,7 @@ class ModelConfig(Section):
     blocks: tuple[BlockSpec, ...] = option((), "the blocks, in order", cli=False)
     stages: int = option(
         0,
-        "pipeline stages; layers are grouped into contiguous stages balanced by multiply-accumulates "
+        "pipeline stages; layers are grouped into contiguous stages of equal cost (--balance) "
         "(0: one per layer, 1 for end-to-end rules)",
         low=0,
         high=1024,

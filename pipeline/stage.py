@@ -173,6 +173,9 @@ class Stage:
         self._steps_since_check = 0
         with host_read():
             first, value = torch.stack([self._first_bad.double(), self._first_bad_value]).tolist()
+        # The device has caught up to this point: fold the step times it has finished (so that the
+        # clock holds at most check_every steps' events, whatever the metrics cadence).
+        self.clock.collect(self.stats)
         if first >= 0:
             raise NonFiniteLossError(self.index, int(first), value)
 
