@@ -31,9 +31,12 @@ def default_temperature(h: torch.Tensor) -> float:
 
 
 def _label_counts(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
-    # Not torch.bincount: on a GPU it reads the largest label on the host to size its output.
-    classes = torch.arange(num_classes, device=labels.device)
-    return (labels[:, None] == classes).sum(0).to(dtype)
+    if labels.is_cuda:
+        # Not torch.bincount there: on a GPU it reads the largest label on the host to size its
+        # output. Both count exactly, so every device gets the same values.
+        classes = torch.arange(num_classes, device=labels.device)
+        return (labels[:, None] == classes).sum(0).to(dtype)
+    return torch.bincount(labels, minlength=num_classes).to(dtype)
 
 
 def batch_contrastive_loss(

@@ -104,7 +104,11 @@ class Microbatch:
         # A copy to a GPU may be non-blocking: the first kernel that reads the tensor is ordered
         # after the copy on the same stream. A copy to the host must block, or the tensor could be
         # serialised for the next actor before its data has arrived.
-        non_blocking = torch.device(device).type == "cuda"
+        device = torch.device(device)
+        tensors = (self.inputs, self.labels, self.targets, self.context, *self.extra.values())
+        if all(tensor is None or tensor.device == device for tensor in tensors):
+            return self  # already there (the sequential runner): no copy, no new message
+        non_blocking = device.type == "cuda"
         return self.map(lambda tensor: tensor.to(device, non_blocking=non_blocking))
 
     def __reduce__(self):
@@ -127,8 +131,7 @@ class Microbatch:
         )
 
     def detached(self) -> Microbatch:
-        context = None if self.context is None else self.context.detach()
-        return replace(self.handed_on(self.inputs, self.targets), context=context)
+        return self.map(torch.Tensor.detach)
 
     def handed_on(
         self,

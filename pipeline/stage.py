@@ -95,18 +95,15 @@ class Stage:
         self.last_index = -1
         self._parameters = list(self.blocks.parameters()) + list(self.rule.parameters())
         self._weights_at_last_snapshot = [p.detach().clone() for p in self._parameters]
-        # What the host learns only at a read (snapshot, or every check_every training steps):
-        # device tensors, updated without waiting.
-        zero = torch.zeros((), device=self.device, dtype=torch.float64)
-        self._loss_sum = zero.clone()
-        self._last_loss = torch.full_like(zero, math.nan)
-        self._correct = torch.zeros((), device=self.device, dtype=torch.long)
-        self._first_bad = torch.full((), -1, device=self.device, dtype=torch.long)  # microbatch index
-        self._first_bad_value = zero.clone()
+        # What the host learns only at a read (every check_every training steps, and at a
+        # snapshot): each training step's loss and own hits, written into device buffers of
+        # check_every slots without waiting, and read all at once.
+        self._losses = torch.zeros(setup.check_every, device=self.device)
+        self._hits = torch.zeros(setup.check_every, device=self.device, dtype=torch.long)
+        self._unread: list[int] = []  # the microbatch index of each written slot
+        self._failure: NonFiniteLossError | None = None  # once found, raised at every later read
         # 1.0 from the first non-finite loss on: the fused optimizer skips every step while it is set.
-        self._diverged = torch.zeros((), device=self.device, dtype=torch.float32)
-        self.optimizer.found_inf = self._diverged  # type: ignore[attr-defined]
-        self._steps_since_check = 0
+        self._diverged = torch.zeros((), device=self.device)
 
     @property
     def is_last(self) -> bool:
@@ -141,10 +138,8 @@ class Stage:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.options.bf16):
                 result = self.rule.predict(mb, local)
         self._count(mb, local.scores, training, started)
-        if training:
-            self._steps_since_check += 1
-            if self._steps_since_check >= self.setup.check_every:
-                self.check_finite()
+        if training and len(self._unread) >= self.setup.check_every:
+            self.check_finite()
         return result
 
     def _update(self, loss: torch.Tensor, mb: Microbatch) -> None:
@@ -153,31 +148,41 @@ class Stage:
         # while it is set, so no step from the first non-finite loss on reaches the parameters.
         # The host learns of it at the next read (check_finite), at most check_every steps later.
         value = loss.detach()
-        bad = ~torch.isfinite(value)
-        first = bad & (self._first_bad < 0)
-        self._first_bad.copy_(torch.where(first, mb.index, self._first_bad))
-        self._first_bad_value.copy_(torch.where(first, value.double(), self._first_bad_value))
-        torch.maximum(self._diverged, bad.float(), out=self._diverged)
+        self._losses[len(self._unread)].copy_(value)
+        self._unread.append(mb.index)
+        self._diverged = torch.where(torch.isfinite(value), self._diverged, 1.0)
+        self.optimizer.found_inf = self._diverged  # type: ignore[attr-defined]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.rule.after_update()
-        self._loss_sum += value
-        self._last_loss.copy_(value)
-        self.stats.loss_count += 1
 
     def check_finite(self) -> None:
-        """Read the non-finite flag (a sync point); raise if a loss of this stage was NaN or inf."""
-        self._steps_since_check = 0
-        with host_read():
-            first, value = torch.stack([self._first_bad.double(), self._first_bad_value]).tolist()
+        """Read the losses and hits written since the last read (a sync point) into the stage's
+        counters; raise if one of those losses was NaN or inf, naming the first."""
+        if self._failure is not None:
+            raise self._failure
+        count, unread = len(self._unread), self._unread
+        self._unread = []
+        if count:
+            with host_read():
+                values = torch.cat([self._losses[:count].double(), self._hits[:count].double()]).tolist()
+            self._hits.zero_()
+            losses, hits = values[:count], values[count:]
+            for index, value in zip(unread, losses):
+                if not math.isfinite(value):
+                    self._failure = NonFiniteLossError(self.index, index, value)
+                    raise self._failure
+            stats = self.stats
+            stats.loss_sum += sum(losses)
+            stats.loss_count += count
+            stats.last_loss = losses[-1]
+            stats.train_correct += int(sum(hits))
         # The device has caught up to this point: fold the step times it has finished (so that the
         # clock holds at most check_every steps' events, whatever the metrics cadence).
         self.clock.collect(self.stats)
-        if first >= 0:
-            raise NonFiniteLossError(self.index, int(first), value)
 
     def _count(self, mb: Microbatch, scores: torch.Tensor | None, training: bool, started) -> None:
         stats = self.stats
@@ -190,7 +195,7 @@ class Stage:
             return
         stats.samples += mb.size
         if scores is not None:
-            self._correct += (scores.argmax(1) == mb.labels).sum()
+            torch.sum(scores.argmax(1) == mb.labels, dim=0, out=self._hits[len(self._unread) - 1])
             stats.train_scored += mb.size
 
     @torch.no_grad()
@@ -216,9 +221,7 @@ class Stage:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.clock.collect(stats, finished=True)
-            values = torch.cat([norms, torch.stack([self._loss_sum, self._last_loss, self._correct.double()])])
-            weight_sq, update_sq, stats.loss_sum, stats.last_loss, correct = values.tolist()
-        stats.train_correct = int(correct)
+            weight_sq, update_sq = norms.tolist()
         stats.weight_norm, stats.update_norm = math.sqrt(weight_sq), math.sqrt(update_sq)
         stats.lr = self.optimizer.param_groups[0]["lr"]
         if self.device.type == "cuda":
