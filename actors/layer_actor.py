@@ -10,9 +10,19 @@ import time
 import ray
 import torch
 
-from forwardflow.pipeline.messages import CheckpointMarker, Microbatch, Prediction, ShardInfo, StageStats
+from forwardflow.pipeline.data import Dataset
+from forwardflow.pipeline.device import CopyStream, resolve_device
+from forwardflow.pipeline.messages import (
+    CheckpointMarker,
+    Microbatch,
+    MicrobatchPlan,
+    Prediction,
+    ShardInfo,
+    StageStats,
+)
 from forwardflow.pipeline.runner import restored_stage
-from forwardflow.pipeline.stage import Stage, StageSetup, resolve_device
+from forwardflow.pipeline.source import DataSource
+from forwardflow.pipeline.stage import Stage, StageSetup
 
 
 # max_task_retries=0 and max_restarts=0: Ray guarantees that a synchronous actor runs the tasks
@@ -20,30 +30,85 @@ from forwardflow.pipeline.stage import Stage, StageSetup, resolve_device
 # stage would also have lost its weights, so a failure stops the run instead.
 @ray.remote(max_restarts=0, max_task_retries=0)
 class LayerActor:
-    def __init__(self, setup: StageSetup, device: str, torch_threads: int):
+    def __init__(
+        self,
+        setup: StageSetup,
+        device: str,
+        torch_threads: int,
+        dataset: Dataset | None = None,
+        data_placement: str = "auto",
+        streams: bool = False,
+    ):
         # One intra-op thread per stage: several stages share the cores, and more threads per
         # actor made every stage slower through oversubscription.
         torch.set_num_threads(torch_threads)
         self.setup, self.device = setup, resolve_device(device)
         self.stage = Stage(setup, self.device)
+        # The first stage holds the dataset (sent once, through the object store) on its device and
+        # makes each microbatch from the plan the driver sends.
+        self.source = None if dataset is None else DataSource(dataset, self.device, data_placement, streams)
+        # --streams on a GPU: a call's inputs are all copied in on a side stream at once, and each
+        # result is copied out there while the next microbatch computes; one wait per call.
+        self.copies = CopyStream(self.device) if streams and self.device.type == "cuda" else None
         self._last_step_end: float | None = None  # perf_counter() when the previous step returned
 
-    def step(self, mb: Microbatch | CheckpointMarker) -> Microbatch | Prediction | CheckpointMarker:
-        # The time split for monitoring: three clock reads per microbatch, kept in the stage's
+    def step(
+        self, group: list[MicrobatchPlan | Microbatch | CheckpointMarker]
+    ) -> list[Microbatch | Prediction | CheckpointMarker]:
+        """The stage's step on each message of a call, in order; the results go on as one object.
+        The first stage receives plans and makes the microbatches from its dataset; a checkpoint
+        marker among them is handled in its place in the order."""
+        # The time split for monitoring: a few clock reads per microbatch, kept in the stage's
         # counters and fetched with its snapshot (no extra remote call).
         started = time.perf_counter()
         stats = self.stage.stats
         if self._last_step_end is not None:
             stats.wait_s += started - self._last_step_end
-        result = self.stage.step(mb)
-        computed = time.perf_counter()
-        # The object store lives in host memory: hand on CPU tensors, and let the next stage copy
-        # them to its own device (which may be another GPU on another node).
-        if isinstance(result, Microbatch):
-            result = result.to("cpu")
+        if self.copies is not None:
+            return self._step_with_copy_stream(group, self.copies, stats)
+        results: list[Microbatch | Prediction | CheckpointMarker] = []
+        for item in group:
+            result = self.stage.step(self._microbatch(item))
+            computed = time.perf_counter()
+            # The object store lives in host memory: hand on CPU tensors, and let the next stage
+            # copy them to its own device (which may be another GPU on another node). On a GPU this
+            # copy is the executor's sync point per microbatch, not the stage's.
+            if isinstance(result, Prediction):
+                result = result.cpu()
+            elif isinstance(result, Microbatch):
+                result = result.to("cpu")
+            results.append(result)
+            stats.handoff_s += time.perf_counter() - computed
         self._last_step_end = time.perf_counter()
-        stats.handoff_s += self._last_step_end - computed
-        return result
+        return results
+
+    def _step_with_copy_stream(
+        self, group: list[MicrobatchPlan | Microbatch | CheckpointMarker], copies: CopyStream, stats: StageStats
+    ) -> list[Microbatch | Prediction | CheckpointMarker]:
+        staged: list[tuple[Microbatch | CheckpointMarker, torch.cuda.Event | None]] = []
+        for item in group:
+            mb = self._microbatch(item)
+            on_host = isinstance(mb, Microbatch) and mb.inputs.device.type == "cpu"
+            staged.append(copies.to_device(mb) if on_host else (mb, None))  # type: ignore[arg-type]
+        results: list[Microbatch | Prediction | CheckpointMarker] = []
+        for staged_message, copied in staged:
+            message = staged_message
+            if copied is not None:
+                assert isinstance(message, Microbatch)
+                message = copies.use(message, copied)
+            result = self.stage.step(message)
+            results.append(result if isinstance(result, CheckpointMarker) else copies.to_host(result))
+        waiting = time.perf_counter()
+        copies.finish()  # the call's one wait: its results are in host memory once it returns
+        self._last_step_end = time.perf_counter()
+        stats.handoff_s += self._last_step_end - waiting
+        return results
+
+    def _microbatch(self, item: MicrobatchPlan | Microbatch | CheckpointMarker) -> Microbatch | CheckpointMarker:
+        if not isinstance(item, MicrobatchPlan):
+            return item
+        assert self.source is not None, "plans go to the first stage, which holds the dataset"
+        return self.source.read(item)
 
     def snapshot(self) -> StageStats:
         snapshot = self.stage.snapshot()

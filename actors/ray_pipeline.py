@@ -1,34 +1,47 @@
-"""The Ray executor: a chain of LayerActors fed by the driver.
+"""The Ray executor: a chain of LayerActors fed by the driver, several microbatches per call.
 
 Ordering: the driver is the single submitter of every actor call, and a synchronous actor runs
-one submitter's tasks in submission order (even when a later task's input is ready first). So
-every stage sees microbatch i before i+1, exactly as in the sequential runner, and its input for
+one submitter's tasks in submission order (even when a later task's input is ready first). Each
+call carries a group of consecutive microbatches, which the actor steps through in order. So every
+stage sees microbatch i before i+1, exactly as in the sequential runner, and its input for
 microbatch i was computed by upstream weights after their update on i-1: the pipelined run is the
-sequential run, with no staleness.
+sequential run, with no staleness, and an evaluation pass (which follows its epoch in the stream)
+sees the weights after that epoch.
 
-Data path: each stage's call takes the previous stage's ObjectRef, so activations go from actor
-to actor through the object store and never through the driver; only the last stage's small
-Prediction comes back. Activations larger than Ray's inline limit (100 KiB by default) stay in the
-shared-memory store of their node; raising the limit would route them through the driver.
+Calls: a call costs far more than the bytes it carries on a small net (benchmarks/ray_calls.py:
+actors pushing to their downstream neighbour cost as much as the driver chaining every hop; 4
+microbatches per call tripled the rate), so the driver sends ``per_call`` microbatches per actor
+call (by default ``window // (stages + 1)``: enough calls in flight for every stage to have one in
+hand). A partial group goes out at once when nothing is in flight, so a slow submitter never
+waits for company, and whenever the caller drains.
 
-Memory: at most ``window`` microbatches are in flight; the driver blocks on the oldest when the
-window is full, so the object store holds O(window) activations for any run length. The driver
-keeps every stage's result reference of an in-flight microbatch until its prediction is collected
-(so that monitoring can count each stage's backlog without a remote call): at most
-window x stages activations, the same bound as when they all queue in front of one stage.
+Data path: the dataset goes once to the first stage, which keeps it on its device; per call the
+driver sends plans only (sample numbers, crop offsets, flips), never samples. Each stage's call
+takes the previous stage's ObjectRef, so activations go from actor to actor through the object
+store; activations smaller than Ray's inline limit (100 KiB) travel inside the call's reply and
+request, through the driver. Only the last stage's predictions come back to the driver for good.
 
-Checkpoints and faults: a CheckpointMarker is submitted like a microbatch and takes the same
-ordered path through the actors, so every stage writes its shard after the same microbatch. An
-actor that dies surfaces as StageLostError where its results are fetched (actors/recovery.py);
-``restore`` recreates it in its own bundle of the placement group and puts every stage back to a
-checkpoint. Ray's own actor restarts stay off: a restarted actor would have lost its state and
-could run the submitter's queued tasks out of order.
+Memory: at most ``window`` microbatches are in flight (sent or waiting to be grouped); the driver
+blocks on the oldest call when the window is full, so the object store holds O(window)
+activations for any run length. The driver keeps every stage's result reference of an in-flight
+call until its predictions are collected (so that monitoring can count each stage's backlog
+without a remote call): at most window x stages activations, the same bound as when they all queue
+in front of one stage.
+
+Checkpoints and faults: a CheckpointMarker is submitted like a microbatch, goes in a call's group
+in its place among the microbatches and takes the same ordered path through the actors, so every
+stage writes its shard after the same microbatch. An actor that dies surfaces as StageLostError
+where its results are fetched (actors/recovery.py); ``restore`` recreates it in its own bundle of
+the placement group and puts every stage back to a checkpoint. Ray's own actor restarts stay
+off: a restarted actor would have lost its state and could run the submitter's queued tasks out
+of order.
 """
 
 from __future__ import annotations
 
 import os
 from collections import deque
+from dataclasses import dataclass
 
 import ray
 import torch
@@ -36,9 +49,10 @@ import torch
 from forwardflow.actors.layer_actor import LayerActor
 from forwardflow.actors.placement import StageGroup, StagePlacement
 from forwardflow.actors.recovery import LOST, lost_actors, stage_lost
+from forwardflow.pipeline.data import Dataset
 from forwardflow.pipeline.messages import (
     CheckpointMarker,
-    Microbatch,
+    MicrobatchPlan,
     Prediction,
     RunStoppedError,
     ShardInfo,
@@ -47,23 +61,42 @@ from forwardflow.pipeline.messages import (
 from forwardflow.pipeline.stage import StageSetup
 
 
+@dataclass
+class Call:
+    """A group of consecutive microbatches sent through every stage: each stage's result reference."""
+
+    refs: list[ray.ObjectRef]
+    size: int
+
+
 class RayPipeline:
     def __init__(
         self,
         setups: list[StageSetup],
+        dataset: Dataset,
         placements: list[StagePlacement],
         window: int,
         torch_threads: int = 1,
+        per_call: int | None = None,
+        data_placement: str = "auto",
+        streams: bool = False,
     ):
         self.window = window
+        self.per_call = min(window, per_call or max(1, window // (len(setups) + 1)))
         self.setups, self.placements, self.torch_threads = setups, placements, torch_threads
+        self.data_placement, self.streams = data_placement, streams
         self.group = StageGroup(placements)
+        # The dataset goes once, through the object store, to the first stage, which places it on
+        # its device; from then on the driver sends plans (sample numbers, crops, flips) only. The
+        # reference is kept for a first stage that has to be recreated.
+        self._dataset = ray.put(dataset)
         self.actors: list = [self._make_actor(stage) for stage in range(len(setups))]
         # Sync point: every actor has built its stage before the first microbatch is sent.
         self.locations: list[dict[str, str]] = ray.get([actor.location.remote() for actor in self.actors])
-        # Per in-flight microbatch (or checkpoint marker): every stage's result reference; the last
-        # is the prediction (or the marker, back).
-        self._in_flight: deque[list[ray.ObjectRef]] = deque()
+        # Submitted, not sent yet (grouped into the next call): plans, and checkpoint markers in
+        # their place in the stream.
+        self._waiting: list[MicrobatchPlan | CheckpointMarker] = []
+        self._calls: deque[Call] = deque()  # sent, predictions (and markers) not collected yet
         self._done: list[Prediction | CheckpointMarker] = []
         self._snapshot_refs: list[ray.ObjectRef] | None = None
 
@@ -72,44 +105,59 @@ class RayPipeline:
         goes where the lost one was, or where Ray moves the bundle when its node is gone)."""
         options = self.group.options(stage)
         device = self.placements[stage].device
-        return LayerActor.options(**options).remote(self.setups[stage], device, self.torch_threads)  # type: ignore[attr-defined]
+        data = self._dataset if stage == 0 else None
+        return LayerActor.options(**options).remote(  # type: ignore[attr-defined]
+            self.setups[stage], device, self.torch_threads, data, self.data_placement, self.streams
+        )
 
-    def submit(self, mb: Microbatch | CheckpointMarker) -> None:
-        ref = ray.put(mb)
+    def submit(self, plan: MicrobatchPlan | CheckpointMarker) -> None:
+        self._waiting.append(plan)
+        if len(self._waiting) >= self.per_call:
+            self._send()
+        while self.in_flight >= self.window:
+            if not self._calls:
+                self._send()
+            self._done.extend(self._get(self._calls.popleft().refs[-1]))
+
+    def _send(self) -> None:
+        if not self._waiting:
+            return
+        ref = ray.put(self._waiting)
         refs = []
         for actor in self.actors:
             ref = actor.step.remote(ref)
             refs.append(ref)
-        self._in_flight.append(refs)
-        while len(self._in_flight) >= self.window:
-            self._done.append(self._get(self._in_flight.popleft()[-1]))
+        self._calls.append(Call(refs, len(self._waiting)))
+        self._waiting = []
 
     def completed(self, wait: bool = False) -> list[Prediction | CheckpointMarker]:
-        # Collect finished microbatches from the front only, to keep stream order.
-        while self._in_flight:
+        if wait or not self._calls:
+            self._send()  # nothing in flight, or draining: a partial group need not wait for company
+        # Collect finished calls from the front only, to keep stream order.
+        while self._calls:
             if not wait:
-                ready, _ = ray.wait([self._in_flight[0][-1]], timeout=0)
+                ready, _ = ray.wait([self._calls[0].refs[-1]], timeout=0)
                 if not ready:
                     break
-            self._done.append(self._get(self._in_flight.popleft()[-1]))
+            self._done.extend(self._get(self._calls.popleft().refs[-1]))
         done, self._done = self._done, []
         return done
 
     @property
     def in_flight(self) -> int:
         """Microbatches submitted whose predictions have not been collected yet."""
-        return len(self._in_flight)
+        return sum(call.size for call in self._calls) + len(self._waiting)
 
     def stage_backlog(self) -> list[int]:
         """Per stage, the in-flight microbatches handed to it (by the driver or the stage before)
-        that it has not finished: its input queue plus the one it is computing. One non-blocking
+        that it has not finished: its input queue plus the ones it is computing. One non-blocking
         ray.wait over references the driver owns; fetch_local=False copies no activation."""
-        refs = [ref for entry in self._in_flight for ref in entry]
+        refs = [ref for call in self._calls for ref in call.refs]
         ready = set(ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[0]) if refs else set()
-        backlog, handed = [], len(self._in_flight)
+        backlog, handed = [], sum(call.size for call in self._calls)
         for stage in range(len(self.actors)):
-            # A stage finishes microbatches in stream order, so its ready results are a prefix.
-            finished = sum(entry[stage] in ready for entry in self._in_flight)
+            # A stage finishes calls in stream order, so its ready results are a prefix.
+            finished = sum(call.size for call in self._calls if call.refs[stage] in ready)
             backlog.append(handed - finished)
             handed = finished
         return backlog
@@ -130,7 +178,8 @@ class RayPipeline:
 
     def snapshots(self) -> list[StageStats]:
         # One batched round of calls at the caller's cadence; these queue behind the stages'
-        # pending microbatches (same submitter, same order), so they also act as a barrier.
+        # pending calls (same submitter, same order), so they also act as a barrier.
+        self._send()
         return self._get([actor.snapshot.remote() for actor in self.actors])
 
     def poll_snapshots(self) -> list[StageStats] | None:
@@ -148,6 +197,7 @@ class RayPipeline:
         return snapshots
 
     def state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        self._send()
         return self._get([actor.state_dict.remote() for actor in self.actors])
 
     def restore(self, shards: list[ShardInfo] | None) -> None:
@@ -158,7 +208,8 @@ class RayPipeline:
         # would log each one as "unhandled" when it is freed (the driver fetches every result it
         # needs, so no other error goes unfetched).
         os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
-        self._in_flight.clear()
+        self._calls.clear()
+        self._waiting = []
         self._done, self._snapshot_refs = [], None
         for stage in lost:
             self.actors[stage] = self._make_actor(stage)

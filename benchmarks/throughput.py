@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--out", default=str(RESULTS / "throughput.md"))
+    parser.add_argument("--no-memory", action="store_true", help="leave out the memory runs")
     args = parser.parse_args()
     rows = {}
     for batch_size in args.batch_size:
@@ -57,7 +58,7 @@ def main() -> None:
             }
             print(batch_size, name, json.dumps(rows[batch_size, name]))
     memory = {}
-    for epochs in (1, 4):
+    for epochs in () if args.no_memory else (1, 4):
         for window in (4, 16):
             argv = [
                 "--preset",
@@ -86,7 +87,8 @@ def write_report(path: Path, args, rows: dict, memory: dict) -> None:
         f"# Pipelined vs sequential ({today()}, {machine()})",
         "",
         f"Model: 4 x 1000 fully connected (preset mnist-fc4, 2 stages of nearly equal cost), "
-        f"{args.dataset}, {args.epochs} epochs, rule sigprop. Command: `python -m benchmarks.throughput`. "
+        f"{args.dataset}, {args.epochs} epochs, rule sigprop. Command: `python -m benchmarks.throughput"
+        f"{' --no-memory' if args.no_memory else ''}`. "
         f"Ratios are against the sequential runs at the same microbatch size.",
         "",
         "| microbatch | run | samples/s | vs 1 thread | vs 2 threads | busy fraction per stage | test acc |",
@@ -100,16 +102,17 @@ def write_report(path: Path, args, rows: dict, memory: dict) -> None:
             f"| {batch_size} | {name} | {row['samples_per_s']:,.0f} | {row['samples_per_s'] / base:.2f}x | "
             f"{row['samples_per_s'] / two:.2f}x | {busy} | {100 * row['accuracy']:.2f}% |"
         )
-    lines += [
-        "",
-        "Peak resident memory per stage (MiB) against run length and in-flight window "
-        f"(2 stages, Ray, microbatch {args.batch_size[0]}):",
-        "",
-        "| epochs | window | stage peaks (MiB) |",
-        "|---:|---:|---|",
-    ]
-    for (epochs, window), peaks in memory.items():
-        lines.append(f"| {epochs} | {window} | {', '.join(f'{p:.0f}' for p in peaks)} |")
+    if memory:
+        lines += [
+            "",
+            "Peak resident memory per stage (MiB) against run length and in-flight window "
+            f"(2 stages, Ray, microbatch {args.batch_size[0]}):",
+            "",
+            "| epochs | window | stage peaks (MiB) |",
+            "|---:|---:|---|",
+        ]
+        for (epochs, window), peaks in memory.items():
+            lines.append(f"| {epochs} | {window} | {', '.join(f'{p:.0f}' for p in peaks)} |")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     print(path.read_text())

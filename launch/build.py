@@ -20,7 +20,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +29,20 @@ import torch
 from forwardflow.launch.outputs import check_free_space, check_out, clear_run
 from forwardflow.launch.report import summary, write_outputs
 from forwardflow.launch.resume import resume_point
-from forwardflow.monitoring.exporter import RunInfo
 from forwardflow.monitoring.observer import MetricsConfig, MetricsObserver
+from forwardflow.monitoring.records import RunInfo
 from forwardflow.pipeline.checkpoint import CHECKPOINTS, Checkpointer, Manifest, estimate_checkpoint_bytes
 from forwardflow.pipeline.config import RunConfig, config_to_dict
 from forwardflow.pipeline.data import Dataset
+from forwardflow.pipeline.device import resolve_device
 from forwardflow.pipeline.loop import Durability, StopRequest
 from forwardflow.pipeline.messages import WriteError
+from forwardflow.pipeline.model import split_matches
 from forwardflow.pipeline.rules.base import Predictor, Rule
 from forwardflow.pipeline.runner import Executor, SequentialRunner
 from forwardflow.pipeline.schedule import MicrobatchSchedule
 from forwardflow.pipeline.sequence import SequenceDataset, SequenceSchedule, load_data
-from forwardflow.pipeline.stage import StageSetup, resolve_device, stage_setups
+from forwardflow.pipeline.stage import StageSetup, stage_setups
 from forwardflow.pipeline.training import RunObserver, RunResult, train
 from forwardflow.pipeline.validation import ConfigError
 
@@ -123,7 +125,8 @@ class Run:
             device = check_local_device(execution.device)
             torch.set_num_threads(execution.threads)
             here = StageLocation(device=device, host=socket.gethostname())
-            return SequentialRunner(self.setups, device), [here] * len(self.setups)
+            runner = SequentialRunner(self.setups, self.dataset, device, self.config.data.placement, execution.streams)
+            return runner, [here] * len(self.setups)
         # Ray is imported only when it is used.
         from forwardflow.actors.cluster import connect
         from forwardflow.actors.placement import cluster_nodes, plan_placement
@@ -132,7 +135,16 @@ class Run:
         connect(execution.address, execution.ray_dashboard)
         # The plan is checked against the cluster's nodes before any actor starts.
         placements = plan_placement(len(self.setups), execution, cluster_nodes())
-        pipeline = RayPipeline(self.setups, placements, execution.pipeline_window, execution.threads)
+        pipeline = RayPipeline(
+            self.setups,
+            self.dataset,
+            placements,
+            execution.pipeline_window,
+            execution.threads,
+            execution.microbatches_per_call,
+            self.config.data.placement,
+            execution.streams,
+        )
         return pipeline, [
             StageLocation(
                 device=stage_device(location),
@@ -253,6 +265,22 @@ def stage_device(location: dict[str, str]) -> str:
     return location["device"]
 
 
+def with_measured_split(config: RunConfig, input_shape: tuple[int, ...]) -> RunConfig:
+    """``config`` with ``model.split`` from a short profiling pass, when the run groups layers into
+    fewer stages by time and has no matching split yet (a rerun from summary.json has one)."""
+    model, stages = config.model, config.num_stages
+    if model.balance != "time" or stages in (1, model.num_layers) or split_matches(model, stages):
+        return config
+    device = resolve_device(config.execution.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return config  # the stages' GPUs are elsewhere (a Ray cluster): multiply-accumulates it is
+    from forwardflow.pipeline.profiling import measured_split
+
+    batch = config.schedule.batch_size
+    split = measured_split(model, input_shape, stages, batch, device, config.execution.threads)
+    return replace(config, model=replace(model, split=split))
+
+
 def build_run(config: RunConfig, observers: Sequence[RunObserver] = (), run_id: str | None = None) -> Run:
     """Everything that can reject the input, before any actor starts; raises ConfigError.
     ``observers`` watch the run beside the ones the config asks for (progress bar, metrics).
@@ -263,6 +291,14 @@ def build_run(config: RunConfig, observers: Sequence[RunObserver] = (), run_id: 
     check_out(config.output)
     dataset = load_data(config.data, config.seed)
     config.rule.rule_class.check(config, dataset.num_classes, dataset.input_shape)
+    execution = config.execution
+    if execution.executor == "ray" and execution.address:
+        from forwardflow.actors.cluster import check_address
+
+        check_address(execution.address)
+    else:  # the stages will run on this machine's devices
+        check_local_device(execution.device)
+    config = with_measured_split(config, dataset.input_shape)
     if isinstance(dataset, SequenceDataset):  # one microbatch per time step
         schedule: MicrobatchSchedule = SequenceSchedule(dataset, config.schedule, config.seed)
     else:
@@ -275,13 +311,6 @@ def build_run(config: RunConfig, observers: Sequence[RunObserver] = (), run_id: 
         target=dataset.target_spec,
     )
     check_free_space(config.output, estimate_checkpoint_bytes(setups))
-    execution = config.execution
-    if execution.executor == "ray" and execution.address:
-        from forwardflow.actors.cluster import check_address
-
-        check_address(execution.address)
-    else:  # the stages will run on this machine's devices
-        check_local_device(execution.device)
     return Run(
         config=config,
         run_id=run_id or new_run_id(),

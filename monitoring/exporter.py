@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -22,27 +21,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import generate_latest, start_http_server
 from prometheus_client.registry import Collector
 
-from forwardflow.monitoring.records import RunRecord, StageRecord
+from forwardflow.monitoring.records import NON_FINITE_LOSS, RunInfo, RunRecord, StageRecord
 from forwardflow.pipeline.messages import STEP_BUCKETS
 from forwardflow.pipeline.targets import METRICS
 
+__all__ = ["NON_FINITE_LOSS", "PREFIX", "PrometheusExporter", "RunInfo"]
 PREFIX = "forwardflow_"
 STAGE_LABELS = ["run_id", "stage", "device"]
-NON_FINITE_LOSS = "non_finite_loss"  # the error kind every run exports from the start (at 0)
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """Constant facts about the run, exported as ``forwardflow_run_info`` (the run selector's
-    source)."""
-
-    run_id: str
-    dataset: str
-    rule: str
-    model: str
-    executor: str
-    stages: int
-    epochs: int
 
 
 # (name without prefix, kind, help, StageRecord attribute)

@@ -9,14 +9,27 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from forwardflow.monitoring.exporter import NON_FINITE_LOSS, PrometheusExporter, RunInfo
-from forwardflow.monitoring.records import END, ERROR, EVALUATION, PROGRESS, MetricsLog, RunRecord, stage_record
+from forwardflow.monitoring.records import (
+    END,
+    ERROR,
+    EVALUATION,
+    NON_FINITE_LOSS,
+    PROGRESS,
+    MetricsLog,
+    RunInfo,
+    RunRecord,
+    stage_record,
+)
 from forwardflow.pipeline.config import MonitoringConfig
 from forwardflow.pipeline.messages import NonFiniteLossError, Prediction, StageStats
 from forwardflow.pipeline.runner import Executor
 from forwardflow.pipeline.targets import ACCURACY, MSE
 from forwardflow.pipeline.training import EvalResult, Progress, RunObserver, RunResult
+
+if TYPE_CHECKING:
+    from forwardflow.monitoring.exporter import PrometheusExporter
 
 
 @dataclass(frozen=True)
@@ -40,7 +53,13 @@ class MetricsObserver(RunObserver):
     def __init__(self, config: MetricsConfig):
         self.config = config
         settings = config.settings
-        self.exporter = PrometheusExporter(config.info, list(config.devices)) if settings.metrics_port else None
+        self.exporter: PrometheusExporter | None = None
+        if settings.metrics_port:
+            # prometheus_client only when an endpoint is asked for: a run without one (the device
+            # check on a machine with torch and numpy only) does not need it.
+            from forwardflow.monitoring.exporter import PrometheusExporter
+
+            self.exporter = PrometheusExporter(config.info, list(config.devices))
         self.log = MetricsLog(config.out) if config.out else None
         self.port: int | None = None  # the endpoint's port once it serves
         if self.exporter is not None:

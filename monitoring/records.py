@@ -17,12 +17,27 @@ from forwardflow.pipeline.files import FILE_MODE
 from forwardflow.pipeline.messages import StageStats, WriteError
 
 LOG_NAME = "metrics.jsonl"
+NON_FINITE_LOSS = "non_finite_loss"  # the error kind every run exports from the start (at 0)
 
 # Kinds of log lines.
 PROGRESS = "progress"  # a periodic collection during the run
 EVALUATION = "evaluation"  # a test-set pass finished
 END = "end"  # the final collection, after the pipeline drained
 ERROR = "error"  # the run stopped on an error
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Constant facts about the run, exported as ``forwardflow_run_info`` (the run selector's
+    source)."""
+
+    run_id: str
+    dataset: str
+    rule: str
+    model: str
+    executor: str
+    stages: int
+    epochs: int
 
 
 @dataclass

@@ -44,7 +44,7 @@ class DataConfig(Section):
     )
     train_limit: int = option(0, "use only the first N training samples (0: all)", low=0, high=10**9)
     test_limit: int = option(0, "use only the first N test samples (0: all)", low=0, high=10**9)
-    augment: bool = option(False, "random crops with 4-pixel padding and horizontal flips (3-channel images)")
+    augment: bool = option(False, "random crops with 4-pixel padding and horizontal flips (image data)")
     sequence: str = option(
         "none",
         "read each image as a sequence: rows (one row per time step) or pixels (one pixel per step); "
@@ -53,6 +53,14 @@ class DataConfig(Section):
     )
     permute: bool = option(False, "with --sequence pixels: the pixels in one fixed random order (permuted MNIST)")
     sequence_length: int = option(100, "--dataset adding: time steps per sequence (T)", low=2, high=1_000_000)
+
+    placement: str = option(
+        "auto",
+        "where the first stage keeps the dataset on a GPU: device (its memory), host (pinned memory, "
+        "each microbatch copied without waiting), auto (device when it fits in half the free memory)",
+        flag="--data-placement",
+        choices=("auto", "device", "host"),
+    )
 
     def check(self) -> None:
         if self.permute and self.sequence != "pixels":
@@ -161,6 +169,13 @@ class ExecutionConfig(Section):
         low=1,
         high=1024,
     )
+    microbatches_per_call: int | None = option(
+        None,
+        "microbatches per Ray actor call, at most --window (default: window // (stages + 1), so that every "
+        "stage has a call in hand)",
+        low=1,
+        high=1024,
+    )
     address: str | None = option(
         None,
         "an existing Ray cluster: HOST:PORT, ray://HOST:PORT or auto (default: a "
@@ -194,8 +209,30 @@ class ExecutionConfig(Section):
         high=10000,
     )
     ray_dashboard: bool = option(False, "a local Ray also serves its dashboard, on 127.0.0.1:8265")
+    bf16: bool = option(
+        False, "CUDA stages: bfloat16 autocast for the forward pass and the local loss (a CPU stage ignores it)"
+    )
+    channels_last: bool = option(
+        False, "CUDA stages: conv weights and image inputs in channels-last memory format (a CPU stage ignores it)"
+    )
+    compile: bool = option(False, "CUDA stages: torch.compile each block of a stage (a CPU stage ignores it)")
+    streams: bool = option(
+        False,
+        "CUDA: copies between host and GPU (pinned data, Ray hand-offs) on a side stream, so that the "
+        "copy of one microbatch overlaps the compute of another (ignored on the CPU)",
+    )
+    nan_check_every: int = option(
+        32,
+        "training microbatches between reads of each stage's non-finite-loss flag: a NaN/inf loss stops "
+        "the run at most this many microbatches after it (each read waits for the device; snapshots "
+        "and the end of the run read it too)",
+        low=1,
+        high=10**6,
+    )
 
     def check(self) -> None:
+        if self.microbatches_per_call is not None and self.microbatches_per_call > self.pipeline_window:
+            raise self.error("microbatches_per_call", f"must be at most --window ({self.pipeline_window})")
         device = self.device
         if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
             raise self.error("device", f"{device!r} is not one of auto, cpu, cuda, cuda:N")
@@ -327,7 +364,14 @@ class RunConfig(Section):
             raise self.monitoring.error("plot", "needs --out: the plots are drawn from the run's metrics log there")
         execution = self.execution
         if execution.executor == "sequential":
-            ray_only = ("address", "placement", "max_restarts", "cpus_per_stage", "gpus_per_stage")
+            ray_only = (
+                "address",
+                "placement",
+                "max_restarts",
+                "cpus_per_stage",
+                "gpus_per_stage",
+                "microbatches_per_call",
+            )
             given = [name for name in ray_only if getattr(execution, name) is not None]
             if execution.window is not None and not self.rule.rule_class.uses_window:
                 given.append("window")
@@ -384,6 +428,10 @@ def _section_from_dict(base: Section, data: Any, path: str) -> Section:
             continue  # below, once the rule's name is known
         if is_dataclass(current) and isinstance(current, Section):
             changes[key] = _section_from_dict(current, value, f"{path}{key}.")
+        elif isinstance(base, ModelConfig) and key == "split":
+            if not isinstance(value, list):
+                raise ConfigError(f"{path}split", "must be a list of layers per stage")
+            changes[key] = tuple(value)
         elif isinstance(base, ModelConfig) and key == "blocks":
             if not isinstance(value, list):
                 raise ConfigError(f"{path}blocks", "must be a list of blocks")

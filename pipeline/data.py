@@ -17,8 +17,9 @@ import math
 import os
 import pickle
 import struct
+import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -67,6 +68,18 @@ class Dataset:
     @property
     def target_spec(self) -> TargetSpec:
         return self.target or TargetSpec(self.num_classes)
+
+    def __reduce__(self):
+        # As NumPy arrays: Ray keeps them out of band in its object store, and the first stage's
+        # actor maps them from there instead of unpickling a copy.
+        values = [getattr(self, f.name) for f in fields(self)]
+        return (_rebuild_dataset, (type(self), *(v.numpy() if isinstance(v, torch.Tensor) else v for v in values)))
+
+
+def _rebuild_dataset(kind: type[Dataset], *values) -> Dataset:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only arrays: the data source only gathers from them
+        return kind(*(torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in values))  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- checks common to every format

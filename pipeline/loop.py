@@ -156,14 +156,15 @@ class TrainingLoop:
         # A cut (and so a stop) waits for a point the stream can continue from exactly: between two
         # batches of sequences, not inside one (a stage's recurrent state is not part of a cut).
         while not (stop.requested and self.stream.can_cut):
-            mb = next(self.stream, None)
-            if mb is None:
+            plan = next(self.stream, None)
+            if plan is None:
                 break
-            if not self.feedback.ready(mb):  # only when the feedback delay is shorter than the window
+            if not self.feedback.ready(plan):  # only when the feedback delay is shorter than the window
                 self._collect(wait=True)
-            self.executor.submit(self.feedback.attach(mb))  # returns at once on Ray; blocks when the window is full
-            self.last_submitted = mb.index
-            self.trained_since_cut += mb.phase == TRAIN
+            # Returns at once on Ray; blocks when the window is full.
+            self.executor.submit(self.feedback.attach(plan, self.schedule.inputs_of))
+            self.last_submitted = plan.index
+            self.trained_since_cut += plan.phase == TRAIN
             self._collect()
             for observer in self.observers:
                 observer.after_submit(self.executor, self.progress)

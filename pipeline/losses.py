@@ -12,6 +12,11 @@ import torch
 import torch.nn.functional as F
 
 
+def full_precision(tensor: torch.Tensor) -> torch.Tensor:
+    """At least float32: under bfloat16 autocast (--bf16) the losses are still summed in float32."""
+    return tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor
+
+
 def similarity(h: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """``S_ik = <h_i, t_k> / temperature``; for conv feature maps the channel dot product at each
     spatial position, averaged over positions (= the flattened dot product divided by H*W)."""
@@ -26,6 +31,11 @@ def default_temperature(h: torch.Tensor) -> float:
 
 
 def _label_counts(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    if labels.is_cuda:
+        # Not torch.bincount there: on a GPU it reads the largest label on the host to size its
+        # output. Both count exactly, so every device gets the same values.
+        classes = torch.arange(num_classes, device=labels.device)
+        return (labels[:, None] == classes).sum(0).to(dtype)
     return torch.bincount(labels, minlength=num_classes).to(dtype)
 
 
@@ -42,6 +52,7 @@ def batch_contrastive_loss(
     - ``topk``: its k most similar same-label samples; with one target row per class they tie,
       so P_i = min(k, n_{y_i}).
     """
+    scores = full_precision(scores)
     counts = _label_counts(labels, scores.shape[1], scores.dtype)
     log_counts = torch.where(counts > 0, counts.clamp_min(1).log(), torch.full_like(counts, -torch.inf))
     log_softmax_own = scores.gather(1, labels[:, None]).squeeze(1) - torch.logsumexp(scores + log_counts, dim=1)
@@ -57,12 +68,12 @@ def batch_contrastive_loss(
 
 def per_class_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``L = CE(h T^T, c)`` with one target per class."""
-    return F.cross_entropy(scores, labels)
+    return F.cross_entropy(full_precision(scores), labels)
 
 
 def goodness(h: torch.Tensor) -> torch.Tensor:
     """Forward-Forward goodness: sum of squared activations per sample (mean over conv positions)."""
-    squares = h.pow(2).flatten(1).sum(1)
+    squares = full_precision(h).pow(2).flatten(1).sum(1)
     return squares / h.shape[2:].numel()  # positions: H*W of a conv map; 1 for (B, F) features
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import bisect
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +38,63 @@ class TimeStep:
     @property
     def last(self) -> bool:
         return self.step == self.length - 1
+
+
+def to_wire(value):
+    """A tensor as a NumPy array (Ray stores those out of band; pickling a torch tensor copies it
+    through torch's storage serialiser), bfloat16 (which NumPy lacks) as its int16 bits."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.dtype == torch.bfloat16:
+        return BFloat16Bits(value.view(torch.int16).numpy())
+    return value.numpy()
+
+
+@dataclass(frozen=True)
+class BFloat16Bits:
+    bits: np.ndarray
+
+
+def from_wire(value):
+    with warnings.catch_warnings():
+        # Arrays read from the object store are read-only; the tensors are views of them. Stages
+        # never write into their inputs (every block and loss makes new tensors), and a copy to a
+        # GPU makes a private copy anyway.
+        warnings.simplefilter("ignore", UserWarning)
+        if isinstance(value, BFloat16Bits):
+            return torch.from_numpy(value.bits).view(torch.bfloat16)
+        return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+
+
+@dataclass
+class MicrobatchPlan:
+    """What the schedule decides for one microbatch, and all the driver sends for it: its place in
+    the stream, which samples (rows of the training or the test set, by ``phase``) and how they
+    are augmented. The first stage's data source (``pipeline/source.py``), which holds the dataset
+    on that stage's device, turns it into a :class:`Microbatch`, so the samples themselves never
+    travel per microbatch."""
+
+    index: int  # position in the one stream of training and evaluation microbatches
+    phase: str  # TRAIN (rows of the training set) or EVAL (rows of the test set)
+    epoch: int
+    rows: torch.Tensor  # int64 sample numbers
+    crops: torch.Tensor | None = None  # augmentation: (B, 2) offsets (row, column) into the padded image
+    flips: torch.Tensor | None = None  # augmentation: (B,) bool, flip horizontally
+    # A rule's further input rows, made by the driver (error forward-propagation's replay); the
+    # data source hands them on as the microbatch's ``context``.
+    context: torch.Tensor | None = None
+    time: TimeStep | None = None  # sequence data: the time step of the rows' sequences to read
+
+    @property
+    def size(self) -> int:
+        return self.rows.shape[0]
+
+    def __reduce__(self):
+        return (_rebuild_plan, tuple(to_wire(getattr(self, f.name)) for f in fields(self)))
+
+
+def _rebuild_plan(*values) -> MicrobatchPlan:
+    return MicrobatchPlan(*[from_wire(v) for v in values])
 
 
 @dataclass
@@ -75,30 +134,33 @@ class Microbatch:
         # A copy to a GPU may be non-blocking: the first kernel that reads the tensor is ordered
         # after the copy on the same stream. A copy to the host must block, or the tensor could be
         # serialised for the next actor before its data has arrived.
-        non_blocking = torch.device(device).type == "cuda"
-
-        def move(tensor):
-            return None if tensor is None else tensor.to(device, non_blocking=non_blocking)
-
-        return replace(
-            self,
-            inputs=move(self.inputs),
-            labels=move(self.labels),
-            targets=move(self.targets),
-            context=move(self.context),
-            extra={name: move(tensor) for name, tensor in self.extra.items()},
-        )
+        device = torch.device(device)
+        tensors = (self.inputs, self.labels, self.targets, self.context, *self.extra.values())
+        if all(tensor is None or tensor.device == device for tensor in tensors):
+            return self  # already there (the sequential runner): no copy, no new message
+        non_blocking = device.type == "cuda"
+        return self.map(lambda tensor: tensor.to(device, non_blocking=non_blocking))
 
     def __reduce__(self):
         # Pickled as NumPy arrays: Ray stores those out of band and a receiving actor maps them
         # straight from the shared-memory object store, where pickling torch tensors copies them
         # through torch's storage serialiser (measured: ~2x slower per actor hop at 2 MB).
         values = [getattr(self, f.name) for f in fields(self)]
-        return (_rebuild_microbatch, tuple(v.numpy() if isinstance(v, torch.Tensor) else v for v in values))
+        return (_rebuild_microbatch, tuple(_wire_field(v) for v in values))
+
+    def map(self, move: Callable[[torch.Tensor], torch.Tensor]) -> Microbatch:
+        """The same microbatch with ``move`` applied to each of its tensors."""
+        return replace(
+            self,
+            inputs=move(self.inputs),
+            labels=move(self.labels),
+            targets=None if self.targets is None else move(self.targets),
+            context=None if self.context is None else move(self.context),
+            extra={name: move(tensor) for name, tensor in self.extra.items()},
+        )
 
     def detached(self) -> Microbatch:
-        context = None if self.context is None else self.context.detach()
-        return replace(self.handed_on(self.inputs, self.targets), context=context)
+        return self.map(torch.Tensor.detach)
 
     def handed_on(
         self,
@@ -119,13 +181,18 @@ class Microbatch:
         )
 
 
+def _wire_field(value):
+    if isinstance(value, dict):  # ``extra``: a tensor per name
+        return {name: to_wire(tensor) for name, tensor in value.items()}
+    return to_wire(value)
+
+
 def _rebuild_microbatch(*values) -> Microbatch:
-    with warnings.catch_warnings():
-        # Arrays read from the object store are read-only; the tensors are views of them. Stages
-        # never write into their inputs (every block and loss makes new tensors), and a copy to a
-        # GPU makes a private copy anyway.
-        warnings.simplefilter("ignore", UserWarning)
-        return Microbatch(*[torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in values])  # type: ignore[arg-type]
+    rebuilt: list[Any] = [
+        {name: from_wire(v) for name, v in value.items()} if isinstance(value, dict) else from_wire(value)
+        for value in values
+    ]
+    return Microbatch(*rebuilt)
 
 
 @dataclass
@@ -160,11 +227,15 @@ class Prediction:
         return self.time is None or self.time.last
 
     def cpu(self) -> Prediction:
+        return self.map(torch.Tensor.cpu)
+
+    def map(self, move: Callable[[torch.Tensor], torch.Tensor]) -> Prediction:
+        """The same prediction with ``move`` applied to each of its tensors."""
         return replace(
             self,
-            labels=self.labels.cpu(),
-            outputs={key: value.cpu() for key, value in self.outputs.items()},
-            feedback=None if self.feedback is None else self.feedback.cpu(),
+            labels=move(self.labels),
+            outputs={key: move(value) for key, value in self.outputs.items()},
+            feedback=None if self.feedback is None else move(self.feedback),
         )
 
 

@@ -2,13 +2,16 @@
 
 A *layer* is a linear or conv block together with the parameter-free and normalisation blocks that
 follow it (blocks before the first layer, such as ``flatten``, join the first layer). Stages are
-contiguous runs of layers, balanced by their multiply-accumulate count so that no stage becomes
-the pipeline's bottleneck by construction.
+contiguous runs of layers, balanced so that no stage becomes the pipeline's bottleneck by
+construction: by the time each layer takes on the target device (``--balance time``, measured by a
+short profiling pass, ``pipeline/profiling.py``), or by multiply-accumulates (``--balance macs``).
+The split chosen is kept in the config (``model.split``), so a run's summary.json reruns it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import MISSING, dataclass
 
 import torch
@@ -59,12 +62,23 @@ class ModelConfig(Section):
     blocks: tuple[BlockSpec, ...] = option((), "the blocks, in order", cli=False)
     stages: int = option(
         0,
-        "pipeline stages; layers are grouped into contiguous stages balanced by multiply-accumulates "
+        "pipeline stages; layers are grouped into contiguous stages of equal cost (--balance) "
         "(0: one per layer, 1 for end-to-end rules)",
         low=0,
         high=1024,
     )
     head: bool = option(True, "a linear output layer trained on the detached last features")
+    balance: str = option(
+        "time",
+        "how layers are grouped into fewer stages than layers: time (a short profiling pass times each "
+        "layer's forward and backward on the target device) or macs (multiply-accumulates)",
+        choices=("time", "macs"),
+    )
+    split: tuple[int, ...] = option(
+        (),
+        "layers per stage, as planned (the builder fills it in; used when it matches the stages and layers)",
+        cli=False,
+    )
 
     def check(self) -> None:
         if not self.blocks:
@@ -77,6 +91,8 @@ class ModelConfig(Section):
                 f"must be between 1 and {self.num_layers}, the number of layers of model {self.name} "
                 f"(got {self.stages})",
             )
+        if any(not isinstance(size, int) or size < 1 for size in self.split):
+            raise ConfigError("model.split", f"must list at least 1 layer per stage (got {list(self.split)})")
 
     @property
     def num_layers(self) -> int:
@@ -189,16 +205,16 @@ def _split_layers(blocks: tuple[BlockSpec, ...]) -> list[list[BlockSpec]]:
     return layers
 
 
-def _balanced_split(costs: list[int], parts: int) -> list[int]:
+def balanced_split(costs: Sequence[float], parts: int) -> list[int]:
     """Contiguous split of ``costs`` into ``parts`` groups minimising the largest group (exact DP)."""
     n = len(costs)
-    prefix = [0]
+    prefix: list[float] = [0.0]
     for cost in costs:
         prefix.append(prefix[-1] + cost)
     inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    best: list[list[float]] = [[inf] * (n + 1) for _ in range(parts + 1)]
     cut = [[0] * (n + 1) for _ in range(parts + 1)]
-    best[0][0] = 0
+    best[0][0] = 0.0
     for k in range(1, parts + 1):
         for end in range(k, n + 1):
             for start in range(k - 1, end):
@@ -212,7 +228,13 @@ def _balanced_split(costs: list[int], parts: int) -> list[int]:
     return sizes[::-1]
 
 
+def split_matches(model: ModelConfig, num_stages: int) -> bool:
+    """Whether ``model.split`` is a split of this model's layers into ``num_stages`` stages."""
+    return len(model.split) == num_stages and sum(model.split) == model.num_layers
+
+
 def plan_stages(model: ModelConfig, input_shape: tuple[int, ...], num_stages: int) -> list[StageSpec]:
+    """The stages: ``model.split`` when it fits, else balanced by multiply-accumulates."""
     layers = _split_layers(model.blocks)
     if not 1 <= num_stages <= len(layers):
         raise ConfigError("--stages", f"must be between 1 and {len(layers)} (got {num_stages})")
@@ -226,8 +248,9 @@ def plan_stages(model: ModelConfig, input_shape: tuple[int, ...], num_stages: in
             shape = out_shape
         shapes.append(shape)
         costs.append(cost)
+    sizes = list(model.split) if split_matches(model, num_stages) else balanced_split(costs, num_stages)
     plans, first = [], 0
-    for index, size in enumerate(_balanced_split(costs, num_stages)):
+    for index, size in enumerate(sizes):
         group = layers[first : first + size]
         plans.append(
             StageSpec(
@@ -241,6 +264,11 @@ def plan_stages(model: ModelConfig, input_shape: tuple[int, ...], num_stages: in
         )
         first += size
     return plans
+
+
+def layer_blocks(model: ModelConfig) -> list[list[BlockSpec]]:
+    """The model's blocks grouped into layers (the units a stage is made of)."""
+    return _split_layers(model.blocks)
 
 
 def build_stage_blocks(spec: StageSpec) -> nn.ModuleList:

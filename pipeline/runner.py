@@ -9,7 +9,16 @@ from typing import Protocol
 import torch
 
 from forwardflow.pipeline.checkpoint import load_shard
-from forwardflow.pipeline.messages import CheckpointMarker, Microbatch, Prediction, ShardInfo, StageStats
+from forwardflow.pipeline.data import Dataset
+from forwardflow.pipeline.messages import (
+    CheckpointMarker,
+    Microbatch,
+    MicrobatchPlan,
+    Prediction,
+    ShardInfo,
+    StageStats,
+)
+from forwardflow.pipeline.source import DataSource
 from forwardflow.pipeline.stage import Stage, StageSetup
 
 
@@ -20,9 +29,11 @@ class Executor(Protocol):
     in stream order like one (each stage writes its shard and hands it on); the last stage's
     marker comes back from ``completed`` in its place among the predictions. An executor that
     loses a stage raises StageLostError; ``restore`` then brings every stage back to a checkpoint.
+    The driver submits plans (``MicrobatchPlan``); the first stage's data source makes each
+    microbatch from its plan where the data lives.
     """
 
-    def submit(self, mb: Microbatch | CheckpointMarker) -> None: ...
+    def submit(self, plan: MicrobatchPlan | CheckpointMarker) -> None: ...
 
     def completed(self, wait: bool = False) -> list[Prediction | CheckpointMarker]:
         """Predictions (and returned markers) finished so far, in stream order; ``wait`` drains
@@ -60,13 +71,24 @@ def restored_stage(setup: StageSetup, device: str | torch.device, shard: ShardIn
 
 
 class SequentialRunner:
-    def __init__(self, setups: list[StageSetup], device: str = "cpu"):
+    def __init__(
+        self,
+        setups: list[StageSetup],
+        dataset: Dataset,
+        device: str = "cpu",
+        data_placement: str = "auto",
+        streams: bool = False,
+    ):
         self.setups, self.device = setups, device
         self.stages = [Stage(setup, device) for setup in setups]
+        # The dataset on the stages' device, placed once: a microbatch is gathered there.
+        self.source = DataSource(dataset, device, data_placement, streams)
         self._done: list[Prediction | CheckpointMarker] = []
 
-    def submit(self, mb: Microbatch | CheckpointMarker) -> None:
-        message: Microbatch | Prediction | CheckpointMarker = mb
+    def submit(self, plan: MicrobatchPlan | CheckpointMarker) -> None:
+        message: Microbatch | Prediction | CheckpointMarker = (
+            plan if isinstance(plan, CheckpointMarker) else self.source.read(plan)
+        )
         for stage in self.stages:
             assert not isinstance(message, Prediction)  # only the last stage returns a Prediction
             message = stage.step(message)

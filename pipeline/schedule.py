@@ -4,6 +4,10 @@ after each epoch the test set's evaluation microbatches, right behind them in th
 Evaluation therefore sees exactly the weights after that epoch (every stage handles microbatches
 in stream order), and the next epoch's training microbatches follow without a pause. Sequence data
 has a schedule of its own (pipeline/sequence.py: one microbatch per time step).
+
+The schedule yields plans (``MicrobatchPlan``: which samples, which crops and flips), drawn on the
+host from one seeded generator; the first stage's data source makes the microbatches from them
+where the data lives (``pipeline/source.py``).
 """
 
 from __future__ import annotations
@@ -13,25 +17,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from forwardflow.pipeline.config import ScheduleConfig
 from forwardflow.pipeline.data import Dataset
-from forwardflow.pipeline.messages import EVAL, TRAIN, Microbatch
-
-
-def augment_images(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip, drawn from ``generator``."""
-    count, _, height, width = images.shape
-    padded = F.pad(images, (padding, padding, padding, padding))
-    rows = torch.randint(0, 2 * padding + 1, (count,), generator=generator)
-    cols = torch.randint(0, 2 * padding + 1, (count,), generator=generator)
-    flips = torch.rand(count, generator=generator) < 0.5
-    out = torch.empty_like(images)
-    for i in range(count):
-        crop = padded[i, :, rows[i] : rows[i] + height, cols[i] : cols[i] + width]
-        out[i] = crop.flip(-1) if flips[i] else crop
-    return out
+from forwardflow.pipeline.messages import EVAL, TRAIN, Microbatch, MicrobatchPlan
+from forwardflow.pipeline.source import DataSource, draw_augmentation
 
 
 @dataclass
@@ -76,29 +66,36 @@ class ScheduleStream:
     def __iter__(self) -> ScheduleStream:
         return self
 
-    def __next__(self) -> Microbatch:
+    def __next__(self) -> MicrobatchPlan:
         data, config = self.schedule.dataset, self.schedule.config
         while self.epoch < config.epochs:
             if self.phase == TRAIN:
                 if self.order is None:
                     self.order = torch.randperm(len(data.train_y), generator=self.generator)
                 if self.offset < len(self.order):
-                    chosen = self.order[self.offset : self.offset + config.batch_size]
-                    inputs = data.train_x[chosen]
-                    if self.schedule.augment and inputs.dim() == 4:
-                        inputs = augment_images(inputs, self.generator)
-                    return self._emit(TRAIN, inputs, data.train_y[chosen], self.offset + config.batch_size)
+                    rows = self.order[self.offset : self.offset + config.batch_size]
+                    crops, flips = (None, None)
+                    if self.schedule.augment:
+                        crops, flips = draw_augmentation(len(rows), self.generator)
+                    return self._emit(TRAIN, rows, self.offset + config.batch_size, crops, flips)
                 self.phase, self.offset = EVAL, 0
             if self.offset < len(data.test_y):
-                stop = self.offset + config.eval_batch_size
-                return self._emit(EVAL, data.test_x[self.offset : stop], data.test_y[self.offset : stop], stop)
+                stop = min(self.offset + config.eval_batch_size, len(data.test_y))
+                return self._emit(EVAL, torch.arange(self.offset, stop), stop)
             self.epoch, self.phase, self.offset, self.order = self.epoch + 1, TRAIN, 0, None
         raise StopIteration
 
-    def _emit(self, phase: str, inputs: torch.Tensor, labels: torch.Tensor, offset: int) -> Microbatch:
-        mb = Microbatch(self.index, phase, self.epoch, inputs, labels)
+    def _emit(
+        self,
+        phase: str,
+        rows: torch.Tensor,
+        offset: int,
+        crops: torch.Tensor | None = None,
+        flips: torch.Tensor | None = None,
+    ) -> MicrobatchPlan:
+        plan = MicrobatchPlan(self.index, phase, self.epoch, rows, crops, flips)
         self.index, self.offset = self.index + 1, offset
-        return mb
+        return plan
 
     @property
     def at_epoch_end(self) -> bool:
@@ -116,7 +113,8 @@ class MicrobatchSchedule:
         self.dataset = dataset
         self.config = config
         self.seed = seed
-        self.augment = augment
+        self.augment = augment and dataset.train_x.dim() == 4
+        self._host: DataSource | None = None
 
     @property
     def train_microbatches_per_epoch(self) -> int:
@@ -142,9 +140,24 @@ class MicrobatchSchedule:
     def __len__(self) -> int:
         return self.config.epochs * (self.train_microbatches_per_epoch + self.eval_microbatches_per_pass)
 
-    def __iter__(self) -> Iterator[Microbatch]:
+    def __iter__(self) -> Iterator[MicrobatchPlan]:
         return ScheduleStream(self)
 
     def stream(self, position: StreamPosition | None = None) -> ScheduleStream:
         """The stream from ``position`` (a checkpoint's), or from the start."""
         return ScheduleStream(self, position)
+
+    def read(self, plan: MicrobatchPlan) -> Microbatch:
+        """The microbatch of ``plan``, made on the host (what the first stage makes on its device)."""
+        if self._host is None:
+            self._host = DataSource(self.dataset, "cpu")
+        return self._host.read(plan)
+
+    def microbatches(self, position: StreamPosition | None = None) -> Iterator[Microbatch]:
+        """The stream's microbatches made on the host, from ``position`` or the start (what a stage
+        receives; for tests and tools that drive a Stage by hand)."""
+        return map(self.read, self.stream(position))
+
+    def inputs_of(self, plan: MicrobatchPlan) -> torch.Tensor:
+        """The inputs of ``plan``, augmented, on the host (for a rule's feedback loop)."""
+        return self.read(plan).inputs

@@ -28,7 +28,7 @@ import torch
 
 from forwardflow.pipeline.config import DataConfig, ScheduleConfig
 from forwardflow.pipeline.data import Dataset, load_dataset
-from forwardflow.pipeline.messages import Microbatch, TimeStep
+from forwardflow.pipeline.messages import MicrobatchPlan, TimeStep
 from forwardflow.pipeline.schedule import MicrobatchSchedule, ScheduleStream, StreamPosition
 from forwardflow.pipeline.targets import TargetSpec
 
@@ -175,7 +175,7 @@ class SequenceSchedule(MicrobatchSchedule):
             update=last or (step + 1) % config.update_every == 0,
         )
 
-    def __iter__(self) -> Iterator[Microbatch]:
+    def __iter__(self) -> Iterator[MicrobatchPlan]:
         return SequenceStream(self)
 
     def stream(self, position: StreamPosition | None = None) -> SequenceStream:
@@ -193,28 +193,29 @@ class SequenceStream(ScheduleStream):
 
     def __init__(self, schedule: SequenceSchedule, position: StreamPosition | None = None):
         super().__init__(schedule, position)
-        self._steps: list[Microbatch] = []
+        self._steps: list[MicrobatchPlan] = []
 
     @property
     def can_cut(self) -> bool:
         return not self._steps
 
-    def __next__(self) -> Microbatch:
+    def __next__(self) -> MicrobatchPlan:
         if not self._steps:
             super().__next__()  # the next batch: _emit below turns it into its steps
         return self._steps.pop(0)
 
-    def _emit(self, phase: str, inputs: torch.Tensor, labels: torch.Tensor, offset: int) -> Microbatch:
+    def _emit(
+        self,
+        phase: str,
+        rows: torch.Tensor,
+        offset: int,
+        crops: torch.Tensor | None = None,
+        flips: torch.Tensor | None = None,
+    ) -> MicrobatchPlan:
         schedule = self.schedule
+        # The same rows at every step: the data source reads each step's slice of them.
         self._steps = [
-            Microbatch(
-                self.index + step,
-                phase,
-                self.epoch,
-                inputs[:, step].contiguous(),
-                labels if labels.dim() == 1 else labels[:, step].contiguous(),
-                time=schedule.time_step(step),
-            )
+            MicrobatchPlan(self.index + step, phase, self.epoch, rows, time=schedule.time_step(step))
             for step in range(schedule.length)
         ]
         self.index, self.offset = self.index + schedule.length, offset

@@ -7,16 +7,19 @@ import math
 import resource
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch import nn
 
 from forwardflow.pipeline.checkpoint import save_shard
 from forwardflow.pipeline.config import OptimConfig, RuleConfig, RunConfig
+from forwardflow.pipeline.device import StepClock, host_read
 from forwardflow.pipeline.divergence import LossWatch
 from forwardflow.pipeline.messages import (
     TRAIN,
     CheckpointMarker,
+    DivergenceError,
     Microbatch,
     NonFiniteLossError,
     Prediction,
@@ -26,6 +29,16 @@ from forwardflow.pipeline.model import SeededDropout, StageSpec, build_stage_blo
 from forwardflow.pipeline.recurrent import reset_states
 from forwardflow.pipeline.rules.base import RuleContext
 from forwardflow.pipeline.targets import TargetSpec
+
+
+@dataclass(frozen=True)
+class DeviceOptions:
+    """What a stage on a CUDA device may do to go faster (``--bf16``, ``--channels-last``,
+    ``--compile``). A stage on the CPU ignores them: its numbers are those of the options off."""
+
+    bf16: bool = False  # bfloat16 autocast over the forward pass and the local loss
+    channels_last: bool = False  # conv weights and image inputs in channels-last memory format
+    compile: bool = False  # torch.compile each block (dropout, which draws from its own generator, excepted)
 
 
 @dataclass(frozen=True)
@@ -41,12 +54,8 @@ class StageSetup:
     seed: int
     total_steps: int = 0  # training microbatches in the run (for learning-rate schedules)
     target: TargetSpec | None = None  # the task's targets (None: num_classes classes)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    check_every: int = 32  # training microbatches between reads of the non-finite-loss flag
+    options: DeviceOptions = DeviceOptions()
 
 
 def _current_rss_bytes() -> int:
@@ -76,6 +85,21 @@ class Stage:
             self.rule = setup.rule.rule_class(context)
         self.blocks.to(self.device)
         self.rule.to(self.device)
+        self.options = setup.options if self.device.type == "cuda" else DeviceOptions()
+        if self.options.channels_last:
+            self.blocks.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        # What the rule runs: the blocks themselves, or each compiled (the parameters are shared,
+        # so the optimizer, the snapshot and the state dict see the same tensors either way).
+        self.run_blocks = self.blocks
+        if self.options.compile:
+            # Every block of a kind shares its forward's code, and each stage's shapes (training,
+            # evaluation) compile it again: more than dynamo's default of 8 graphs per code object,
+            # past which it would quietly run the rest uncompiled.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.run_blocks = nn.ModuleList(
+                block if isinstance(block, SeededDropout) else cast(nn.Module, torch.compile(block))
+                for block in self.blocks
+            )
         generator = torch.Generator(device=self.device)
         generator.manual_seed(setup.seed * 1000 + self.index + 7919)
         for module in self.blocks:
@@ -86,6 +110,7 @@ class Stage:
         self.scheduler = _build_schedule(setup.optim, self.optimizer, setup.total_steps)
         self.stats = StageStats(stage=self.index, device=str(self.device), lr=setup.optim.lr)
         self.loss_watch = LossWatch(setup.optim.divergence_factor)
+        self.clock = StepClock(self.device)
         self.last_index = -1
         # Sequence data (--update-every): gradients gathered since the last optimizer step, and the
         # training microbatches since then, which the learning-rate schedule catches up on.
@@ -93,6 +118,22 @@ class Stage:
         self._unscheduled = 0
         self._parameters = list(self.blocks.parameters()) + list(self.rule.parameters())
         self._weights_at_last_snapshot = [p.detach().clone() for p in self._parameters]
+        # What the host learns only at a read: each training step's loss, own hits and whether its
+        # inputs were finite, written into device buffers of check_every slots without waiting,
+        # and read all at once (check_finite): after the first training step (so that the
+        # divergence watch has a scale from the second step on), then every check_every steps.
+        self._losses = torch.zeros(setup.check_every, device=self.device)
+        self._hits = torch.zeros(setup.check_every, device=self.device, dtype=torch.long)
+        self._inputs_ok = torch.ones(setup.check_every, device=self.device, dtype=torch.bool)
+        self._unread: list[_Slot] = []
+        self._read_after = 1  # training steps until the next read: 1, then check_every
+        self._failure: DivergenceError | None = None  # once found, raised at every later read
+        # The largest |loss| the watch lets through until the next read (float32, as the device
+        # compares), and 1.0 from the first loss past it or non-finite on: the fused optimizer
+        # skips every step while the flag is set, so no such step reaches the weights.
+        self._limit_value = self.loss_watch.limit()
+        self._limit = torch.tensor(self._limit_value, device=self.device)
+        self._diverged = torch.zeros((), device=self.device)
 
     @property
     def is_last(self) -> bool:
@@ -100,54 +141,79 @@ class Stage:
 
     def step(self, mb: Microbatch | CheckpointMarker) -> Microbatch | Prediction | CheckpointMarker:
         """Forward, local loss, update at once; returns the detached hand-on (or, in the last
-        stage, the predictions). Evaluation microbatches change no weight and no statistic of
-        the blocks (eval mode, no gradient). A checkpoint marker writes the stage's shard and
-        goes on."""
+        stage, the predictions, on this stage's device). Evaluation microbatches change no weight
+        and no statistic of the blocks (eval mode, no gradient). Nothing here waits for the device
+        except the periodic read of losses (check_finite). A checkpoint marker writes the stage's
+        shard and goes on."""
         if isinstance(mb, CheckpointMarker):
             return self._write_shard(mb)
         if mb.index <= self.last_index:
             # Equivalence with the sequential run rests on stream order; never learn out of order.
             raise RuntimeError(f"stage {self.index}: microbatch {mb.index} arrived after {self.last_index}")
         self.last_index = mb.index
-        started = time.perf_counter()
+        started = self.clock.start()
         # Detach on entry too: whatever the caller hands in, the update cannot reach upstream.
         mb = mb.to(self.device).detached()
+        if self.options.channels_last:
+            mb = mb.map(_channels_last)
         training = mb.phase == TRAIN
         if mb.time is not None and mb.time.step == 0:
             reset_states(self.blocks)  # a new batch of sequences starts from a zero state
-        self.blocks.train(training)
+        self.run_blocks.train(training)
         self.rule.train(training)
         with torch.set_grad_enabled(training):
-            local = self.rule(self.blocks, mb, training)
+            # bfloat16 for the forward pass and the loss only; the backward pass follows the
+            # forward's types and the optimizer updates the float32 weights.
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.options.bf16):
+                local = self.rule(self.run_blocks, mb, training)
             if training:
                 self._unscheduled += 1
+                slot = self._record(mb, local.loss, local.scores, local.tracked)
                 # Without a loss (a step the target does not reach, a rule that learns later in
                 # the sequence) the step only moves the recurrent state on.
                 if local.loss is not None:
-                    self._backward(local.loss, mb, local.tracked)
+                    self._backward(local.loss, slot)
                 if self._gathering and (mb.time is None or mb.time.update):
                     self._apply(mb)
-        result = self.rule.predict(mb, local).cpu() if self.is_last else local.handed_on
+        result: Microbatch | Prediction = local.handed_on
+        if self.is_last:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.options.bf16):
+                result = self.rule.predict(mb, local)
         self._count(mb, local.scores, training, started)
+        if training and len(self._unread) >= self._read_after:
+            self.check_finite()
         return result
 
-    def _backward(self, loss: torch.Tensor, mb: Microbatch, tracked: bool = True) -> None:
-        # .item() is the stage's one sync point per microbatch: the NaN/inf check needs the value
-        # on the host before the update is applied, so a bad loss never reaches the weights.
-        value = loss.item()
-        if not math.isfinite(value):
-            raise NonFiniteLossError(self.index, mb.index, value, data_ok=bool(torch.isfinite(mb.inputs).all()))
-        if tracked:
-            self.loss_watch.check(value, self.index, mb.index)
+    def _record(self, mb: Microbatch, loss: torch.Tensor | None, scores: torch.Tensor | None, tracked: bool) -> int:
+        """Writes a training step's loss, own hits and input check into its slot, on the device."""
+        slot = len(self._unread)
+        # A stage's own accuracy on the steps the task scores, for class labels.
+        scored = scores is not None and (mb.time is None or mb.time.scored) and not mb.labels.is_floating_point()
+        self._unread.append(_Slot(mb.index, loss is not None, tracked, mb.size if scored else 0))
+        if scored:
+            assert scores is not None
+            torch.sum(scores.argmax(1) == mb.labels, dim=0, out=self._hits[slot])
+        if loss is not None:
+            value = loss.detach().float()
+            self._losses[slot].copy_(value)
+            if self.index == 0:  # only the first stage's inputs are the data
+                self._inputs_ok[slot] = torch.isfinite(mb.inputs).all()
+            # Past the limit (NaN and inf never pass a comparison) sets the sticky flag.
+            passes = value.abs() <= self._limit if tracked else torch.isfinite(value)
+            self._diverged = torch.where(passes, self._diverged, 1.0)
+        return slot
+
+    def _backward(self, loss: torch.Tensor, slot: int) -> None:
         if not self._gathering:
             self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # adds to the gradients gathered since the last optimizer step
         self._gathering = True
-        self.stats.loss_sum += value
-        self.stats.loss_count += 1
-        self.stats.last_loss = value
 
     def _apply(self, mb: Microbatch) -> None:
+        # No host read here. The fused optimizer takes the sticky flag as its found_inf and skips
+        # the whole step (weights, moments, step count) while it is set, so no step from the first
+        # bad loss on reaches the parameters; the host learns of it at the next read.
+        self.optimizer.found_inf = self._diverged  # type: ignore[attr-defined]
         self.optimizer.step()
         if self.scheduler is not None:
             # The schedule counts training microbatches, whether or not each one updated.
@@ -162,10 +228,49 @@ class Stage:
             stats.first_update_at = time.time()
             stats.first_update_step = 1 if mb.time is None else mb.time.step + 1
 
-    def _count(self, mb: Microbatch, scores: torch.Tensor | None, training: bool, started: float) -> None:
+    def check_finite(self) -> None:
+        """Read the losses, hits and input checks written since the last read (a sync point) into
+        the stage's counters and divergence watch; raise if one of those losses was NaN, inf or
+        past the watch's limit, naming the first."""
+        if self._failure is not None:
+            raise self._failure
+        count, unread = len(self._unread), self._unread
+        self._unread = []
+        if count:
+            with host_read():
+                read = torch.cat(
+                    [self._losses[:count].double(), self._hits[:count].double(), self._inputs_ok[:count].double()]
+                )
+                values = read.tolist()
+            self._hits.zero_()
+            losses, hits, inputs_ok = values[:count], values[count : 2 * count], values[2 * count :]
+            limit, stats = self._limit_value, self.stats
+            for slot, value, ok in zip(unread, losses, inputs_ok):
+                if not slot.has_loss:
+                    continue
+                if not math.isfinite(value):
+                    self._failure = NonFiniteLossError(self.index, slot.index, value, data_ok=bool(ok))
+                elif slot.tracked and abs(value) > limit:
+                    self._failure = self.loss_watch.exploded(value, self.index, slot.index)
+                if self._failure is not None:
+                    raise self._failure
+                if slot.tracked:
+                    self.loss_watch.record(value)
+                stats.loss_sum += value
+                stats.loss_count += 1
+                stats.last_loss = value
+            stats.train_correct += int(sum(hits))
+            stats.train_scored += sum(slot.scored for slot in unread)
+            self._limit_value = self.loss_watch.limit()
+            self._limit.fill_(self._limit_value)  # a write, queued: the host does not wait
+            self._read_after = self.setup.check_every
+        # The device has caught up to this point: fold the step times it has finished (so that the
+        # clock holds at most check_every steps' events, whatever the metrics cadence).
+        self.clock.collect(self.stats)
+
+    def _count(self, mb: Microbatch, scores: torch.Tensor | None, training: bool, started) -> None:
         stats = self.stats
-        elapsed = time.perf_counter() - started
-        stats.busy_s += elapsed
+        elapsed = self.clock.stop(started, training, stats)
         stats.microbatches += 1
         stats.last_step_at = time.time()
         stats.first_step_at = stats.first_step_at or stats.last_step_at - elapsed
@@ -175,29 +280,32 @@ class Stage:
             stats.eval_samples += mb.size if mb.ends_sample else 0
             return
         stats.samples += mb.size if mb.ends_sample else 0
-        stats.count_step(elapsed)
-        # A stage's own accuracy on the steps the task scores, for class labels.
-        if scores is not None and (mb.time is None or mb.time.scored) and not mb.labels.is_floating_point():
-            stats.train_correct += int((scores.argmax(1) == mb.labels).sum())
-            stats.train_scored += mb.size
 
     @torch.no_grad()
-    def _weight_and_update_norms(self) -> tuple[float, float]:
-        """Norm of all weights and of their change since the last snapshot, tensor by tensor
-        (no concatenated copy of the model); the reference copy is updated in place."""
-        weight_sq = update_sq = 0.0
+    def _squared_norms(self) -> torch.Tensor:
+        """Squared norm of all weights and of their change since the last snapshot, on the device,
+        tensor by tensor (no concatenated copy of the model); the reference copy is updated in place."""
+        weight_sq = torch.zeros((), device=self.device, dtype=torch.float64)
+        update_sq = torch.zeros((), device=self.device, dtype=torch.float64)
         for param, previous in zip(self._parameters, self._weights_at_last_snapshot):
-            weight_sq += float(param.pow(2).sum())
+            weight_sq += param.pow(2).sum(dtype=torch.float64)
             previous.sub_(param)
-            update_sq += float(previous.pow(2).sum())
+            update_sq += previous.pow(2).sum(dtype=torch.float64)
             previous.copy_(param)
-        return math.sqrt(weight_sq), math.sqrt(update_sq)
+        return torch.stack([weight_sq, update_sq])
 
     def snapshot(self) -> StageStats:
-        """Counters so far plus norms and memory. Called at the metrics cadence, never per
-        microbatch (the norms read every weight)."""
+        """Counters so far plus norms and memory, read from the device at once. Called at the
+        metrics cadence and at the end, never per microbatch; raises if a loss was non-finite."""
+        self.check_finite()
         stats = self.stats
-        stats.weight_norm, stats.update_norm = self._weight_and_update_norms()
+        norms = self._squared_norms()
+        with host_read():
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.clock.collect(stats, finished=True)
+            weight_sq, update_sq = norms.tolist()
+        stats.weight_norm, stats.update_norm = math.sqrt(weight_sq), math.sqrt(update_sq)
         stats.lr = self.optimizer.param_groups[0]["lr"]
         if self.device.type == "cuda":
             stats.memory_bytes = torch.cuda.memory_allocated(self.device)
@@ -208,11 +316,13 @@ class Stage:
         return replace(stats, step_counts=list(stats.step_counts))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights (and the rule's own parameters), on the CPU."""
+        """Weights (and the rule's own parameters), on the CPU; refused after a non-finite loss."""
+        self.check_finite()
         weights: dict[str, torch.Tensor] = {}
-        for prefix, module in (("blocks.", self.blocks), ("rule.", self.rule)):
-            for name, tensor in module.state_dict().items():
-                weights[prefix + name] = tensor.detach().cpu().clone()
+        with host_read():
+            for prefix, module in (("blocks.", self.blocks), ("rule.", self.rule)):
+                for name, tensor in module.state_dict().items():
+                    weights[prefix + name] = tensor.detach().cpu().clone()
         return weights
 
     # ---------------------------------------------------------------- checkpoints
@@ -231,7 +341,13 @@ class Stage:
         """Everything the stage's next steps depend on, after microbatch ``last_index``: blocks and
         rule (parameters and buffers), optimizer, learning-rate schedule, random generators, the
         divergence watch and the counters. ``restore`` on a fresh Stage of the same setup makes it
-        continue exactly as this one would."""
+        continue exactly as this one would. Reads the stage's unread losses first (a sync point), so
+        a shard never holds a state past a loss the watch would stop at."""
+        self.check_finite()
+        with host_read():
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.clock.collect(self.stats, finished=True)
         return {
             "stage": self.index,
             "last_index": self.last_index,
@@ -241,6 +357,7 @@ class Stage:
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "generators": [generator.get_state() for generator in self._generators()],
             "loss_watch": self.loss_watch.state_dict(),
+            "read_after": self._read_after,
             "stats": asdict(self.stats),
         }
 
@@ -255,6 +372,9 @@ class Stage:
         for generator, generator_state in zip(self._generators(), state["generators"], strict=True):
             generator.set_state(generator_state)
         self.loss_watch.load_state_dict(state["loss_watch"])
+        self._read_after = state["read_after"]
+        self._limit_value = self.loss_watch.limit()
+        self._limit.fill_(self._limit_value)
         self.stats = replace(StageStats(**state["stats"]), device=str(self.device))
         self.last_index = state["last_index"]
         self._weights_at_last_snapshot = [p.detach().clone() for p in self._parameters]
@@ -269,10 +389,28 @@ class Stage:
         return replace(marker, shards=[*marker.shards, shard])
 
 
+@dataclass(frozen=True)
+class _Slot:
+    """What the host knows of a training step whose values wait on the device for the next read."""
+
+    index: int  # the microbatch's stream index
+    has_loss: bool
+    tracked: bool  # the loss is compared with the divergence watch's limit
+    scored: int  # samples whose own hits the step counted
+
+
+def _channels_last(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
+
+
 def _build_optimizer(config: OptimConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    # Fused: one kernel per step for all parameters, and it takes a device-side found_inf flag (a
+    # step is skipped without the host having to look at the loss).
     if config.name == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, fused=True
+        )
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
 
 
 def _build_schedule(config: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int):
@@ -303,6 +441,12 @@ def stage_setups(
             seed=config.seed,
             total_steps=total_steps,
             target=target,
+            check_every=config.execution.nan_check_every,
+            options=DeviceOptions(
+                bf16=config.execution.bf16,
+                channels_last=config.execution.channels_last,
+                compile=config.execution.compile,
+            ),
         )
         for spec in specs
     ]

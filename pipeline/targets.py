@@ -29,12 +29,12 @@ class Metric:
     prometheus_name: str  # the exported gauge, without the forwardflow_ prefix
     help: str
 
-    def total(self, predicted: torch.Tensor, labels: torch.Tensor) -> float:
-        """The sum of the per-sample terms (hits, or squared errors) of one microbatch. One host
-        read per evaluation microbatch and prediction, in the driver."""
+    def total(self, predicted: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The sum of the per-sample terms (hits, or squared errors) of one microbatch, as a
+        float64 tensor where the prediction is: the caller reads its sums once per pass."""
         if self.higher_is_better:
-            return float((predicted == labels).sum())
-        return float((predicted.float() - labels.float()).pow(2).sum())
+            return (predicted == labels).sum(dtype=torch.float64)
+        return (predicted.double() - labels.double()).pow(2).sum()
 
     def format(self, value: float | None) -> str:
         if value is None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from forwardflow.pipeline.device import host_read
 from forwardflow.pipeline.messages import EVAL, Prediction, StageStats
 from forwardflow.pipeline.rules.base import Feedback
 from forwardflow.pipeline.runner import Executor
@@ -99,20 +100,23 @@ class ScoreTracker:
 
     def _reset(self) -> None:
         self.seen = 0
-        self.totals: dict[str, float] = {}
+        self.totals: dict[str, torch.Tensor] = {}
 
     def observe(self, prediction: Prediction, progress: Progress) -> EvalResult | None:
         if prediction.phase != EVAL or not prediction.scored:
             return None
         for key, predicted in prediction.outputs.items():
-            # One host read per evaluation microbatch and predictor (not on a stage's hot path).
-            self.totals[key] = self.totals.get(key, 0) + self.metric.total(predicted, prediction.labels)
+            # Summed where the prediction is (a GPU in the sequential runner): no host read per
+            # microbatch; the pass's totals are read once, when it is complete.
+            total = self.metric.total(predicted, prediction.labels)
+            self.totals[key] = total if key not in self.totals else self.totals[key] + total
         self.seen += prediction.size
         if self.seen < self.test_size:
             return None
+        totals = self._read_totals()
         result = EvalResult(
             epoch=prediction.epoch,
-            scores={k: v / self.seen for k, v in self.totals.items()},
+            scores={key: total / self.seen for key, total in totals.items()},
             primary=self.primary,
             train_samples_seen=progress.train_samples_done,
             wall_s=progress.elapsed_s,
@@ -121,11 +125,16 @@ class ScoreTracker:
         self._reset()
         return result
 
+    def _read_totals(self) -> dict[str, float]:
+        with host_read():
+            return {key: float(total) for key, total in self.totals.items()}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"seen": self.seen, "totals": dict(self.totals)}
+        return {"seen": self.seen, "totals": self._read_totals()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seen, self.totals = state["seen"], dict(state["totals"])
+        self.seen = state["seen"]
+        self.totals = {key: torch.tensor(total, dtype=torch.float64) for key, total in state["totals"].items()}
 
 
 @dataclass

@@ -137,12 +137,12 @@ def test_the_stream_continues_from_any_position_microbatch_for_microbatch():
         seed=3,
         augment=True,
     )
-    whole = list(schedule)
+    whole = list(schedule.microbatches())
     for cut in range(len(whole)):
         stream = schedule.stream()
         for _ in range(cut):
             next(stream)
-        rest = list(schedule.stream(stream.position()))
+        rest = list(schedule.microbatches(stream.position()))
         assert [mb.index for mb in rest] == [mb.index for mb in whole[cut:]]
         assert all(
             torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels) for a, b in zip(rest, whole[cut:])
@@ -189,11 +189,11 @@ def test_a_recurrent_run_stopped_inside_a_sequence_is_cut_at_the_next_sequence_a
 
 def test_the_sequence_stream_continues_from_every_batch_boundary():
     schedule = build_run(small_sequence_config()).schedule
-    whole = list(schedule)
+    whole = list(schedule.microbatches())
     stream = schedule.stream()
     for taken in range(len(whole)):
         if stream.can_cut:
-            rest = list(schedule.stream(stream.position()))
+            rest = list(schedule.microbatches(stream.position()))
             assert [(mb.index, mb.time) for mb in rest] == [(mb.index, mb.time) for mb in whole[taken:]]
             assert all(torch.equal(a.inputs, b.inputs) for a, b in zip(rest, whole[taken:]))
         next(stream)

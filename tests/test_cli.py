@@ -220,6 +220,8 @@ def test_the_rules_own_prediction_is_the_test_accuracy_and_the_first_column(tmp_
                 rule,
                 "--executor",
                 "sequential",
+                "--device",
+                "cpu",
                 "--epochs",
                 "1",
                 "--out",

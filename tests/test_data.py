@@ -7,17 +7,23 @@ import struct
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from forwardflow.pipeline.config import DataConfig, ScheduleConfig
-from forwardflow.pipeline.data import DATA_DIR_ENV, load_dataset, read_idx
-from forwardflow.pipeline.schedule import MicrobatchSchedule, augment_images
+from forwardflow.pipeline.data import DATA_DIR_ENV, load_dataset, make_synthetic, read_idx
+from forwardflow.pipeline.schedule import MicrobatchSchedule
+from forwardflow.pipeline.source import augment_images, draw_augmentation
 from forwardflow.pipeline.validation import ConfigError
 
 
 def write_idx(path, array: np.ndarray, gz: bool):
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
     data = header + array.astype(np.uint8).tobytes()
-    (gzip.open if gz else open)(path, "wb").write(data)
+    # Closed before anyone reads it: from Python 3.12 an unclosed GzipFile keeps its last block
+    # in a write buffer until the garbage collector gets to it (that is how read_idx once saw a
+    # 0-byte gzip stream on another machine).
+    with (gzip.open if gz else open)(path, "wb") as handle:
+        handle.write(data)
 
 
 def make_idx_set(directory, gz: bool, train=20, test=10):
@@ -47,6 +53,23 @@ def test_truncated_idx_is_refused(tmp_path):
     path.write_bytes(struct.pack(">HBBI", 0, 8, 1, 100) + bytes(10))
     with pytest.raises(ValueError, match="truncated"):
         read_idx(path)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (gzip.compress(b""), "truncated: 0 bytes"),  # an empty stream: the unflushed writer's file
+        (gzip.compress(struct.pack(">HBB", 0, 8, 3)), "truncated"),
+        (gzip.compress(bytes(2000))[:30], "truncated gzip file"),  # the gzip stream itself cut short
+    ],
+    ids=["empty", "header-only", "cut-gzip"],
+)
+def test_a_short_or_damaged_gzip_idx_file_is_named_not_a_struct_error(tmp_path, content, message):
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as caught:
+        read_idx(path)
+    assert str(path) in str(caught.value)
 
 
 def test_cifar10_python_batches(tmp_path):
@@ -96,35 +119,50 @@ def test_schedule_is_seeded_and_puts_a_test_pass_after_each_epoch():
     dataset = load_dataset(DataConfig("synthetic"))
     config = ScheduleConfig(batch_size=100, eval_batch_size=100, epochs=2)
     first, second = list(MicrobatchSchedule(dataset, config, seed=3)), list(MicrobatchSchedule(dataset, config, seed=3))
-    assert all(torch.equal(a.inputs, b.inputs) for a, b in zip(first, second))
+    assert all(torch.equal(a.rows, b.rows) for a, b in zip(first, second))
     phases = [(mb.epoch, mb.phase) for mb in first]
     per_epoch = [("train",) * 11 + ("eval",) * 3] * 2
     assert [p for _, p in phases] == list(per_epoch[0] + per_epoch[1])
     assert [mb.index for mb in first] == list(range(len(first)))
     other = list(MicrobatchSchedule(dataset, config, seed=4))
-    assert not torch.equal(first[0].inputs, other[0].inputs)
+    assert not torch.equal(first[0].rows, other[0].rows)
+    # The samples are the ones the plan names, from the training or the test set by phase.
+    made = MicrobatchSchedule(dataset, config, seed=3).read(first[0])
+    assert torch.equal(made.inputs, dataset.train_x[first[0].rows]) and torch.equal(
+        made.labels, dataset.train_y[first[0].rows]
+    )
+    evaluation = next(plan for plan in first if plan.phase == "eval")
+    assert torch.equal(MicrobatchSchedule(dataset, config, seed=3).read(evaluation).inputs, dataset.test_x[:100])
 
 
-def mirrored(image: torch.Tensor, flip: bool) -> torch.Tensor:
-    return image.flip(-1) if flip else image
+def augment_one_by_one(images, crops, flips, padding):
+    """The per-image loop the batched augmentation replaces."""
+    _, _, height, width = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding))
+    out = torch.empty_like(images)
+    for i in range(len(images)):
+        crop = padded[i, :, crops[i, 0] : crops[i, 0] + height, crops[i, 1] : crops[i, 1] + width]
+        out[i] = crop.flip(-1) if flips[i] else crop
+    return out
 
 
-def test_augmentation_crops_and_flips_within_bounds():
-    images = torch.arange(16 * 3 * 8 * 8, dtype=torch.float32).view(16, 3, 8, 8) + 1  # no zero in the images
-    out = augment_images(images, torch.Generator().manual_seed(0), padding=2)
-    assert out.shape == images.shape
-    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
-    found = []
-    for i in range(16):  # each output is a 8x8 window of the zero-padded image, mirrored or not
-        windows = [
-            (row - 2, col - 2, flip)
-            for row in range(5)
-            for col in range(5)
-            for flip in (False, True)
-            if torch.equal(out[i], mirrored(padded[i, :, row : row + 8, col : col + 8], flip))
-        ]
-        assert windows, f"sample {i} is no crop of its padded image"
-        found.append(windows[0])
-    # The windows vary: shifted both ways, mirrored and not (16 draws out of 50 windows).
-    assert {flip for _, _, flip in found} == {False, True}
-    assert len({(row, col) for row, col, _ in found}) > 3 and any(row or col for row, col, _ in found)
+def test_batched_augmentation_is_the_per_image_crop_and_flip_bit_for_bit():
+    images = torch.randn(64, 3, 8, 6, generator=torch.Generator().manual_seed(1))
+    crops, flips = draw_augmentation(64, torch.Generator().manual_seed(0), padding=2)
+    assert flips.any() and not flips.all() and len(set(crops[:, 0].tolist())) == 5  # every offset 0..4
+    out = augment_images(images, crops, flips, padding=2)
+    assert torch.equal(out, augment_one_by_one(images, crops, flips, 2))
+    # Every output value comes from the image itself or from the zero padding.
+    assert set(out.unique().tolist()) <= set(images.unique().tolist()) | {0.0}
+
+
+def test_augmented_schedule_draws_its_crops_from_the_seed():
+    dataset = make_synthetic(0, shape=(3, 8, 8), train=64, test=16)
+    config = ScheduleConfig(batch_size=32, eval_batch_size=16, epochs=1)
+    plans = list(MicrobatchSchedule(dataset, config, seed=5, augment=True))
+    again = list(MicrobatchSchedule(dataset, config, seed=5, augment=True))
+    assert all(torch.equal(a.crops, b.crops) and torch.equal(a.flips, b.flips) for a, b in zip(plans[:2], again[:2]))
+    assert plans[-1].crops is None  # evaluation microbatches are not augmented
+    made = MicrobatchSchedule(dataset, config, seed=5, augment=True).read(plans[0])
+    expected = augment_one_by_one(dataset.train_x[plans[0].rows], plans[0].crops, plans[0].flips, 4)
+    assert torch.equal(made.inputs, expected)

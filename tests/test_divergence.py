@@ -8,12 +8,14 @@ import io
 import math
 
 import pytest
+import torch
 from helpers import small_config, tweak
 
 from forwardflow.launch.build import build_run
 from forwardflow.launch.train import main
 from forwardflow.pipeline.divergence import LossWatch
-from forwardflow.pipeline.messages import LossExplodedError, NonFiniteLossError
+from forwardflow.pipeline.messages import TRAIN, LossExplodedError, NonFiniteLossError
+from forwardflow.pipeline.runner import SequentialRunner
 
 
 def test_the_watch_flags_a_spike_and_a_climb_but_not_noise_or_a_loss_near_zero():
@@ -82,3 +84,24 @@ def test_the_factor_is_a_setting_and_0_turns_the_watch_off():
     extreme_microbatch(run, 5)
     with run:
         run.train()  # only NaN or inf would stop it now
+
+
+def test_an_exploded_loss_never_reaches_the_weights_though_it_is_read_later():
+    # The stage reads its losses after the first step and then every --nan-check-every steps; in
+    # between, its device compares each loss with the watch's limit and the optimizer skips every
+    # step from the first loss past it, so the weights stay as they were before that microbatch.
+    config = tweak(small_config("sequential"), execution={"nan_check_every": 16})
+    run = build_run(config)
+    extreme_microbatch(run, 5)
+    runner = SequentialRunner(run.setups, run.dataset)
+    plans = [plan for plan in run.schedule if plan.phase == TRAIN]
+    for plan in plans[:5]:
+        runner.submit(plan)
+    before = [p.detach().clone() for p in runner.stages[0].blocks.parameters()]
+    for plan in plans[5:10]:
+        runner.submit(plan)  # no read among these: the error waits on the device
+    after = [p.detach().clone() for p in runner.stages[0].blocks.parameters()]
+    assert all(torch.equal(old, new) for old, new in zip(before, after))
+    with pytest.raises(LossExplodedError) as caught:
+        runner.stages[0].check_finite()
+    assert caught.value.microbatch == plans[5].index

@@ -35,7 +35,8 @@ from forwardflow.pipeline.messages import NonFiniteLossError, StageStats
 from forwardflow.pipeline.training import Progress, RunObserver
 
 REPO = Path(__file__).resolve().parent.parent
-SHORT_RUN = ["--preset", "synthetic", "--executor", "sequential", "--epochs", "2", "--no-progress"]
+# On the CPU on any machine: the tests must not need a GPU, nor behave differently where one is.
+SHORT_RUN = ["--preset", "synthetic", "--executor", "sequential", "--device", "cpu", "--epochs", "2", "--no-progress"]
 
 
 def observed_run(port: int = 0, out=None, base=None):
@@ -323,8 +324,8 @@ from forwardflow.monitoring.watch import free_port
 
 found = {}
 for extra in ([], ["--metrics-host", "0.0.0.0"]):
-    config = parse_config(["--preset", "synthetic", "--no-progress", "--executor", "sequential", "--metrics-port",
-                           str(free_port()), "--metrics-linger", "0"] + extra)
+    config = parse_config(["--preset", "synthetic", "--no-progress", "--executor", "sequential", "--device", "cpu",
+                           "--metrics-port", str(free_port()), "--metrics-linger", "0"] + extra)
     with build_run(config) as run:
         for address in sys.argv[1:]:
             try:
@@ -371,20 +372,22 @@ def test_ray_pipeline_reports_queues_and_the_time_split_without_draining(ray_clu
     setups = run.setups
     with run:
         pipeline = run.executor
-        for mb in itertools.islice(iter(run.schedule), 5):
+        # 6: whole calls of 2 microbatches (window 8, 3 stages), all sent without a drain.
+        assert pipeline.per_call == 2
+        for mb in itertools.islice(iter(run.schedule), 6):
             pipeline.submit(mb)
-        assert pipeline.in_flight == 5
+        assert pipeline.in_flight == 6
         backlog = pipeline.stage_backlog()
-        assert len(backlog) == len(setups) and 0 <= sum(backlog) <= 5
+        assert len(backlog) == len(setups) and 0 <= sum(backlog) <= 6
         # As the stages finish, their queues empty while the predictions wait for the driver.
         deadline = time.monotonic() + 60
         while sum(pipeline.stage_backlog()) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert pipeline.stage_backlog() == [0] * len(setups)
-        assert pipeline.in_flight == 5
-        assert len(pipeline.completed()) == 5 and pipeline.in_flight == 0
+        assert pipeline.in_flight == 6
+        assert len(pipeline.completed()) == 6 and pipeline.in_flight == 0
         stats = pipeline.snapshots()
-        assert all(s.microbatches == 5 and s.handoff_s > 0 and s.wait_s > 0 for s in stats)
+        assert all(s.microbatches == 6 and s.handoff_s > 0 and s.wait_s > 0 for s in stats)
 
 
 class StatsFeed:

@@ -84,6 +84,8 @@ def test_every_dashboard_panel_query_returns_data_from_a_real_prometheus(ray_clu
                 "synthetic",
                 "--executor",
                 "ray",
+                "--device",
+                "cpu",
                 "--epochs",
                 "30",
                 "--no-progress",

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_executors_agree, small_config, tweak
+from helpers import assert_executors_agree, run_to_end, small_config, tweak
+from test_rules import CONV, config_for
 
 from forwardflow.launch.build import build_run
 from forwardflow.pipeline.messages import NonFiniteLossError
@@ -35,7 +36,8 @@ def test_pipelined_and_sequential_runs_agree_bit_for_bit(ray_cluster):
     config = tweak(small_config(model=DROPOUT_NET), execution={"threads": 1})
     sequential = assert_executors_agree(config)
     # The weights did move: equality is not the trivial one of two untrained nets.
-    untrained = SequentialRunner(build_run(config).setups).state_dicts()
+    built = build_run(config)
+    untrained = SequentialRunner(built.setups, built.dataset).state_dicts()
     assert any(not torch.equal(untrained[0][k], sequential.weights[0][k]) for k in untrained[0])
 
 
@@ -66,3 +68,12 @@ def test_a_non_finite_loss_in_an_actor_stops_the_run_naming_stage_and_microbatch
     with run, pytest.raises(NonFiniteLossError) as caught:
         run.train()
     assert caught.value.stage == 0 and caught.value.microbatch == 0
+
+
+def test_executors_agree_with_augmentation_made_on_the_first_stage(ray_cluster):
+    # Crops and flips are drawn by the schedule on the driver and applied where the first stage
+    # keeps the data (its actor, or the sequential runner's process): the same images either way.
+    config = tweak(config_for("sigprop", model=CONV, epochs=1), data={"augment": True, "train_limit": 256})
+    augmented = assert_executors_agree(config)
+    plain = run_to_end(tweak(config, data={"augment": False}))
+    assert any(not torch.equal(plain.weights[0][k], augmented.weights[0][k]) for k in plain.weights[0])

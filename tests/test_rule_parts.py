@@ -104,7 +104,7 @@ def test_local_head_with_a_hidden_layer_on_a_small_conv_map():
 def test_the_default_feedback_holds_nothing_back():
     feedback, mb = Feedback(), microbatch(X, [0, 1, 1])
     feedback.on_prediction(Prediction(0, TRAIN, 0, mb.labels))
-    assert feedback.ready(mb) and feedback.attach(mb) is mb
+    assert feedback.ready(mb) and feedback.attach(mb, inputs_of) is mb
 
 
 def test_local_head_of_a_conv_stage_pools_the_map_to_two_by_two():
@@ -215,8 +215,12 @@ def test_efp_loss_is_the_head_loss_until_a_replay_arrives_then_the_contrast_is_a
     assert torch.equal(with_replay.features, with_replay.handed_on.inputs)
 
 
+def inputs_of(mb: Microbatch) -> torch.Tensor:
+    return mb.inputs
+
+
 def attach_train(feedback: ErrorFeedback, index: int, value: float) -> Microbatch:
-    return feedback.attach(Microbatch(index, TRAIN, 0, torch.full((2, 3), value), torch.tensor([0, 1])))
+    return feedback.attach(Microbatch(index, TRAIN, 0, torch.full((2, 3), value), torch.tensor([0, 1])), inputs_of)
 
 
 def test_efp_loop_is_ready_only_when_the_error_to_replay_is_back():

@@ -13,7 +13,7 @@ from helpers import small_config, tweak
 
 from forwardflow.launch.build import build_run
 from forwardflow.pipeline.config import RuleConfig, RunConfig
-from forwardflow.pipeline.messages import EVAL, TRAIN, Microbatch, Prediction
+from forwardflow.pipeline.messages import EVAL, TRAIN, Microbatch, MicrobatchPlan, Prediction
 from forwardflow.pipeline.model import BlockSpec, ModelConfig, StageSpec, build_stage_blocks
 from forwardflow.pipeline.presets import fc_model
 from forwardflow.pipeline.rules.base import RuleContext
@@ -151,7 +151,7 @@ def test_sigprop_per_class_loss_is_cross_entropy_against_the_class_targets():
 def test_sigprop_fixed_target_layer_never_moves_and_a_learned_one_does(target_layer):
     config = replace(config_for("sigprop"), rule=RuleConfig("sigprop", SigPropOptions(target_layer=target_layer)))
     run = build_run(config)
-    runner = SequentialRunner(run.setups)
+    runner = SequentialRunner(run.setups, run.dataset)
     target = runner.stages[0].rule.target_layer
     before = target.weight.detach().clone()
     runner.submit(next(iter(run.schedule)))
@@ -214,17 +214,22 @@ def test_efp_loss_contrasts_clean_and_modulated_replays_by_hand():
 def test_efp_feedback_replays_the_error_a_fixed_number_of_training_microbatches_later():
     feedback = ErrorFeedback(delay=2, num_classes=2, input_shape=(3,), seed=0, scale=0.5)
     inputs = [torch.full((2, 3), float(i)) for i in range(4)]
+
+    def inputs_of(plan: MicrobatchPlan) -> torch.Tensor:  # the host's copy of a plan's samples
+        return inputs[plan.index]
+
     error = torch.tensor([[0.5, -0.5], [-0.25, 0.25]])
-    first = feedback.attach(Microbatch(0, TRAIN, 0, inputs[0], torch.tensor([0, 1])))
+    plans = [MicrobatchPlan(i, EVAL if i == 2 else TRAIN, i // 3, torch.tensor([2 * i, 2 * i + 1])) for i in range(4)]
+    first = feedback.attach(plans[0], inputs_of)
     feedback.on_prediction(Prediction(0, TRAIN, 0, torch.tensor([0, 1]), feedback=error))
-    second = feedback.attach(Microbatch(1, TRAIN, 0, inputs[1], torch.tensor([0, 1])))
-    evaluation = feedback.attach(Microbatch(2, EVAL, 0, inputs[2], torch.tensor([0, 1])))
-    third = feedback.attach(Microbatch(3, TRAIN, 1, inputs[3], torch.tensor([0, 1])))
+    second = feedback.attach(plans[1], inputs_of)
+    evaluation = feedback.attach(plans[2], inputs_of)
+    third = feedback.attach(plans[3], inputs_of)
     assert first.context is None and second.context is None and evaluation.context is None
     projection = feedback.projection.numpy()
     expected = np.concatenate([inputs[0].numpy(), inputs[0].numpy() - error.numpy() @ projection])
     assert np.allclose(third.context.numpy(), expected)
-    assert torch.equal(third.inputs, inputs[3])
+    assert torch.equal(third.rows, plans[3].rows)
 
 
 def test_bp_loss_is_the_cross_entropy_of_the_whole_net():
@@ -264,10 +269,11 @@ def test_ff_hard_negatives_pick_the_best_wrong_label_even_when_the_true_one_wins
 def test_ff_first_stage_negative_rows_never_carry_the_true_label(hard, model):
     config = replace(config_for("ff", model=model), rule=RuleConfig("ff", ForwardForwardOptions(hard_negatives=hard)))
     run = build_run(config)
-    stage = SequentialRunner(run.setups).stages[0]
-    for mb in list(run.schedule)[:5]:
-        if mb.phase != TRAIN:
+    stage = SequentialRunner(run.setups, run.dataset).stages[0]
+    for plan in list(run.schedule)[:5]:
+        if plan.phase != TRAIN:
             continue
+        mb = run.schedule.read(plan)
         _, label_rows = stage.rule._first_stage_rows(stage.blocks, mb, training=True)
         size = mb.size
         assert torch.equal(label_rows[size : 2 * size].argmax(1), mb.labels)  # positives: the true label

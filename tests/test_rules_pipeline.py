@@ -38,7 +38,7 @@ def test_every_rule_learns_the_synthetic_set_through_the_ray_pipeline(ray_cluste
 
 
 def hidden_stage_moved(result, run: Run) -> bool:
-    initial = SequentialRunner(run.setups).stages[0].state_dict()["blocks.1.weight"]
+    initial = SequentialRunner(run.setups, run.dataset).stages[0].state_dict()["blocks.1.weight"]
     return not torch.equal(result.weights[0]["blocks.1.weight"], initial)
 
 
@@ -47,7 +47,7 @@ def test_efp_learns_from_the_feedback_loop_not_only_from_its_head():
     run = build_run(config_for("efp"))
     with run:
         with_loop = run.train()
-    without = train(run.schedule, SequentialRunner(run.setups), "head")  # the loop left out on purpose
+    without = train(run.schedule, SequentialRunner(run.setups, run.dataset), "head")  # the loop left out on purpose
     assert hidden_stage_moved(with_loop, run) and not hidden_stage_moved(without, run)
     assert with_loop.evaluations[-1].accuracy > without.evaluations[-1].accuracy
 
@@ -58,11 +58,12 @@ def test_every_benchmark_path_wires_the_efp_feedback_loop():
     from benchmarks.accuracy import run_one
     from benchmarks.common import run as benchmark_run
 
-    argv = ["--preset", "synthetic", "--rule", "efp", "--executor", "sequential", "--epochs", "2", "--no-progress"]
+    argv = ["--preset", "synthetic", "--rule", "efp", "--executor", "sequential", "--device", "cpu", "--epochs", "2"]
+    argv.append("--no-progress")
     assert hidden_stage_moved(benchmark_run(argv), build_run(parse_config(argv)))
     config = config_for("efp")
     run = build_run(config)
-    without = train(run.schedule, SequentialRunner(run.setups), "head")  # the loop left out on purpose
+    without = train(run.schedule, SequentialRunner(run.setups, run.dataset), "head")  # the loop left out on purpose
     measured = run_one(config, "efp")["accuracy"]
     assert measured == {"output head": run_to_end(config).evaluations[-1].accuracy}
     assert measured["output head"] != without.evaluations[-1].accuracy
@@ -73,14 +74,14 @@ def test_each_rule_update_changes_only_its_own_stage(rule):
     config = config_for(rule)
     run = build_run(config)
     feedback = run.rule.make_feedback(config, run.dataset.num_classes, run.dataset.input_shape)
-    runner = SequentialRunner(run.setups)
+    runner = SequentialRunner(run.setups, run.dataset)
     stream = [mb for mb in run.schedule if mb.phase == TRAIN]
     window = config.execution.pipeline_window
-    for mb in stream[:window]:  # fills the loop: the next one carries a replay
-        runner.submit(feedback.attach(mb))
+    for plan in stream[:window]:  # fills the loop: the next one carries a replay
+        runner.submit(feedback.attach(plan, run.schedule.inputs_of))
         for prediction in runner.completed():
             feedback.on_prediction(prediction)
-    handed = runner.stages[0].step(feedback.attach(stream[window]))
+    handed = runner.stages[0].step(runner.source.read(feedback.attach(stream[window], run.schedule.inputs_of)))
     for tensor in [handed.inputs, handed.context, *handed.extra.values()]:
         assert tensor is None or not tensor.requires_grad
     before = [stage.state_dict() for stage in runner.stages]
@@ -96,7 +97,7 @@ def test_every_rule_trains_its_conv_form(rule):
     config = config_for(rule, model=CONV, epochs=1)
     config = tweak(config, data={"train_limit": 512, "test_limit": 128})  # efp: replays from the 5th microbatch
     run = build_run(config)
-    untrained = SequentialRunner(run.setups)
+    untrained = SequentialRunner(run.setups, run.dataset)
     initial = untrained.state_dicts()
     # Parameters, not buffers: batch norm's running statistics move without any learning.
     learnable = [{"blocks." + name for name, _ in stage.blocks.named_parameters()} for stage in untrained.stages]
@@ -115,7 +116,7 @@ def test_ff_conv_first_layer_adds_the_label_as_constant_input_channels():
     config = config_for("ff", model=CONV)
     config.rule.rule_class.check(config, 10, (1, 3, 3))  # no error: the label needs no input values
     run = build_run(config)
-    stage = SequentialRunner(run.setups).stages[0]
+    stage = SequentialRunner(run.setups, run.dataset).stages[0]
     rule, conv = stage.rule, stage.blocks[0]
     x = torch.randn(3, 1, 8, 8)
     label_rows = torch.nn.functional.one_hot(torch.tensor([0, 3, 1]), 4).float()

@@ -57,7 +57,7 @@ def test_images_read_as_rows_and_pixels_and_the_adding_problem():
 def test_the_stream_carries_one_time_step_of_a_batch_per_microbatch():
     task = make_adding(seed=0, length=5, train=10, test=4)
     schedule = SequenceSchedule(task, ScheduleConfig(epochs=1, batch_size=4, eval_batch_size=4, update_every=2), 0)
-    stream = list(schedule)
+    stream = list(schedule.microbatches())
     assert len(stream) == len(schedule) == (3 + 1) * 5
     assert [mb.index for mb in stream] == list(range(len(stream)))
     assert [mb.time.step for mb in stream] == list(range(5)) * 4
@@ -79,7 +79,7 @@ def test_the_stream_carries_one_time_step_of_a_batch_per_microbatch():
 
 
 def first_sequence(run):
-    stream = iter(run.schedule)
+    stream = run.schedule.microbatches()
     return [next(stream) for _ in range(run.schedule.length)]
 
 

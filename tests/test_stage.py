@@ -1,11 +1,15 @@
 """Locality: a stage's update touches only its own parameters, and no gradient crosses a stage
 boundary. Evaluation microbatches change nothing."""
 
+from collections import Counter
 from dataclasses import replace
 
 import pytest
 import torch
+from helpers import small_config
+from test_rules import RULE_NAMES, config_for
 
+from forwardflow.launch.build import build_run
 from forwardflow.pipeline.messages import EVAL, TRAIN, Microbatch, NonFiniteLossError, Prediction
 from forwardflow.pipeline.model import BlockSpec, ModelConfig
 from forwardflow.pipeline.runner import SequentialRunner
@@ -17,7 +21,7 @@ def weights(stage: Stage) -> dict[str, torch.Tensor]:
 
 
 def first_microbatch(schedule, phase=TRAIN) -> Microbatch:
-    return next(mb for mb in schedule if mb.phase == phase)
+    return schedule.read(next(plan for plan in schedule if plan.phase == phase))
 
 
 def gradients(stage: Stage) -> list[torch.Tensor | None]:
@@ -26,7 +30,7 @@ def gradients(stage: Stage) -> list[torch.Tensor | None]:
 
 def test_a_stage_update_reaches_only_its_own_parameters(tiny):
     run = tiny()
-    runner = SequentialRunner(run.setups)
+    runner = SequentialRunner(run.setups, run.dataset)
     handed = runner.stages[0].step(first_microbatch(run.schedule))  # stage 0 learns once
     before = weights(runner.stages[1])
     stage0_gradients = gradients(runner.stages[0])
@@ -42,7 +46,7 @@ def test_a_stage_update_reaches_only_its_own_parameters(tiny):
 def test_no_gradient_crosses_a_stage_boundary(tiny):
     run = tiny()
     schedule, setups = run.schedule, run.setups
-    runner = SequentialRunner(setups)
+    runner = SequentialRunner(setups, run.dataset)
     mb = first_microbatch(schedule)
     handed = runner.stages[0].step(mb)
     assert handed.inputs.grad_fn is None and not handed.inputs.requires_grad
@@ -70,8 +74,8 @@ def test_evaluation_microbatches_change_no_weight_nor_normalisation_statistics(t
     )
     run = tiny(model=conv)
     schedule, setups = run.schedule, run.setups
-    runner = SequentialRunner(setups)
-    runner.submit(first_microbatch(schedule, TRAIN))  # some state to preserve
+    runner = SequentialRunner(setups, run.dataset)
+    runner.submit(next(iter(schedule)))  # some state to preserve (the first plan is a training one)
     before = [weights(stage) for stage in runner.stages]
     result = None
     for stage in runner.stages:
@@ -82,26 +86,73 @@ def test_evaluation_microbatches_change_no_weight_nor_normalisation_statistics(t
         assert all(torch.equal(old[name], new[name]) for name in old)
 
 
-def test_a_non_finite_loss_stops_the_stage_and_names_it(tiny):
-    run = tiny()
-    schedule, setups = run.schedule, run.setups
-    runner = SequentialRunner(setups)
-    mb = first_microbatch(schedule)
-    mb.inputs[0, 0, 0, 0] = float("nan")
-    before = weights(runner.stages[0])
+def parameters(stage: Stage) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in list(stage.blocks.parameters()) + list(stage.rule.parameters())]
+
+
+def test_a_non_finite_loss_stops_the_stage_within_check_every_and_never_reaches_the_weights(tiny):
+    # What is guaranteed without a host read per microbatch: the stage notes a non-finite loss on
+    # the device and its fused optimizer skips every step from then on (so no step from the bad
+    # microbatch on reaches the parameters or the optimizer's moments); the host reads the note
+    # every --nan-check-every training microbatches (and at each snapshot and at the end), so the
+    # run stops at most that many microbatches late, naming the stage and the first bad microbatch.
+    # Normalisation statistics are not covered (batch norm moves its running statistics in the
+    # forward pass), which is why the weights of a stopped stage are refused rather than written.
+    run = tiny(execution=replace(small_config().execution, nan_check_every=4))
+    runner = SequentialRunner(run.setups, run.dataset)
+    stream = [mb for mb in run.schedule if mb.phase == TRAIN]
+    runner.submit(stream[0])
+    before = parameters(runner.stages[0])
+    bad = stream[1]
+    run.dataset.train_x[bad.rows[0], 0, 0, 0] = float("nan")  # one sample of that microbatch
+    submitted = 1
     with pytest.raises(NonFiniteLossError) as caught:
+        for mb in stream[1:]:
+            submitted += 1
+            runner.submit(mb)
+    assert submitted == 5, "a read after the first step, then every 4: the 5th step reads the flag"
+    assert caught.value.stage == 0 and caught.value.microbatch == bad.index
+    assert "stage 0" in str(caught.value) and f"microbatch {bad.index}" in str(caught.value)
+    after = parameters(runner.stages[0])
+    assert all(torch.equal(old, new) for old, new in zip(before, after)), "a NaN loss must not reach the weights"
+    for read in (runner.stages[0].snapshot, runner.stages[0].state_dict):
+        with pytest.raises(NonFiniteLossError):
+            read()
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__index__", "__bool__")
+
+
+@pytest.mark.parametrize("rule", RULE_NAMES)
+def test_a_stage_reads_nothing_from_its_device_per_microbatch(monkeypatch, rule):
+    config = config_for(rule)
+    config = replace(config, execution=replace(config.execution, nan_check_every=8))
+    run = build_run(config)
+    runner = SequentialRunner(run.setups, run.dataset)
+    stream = [mb for mb in run.schedule if mb.epoch == 0]  # 16 training, 2 evaluation microbatches
+    runner.submit(stream[0])  # the optimizers' state is made on the first step
+    reads: Counter[str] = Counter()
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            reads[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for mb in stream[1:]:
         runner.submit(mb)
-    assert caught.value.stage == 0 and caught.value.microbatch == mb.index
-    assert "stage 0" in str(caught.value) and f"microbatch {mb.index}" in str(caught.value)
-    after = weights(runner.stages[0])
-    assert all(torch.equal(before[name], after[name]) for name in before), "a NaN loss must not reach the weights"
+    monkeypatch.undo()
+    # Only the periodic read of the losses: after the first step (before the count), then one
+    # tolist per stage after the 9th (8 more training steps); none for steps 10 to 16.
+    assert dict(reads) == {"tolist": len(runner.stages)}, dict(reads)
 
 
 def test_a_stage_refuses_microbatches_out_of_stream_order(tiny):
     run = tiny()
     schedule, setups = run.schedule, run.setups
     stream = iter(schedule)
-    first, second = next(stream), next(stream)
+    first, second = schedule.read(next(stream)), schedule.read(next(stream))
     stage = Stage(setups[0])
     stage.step(second)
     with pytest.raises(RuntimeError, match="arrived after"):

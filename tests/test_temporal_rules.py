@@ -26,7 +26,7 @@ def tbptt_stage(k1: int, k2: int, rule: str = "tbptt") -> tuple[Stage, list]:
     options = TruncatedBPTTOptions(k1=k1, k2=k2) if rule == "tbptt" else None
     config = replace(config, rule=RuleConfig(rule, options))
     run = build_run(config)
-    stream = iter(run.schedule)
+    stream = run.schedule.microbatches()
     return Stage(run.setups[0]), [next(stream) for _ in range(STEPS)]
 
 
@@ -133,7 +133,7 @@ def test_rtrl_gradient_is_bptt_gradient(cell):
         config = small_sequence_config(rule=rule, model=rnn_model((5, 4), cell=cell, name="rnn-5x4"))
         run = build_run(tweak(config, schedule={"update_every": STEPS}))
         stage = Stage(run.setups[0])
-        stream = iter(run.schedule)
+        stream = run.schedule.microbatches()
         for _ in range(STEPS):
             stage.step(next(stream))
         assert stage.stats.updates == 1
@@ -145,7 +145,7 @@ def test_rtrl_gradient_is_bptt_gradient(cell):
 def test_rtrl_updates_at_every_step_from_its_influence_matrix():
     run = build_run(small_sequence_config(rule="rtrl"))
     stage = Stage(run.setups[0])
-    stream = iter(run.schedule)
+    stream = run.schedule.microbatches()
     stage.step(next(stream))
     influence = stage.rule.influence
     state, parameters = 12 + 10, sum(p.numel() for p in list(stage.blocks.parameters())[:-2])

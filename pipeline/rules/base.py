@@ -14,13 +14,14 @@ the update; the rule never sees another stage.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
-from forwardflow.pipeline.messages import Microbatch, Prediction
+from forwardflow.pipeline.messages import Microbatch, MicrobatchPlan, Prediction
 from forwardflow.pipeline.model import StageSpec
 from forwardflow.pipeline.targets import TargetSpec
 from forwardflow.pipeline.validation import ConfigError, Section
@@ -75,17 +76,18 @@ class Feedback:
 
     The loop calls ``on_prediction`` for every prediction, asks ``ready`` before submitting a
     microbatch (False only when what it must carry has not come back yet: the loop then drains
-    the pipeline), and submits ``attach(mb)`` instead of ``mb``.
+    the pipeline), and submits ``attach(plan, inputs_of)`` instead of ``plan``; ``inputs_of`` gives
+    the (augmented) inputs of a plan on the host.
     """
 
     def on_prediction(self, prediction: Prediction) -> None:
         """Take what the rule feeds back from a finished microbatch."""
 
-    def ready(self, mb: Microbatch) -> bool:
+    def ready(self, plan: MicrobatchPlan) -> bool:
         return True
 
-    def attach(self, mb: Microbatch) -> Microbatch:
-        return mb
+    def attach(self, plan: MicrobatchPlan, inputs_of: Callable[[MicrobatchPlan], torch.Tensor]) -> MicrobatchPlan:
+        return plan
 
     def state_dict(self) -> dict[str, Any]:
         """What the loop holds, for a checkpoint (the training loop takes it at a cut, with every

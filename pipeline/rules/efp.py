@@ -40,14 +40,15 @@ microbatches carry no replay (their stages only train the output head) and the e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from forwardflow.pipeline.messages import TRAIN, Microbatch, Prediction
+from forwardflow.pipeline.messages import TRAIN, Microbatch, MicrobatchPlan, Prediction
 from forwardflow.pipeline.model import run_blocks
 from forwardflow.pipeline.rules.base import Feedback, LocalStep, Rule, RuleOptions
 from forwardflow.pipeline.validation import option
@@ -67,49 +68,69 @@ class ErrorForwardOptions(RuleOptions):
 
 
 class ErrorFeedback(Feedback):
-    """The loop from the output back to the front: keeps the inputs of in-flight training
+    """The loop from the output back to the front: keeps the plans of in-flight training
     microbatches and the errors that have come back, and attaches replays ``delay`` training
-    microbatches later. Holds at most ``delay`` + window microbatches of inputs."""
+    microbatches later. Holds at most ``delay`` + window errors."""
 
     def __init__(self, delay: int, num_classes: int, input_shape: tuple[int, ...], seed: int, scale: float):
         self.delay = delay
         generator = torch.Generator().manual_seed(seed * 1000 + 977)
         self.projection = torch.randn(num_classes, math.prod(input_shape), generator=generator) * scale
         self._position = 0  # training microbatches attached so far
-        self._in_flight: dict[int, tuple[int, torch.Tensor]] = {}  # stream index -> (position, inputs)
-        self._errors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # position -> (inputs, error)
+        self._in_flight: dict[int, tuple[int, MicrobatchPlan]] = {}  # stream index -> (position, plan)
+        self._errors: dict[int, tuple[MicrobatchPlan, torch.Tensor]] = {}  # position -> (plan, error)
 
     def on_prediction(self, prediction: Prediction) -> None:
         entry = self._in_flight.pop(prediction.index, None)
         if entry is not None and prediction.feedback is not None:
-            position, inputs = entry
-            self._errors[position] = (inputs, prediction.feedback)
+            position, plan = entry
+            self._errors[position] = (plan, prediction.feedback)
 
-    def ready(self, mb: Microbatch) -> bool:
+    def ready(self, plan: MicrobatchPlan) -> bool:
         source = self._position - self.delay
-        return mb.phase != TRAIN or source < 0 or source in self._errors
+        return plan.phase != TRAIN or source < 0 or source in self._errors
 
-    def attach(self, mb: Microbatch) -> Microbatch:
-        if mb.phase != TRAIN:
-            return mb
+    def attach(self, plan: MicrobatchPlan, inputs_of: Callable[[MicrobatchPlan], torch.Tensor]) -> MicrobatchPlan:
+        if plan.phase != TRAIN:
+            return plan
         position = self._position
         self._position += 1
-        self._in_flight[mb.index] = (position, mb.inputs)
+        self._in_flight[plan.index] = (position, plan)
         found = self._errors.pop(position - self.delay, None)
         if found is None:
-            return mb
-        inputs, error = found
+            return plan
+        replayed, error = found
+        # Where the error is (the last stage's device in the sequential runner, the host with Ray):
+        # the inputs are copied there without waiting, and the replay goes to the first stage.
+        inputs = inputs_of(replayed).to(error.device, non_blocking=True)
+        if self.projection.device != error.device:
+            self.projection = self.projection.to(error.device)
         modulated = inputs - (error @ self.projection).view_as(inputs)
-        return replace(mb, context=torch.cat([inputs, modulated]))
+        return replace(plan, context=torch.cat([inputs, modulated]))
 
     def state_dict(self) -> dict[str, Any]:
         # At a cut nothing is in flight: the inputs kept are those whose errors came back and
         # wait to be fed to a later microbatch.
-        return {"position": self._position, "in_flight": dict(self._in_flight), "errors": dict(self._errors)}
+        # Plans as plain dicts of tensors, which a checkpoint loads without unpickling code.
+        return {
+            "position": self._position,
+            "in_flight": {index: (position, _plain(plan)) for index, (position, plan) in self._in_flight.items()},
+            "errors": {position: (_plain(plan), error) for position, (plan, error) in self._errors.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._position = state["position"]
-        self._in_flight, self._errors = dict(state["in_flight"]), dict(state["errors"])
+        self._in_flight = {
+            index: (position, MicrobatchPlan(**plan)) for index, (position, plan) in state["in_flight"].items()
+        }
+        self._errors = {
+            position: (MicrobatchPlan(**plan), error) for position, (plan, error) in state["errors"].items()
+        }
+
+
+def _plain(plan: MicrobatchPlan) -> dict[str, Any]:
+    assert plan.time is None  # efp does not learn from sequences
+    return {f.name: getattr(plan, f.name) for f in fields(plan) if f.name != "time"}
 
 
 class ErrorForwardRule(Rule):

@@ -102,7 +102,9 @@ def wrong_labels(labels: torch.Tensor, num_classes: int, generator: torch.Genera
     """A uniformly drawn wrong label per sample: the true label shifted by 1..K-1 modulo K, so it is
     never the true one, by construction rather than by rejection."""
     shift = torch.randint(1, num_classes, labels.shape, generator=generator)
-    return (labels + shift.to(labels.device)) % num_classes
+    # Drawn on the host (the stage's own generator, the same on every device); the copy to a GPU
+    # is queued, not waited for.
+    return (labels + shift.to(labels.device, non_blocking=True)) % num_classes
 
 
 def hardest_wrong_labels(goodness_per_label: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

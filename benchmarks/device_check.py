@@ -1,0 +1,481 @@
+"""The device check: is the GPU kept busy? One script for a GPU machine that has torch and numpy only.
+
+    python3 benchmarks/device_check.py [--seconds 50] [--output benchmarks/results/device.md]
+    python3 benchmarks/device_check.py --tiny --output /tmp/device.md     # on a CPU, in seconds
+
+Four runs of about ``--seconds`` each (the whole check stays under 8 minutes on one GPU), on the
+cifar-vgg preset's net (VGG7, microbatch 128, the preset's bf16, channels-last and copy streams):
+
+1. Signal Propagation, sequential runner (7 stages in this process);
+2. Signal Propagation through Ray, 2 stages sharing the GPU (skipped, with a line saying so, when
+   Ray cannot be imported: ../shared/gpu/README.md says how to carry a slim Ray);
+3. ``--rule bp``, sequential (end-to-end backpropagation through one stage);
+4. a plain PyTorch backprop loop on the same net, data and augmentation on the GPU.
+
+Each forwardflow run goes through the builder, as ``launch/train.py`` runs; its size comes from a
+short calibration run. Reported: training samples/s, each stage's busy share (device time on a
+GPU), GPU utilisation (``torch.cuda.utilization``, else ``nvidia-smi``) and peak memory. The
+sequential runs' steady state (after 20 microbatches) runs under
+``torch.cuda.set_sync_debug_mode("error")``: a host synchronisation other than the run's sanctioned
+reads (``pipeline/device.py: host_read``) stops the run, and the report shows where it was.
+
+Data: the CIFAR-10 JPEG copy (../shared/datasets/cifar10-jpeg75.tar.gz, decoded with Pillow or
+torchvision, whichever is there), else synthetic images of the same shape (said in the report).
+
+Without an install of forwardflow (the GPU machine takes a plain checkout), the script lays out a
+``forwardflow`` package of links to the four folders in a temporary folder and puts it on
+``sys.path`` and ``PYTHONPATH`` (Ray's workers inherit it); ``--plain-checkout`` forces that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import pickle
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = ("pipeline", "actors", "launch", "monitoring")
+ARCHIVE = "cifar10-jpeg75.tar.gz"
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+WARMUP_MICROBATCHES = 20  # before the sync debug mode is armed: allocations, cuDNN's first calls
+
+
+def importable_forwardflow(force: bool = False) -> str:
+    """Where ``forwardflow`` is imported from; lays out the package of links when needed."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))  # the benchmarks package
+    if not force:
+        try:
+            import forwardflow.pipeline
+
+            return str(Path(forwardflow.pipeline.__file__).parent.parent)
+        except ImportError:
+            pass
+    root = Path(tempfile.mkdtemp(prefix="forwardflow-package-"))
+    (root / "forwardflow").mkdir()
+    for package in PACKAGES:
+        (root / "forwardflow" / package).symlink_to(REPO / package, target_is_directory=True)
+    sys.path.insert(0, str(root))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), str(REPO), os.environ.get("PYTHONPATH")]))
+    import forwardflow.pipeline
+
+    return str(Path(forwardflow.pipeline.__file__).parent.parent)
+
+
+# ---------------------------------------------------------------- data
+
+
+def find_archive(given: str | None) -> Path | None:
+    candidates = [Path(given)] if given else [REPO.parent / "shared" / "datasets" / ARCHIVE]
+    candidates.append(REPO / "shared" / "datasets" / ARCHIVE)
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def jpeg_decoder():
+    """A function from JPEG bytes to a (3, 32, 32) uint8 array: Pillow, else torchvision, else None."""
+    try:
+        from PIL import Image
+
+        return lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+    except ImportError:
+        pass
+    try:
+        from torchvision.io import decode_jpeg
+
+        return lambda data: decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)).numpy()
+    except ImportError:
+        return None
+
+
+def decode_archive(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+    decode = jpeg_decoder()
+    if decode is None:
+        return None
+    found: dict[str, list[tuple[str, int, np.ndarray]]] = {"train": [], "test": []}
+    with tarfile.open(path) as archive:
+        for member in archive:
+            parts = Path(member.name).parts
+            if member.isfile() and len(parts) >= 3 and parts[-3] in found and parts[-2] in CLASSES:
+                data = archive.extractfile(member)
+                assert data is not None
+                found[parts[-3]].append((member.name, CLASSES.index(parts[-2]), decode(data.read())))
+    split = {}
+    for name, items in found.items():
+        items.sort()
+        split[name] = (np.stack([item[2] for item in items]), np.array([item[1] for item in items]))
+    return split
+
+
+def synthetic_images(train: int, test: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Images of CIFAR-10's shape, each class a colour of its own under noise: learnable, for speed only."""
+    rng = np.random.default_rng(0)
+    means = rng.integers(40, 216, (10, 3, 1, 1))
+    split = {}
+    for name, count in (("train", train), ("test", test)):
+        labels = rng.integers(0, 10, count)
+        images = np.clip(means[labels] + rng.normal(0, 40, (count, 3, 32, 32)), 0, 255).astype(np.uint8)
+        split[name] = (images, labels)
+    return split
+
+
+def write_python_batches(split: dict[str, tuple[np.ndarray, np.ndarray]], folder: Path) -> None:
+    """The standard CIFAR-10 python batches, which forwardflow reads (--dataset cifar10)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, file in (("train", "data_batch_1"), ("test", "test_batch")):
+        images, labels = split[name]
+        with open(folder / file, "wb") as handle:
+            pickle.dump({b"data": images.reshape(len(images), -1), b"labels": labels.tolist()}, handle)
+
+
+def prepare_data(args, workdir: Path) -> str:
+    """Writes the data into ``workdir``; returns where it came from, for the report."""
+    archive = None if args.tiny else find_archive(args.cifar)
+    split = decode_archive(archive) if archive else None
+    if split is not None:
+        source = f"CIFAR-10 (JPEG q75 copy, {archive})"
+    else:
+        train, test = (512, 256) if args.tiny else (50_000, 10_000)
+        split = synthetic_images(train, test)
+        why = "tiny check" if args.tiny else ("no JPEG decoder" if archive else f"no {ARCHIVE}")
+        source = f"synthetic images of CIFAR-10's shape ({why})"
+    write_python_batches(split, workdir)
+    return source
+
+
+# ---------------------------------------------------------------- measuring
+
+
+class Utilisation(threading.Thread):
+    """Samples the GPU's utilisation once a second while a run goes."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.samples: list[float] = []
+        self.stopped = threading.Event()
+
+    def read(self) -> float | None:
+        try:
+            return float(torch.cuda.utilization())
+        except Exception:  # no pynvml: ask nvidia-smi
+            import subprocess
+
+            try:
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                )
+                return float(out.stdout.split()[0])
+            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+                return None
+
+    def run(self) -> None:
+        while not self.stopped.wait(1.0):
+            value = self.read()
+            if value is not None:
+                self.samples.append(value)
+
+    def stop(self) -> float | None:
+        self.stopped.set()
+        self.join()
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def sync_debug_observer():
+    from forwardflow.pipeline.training import RunObserver
+
+    class SyncDebug(RunObserver):
+        """Arms torch.cuda.set_sync_debug_mode("error") after the warm-up, disarms it at the end."""
+
+        def __init__(self):
+            self.submitted = 0
+
+        def after_submit(self, executor, progress) -> None:
+            self.submitted += 1
+            if self.submitted == WARMUP_MICROBATCHES:
+                torch.cuda.set_sync_debug_mode("error")
+
+        def on_end(self, result) -> None:
+            torch.cuda.set_sync_debug_mode(0)
+
+    return SyncDebug()
+
+
+def where_it_synchronised(error: BaseException) -> str:
+    frames = [
+        f
+        for f in traceback.extract_tb(error.__traceback__)
+        if "forwardflow" in f.filename or "/pipeline/" in f.filename
+    ]
+    place = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno} ({frames[-1].line})" if frames else ""
+    return f"{str(error).splitlines()[0]}{place}"
+
+
+def forwardflow_run(argv: list[str], cuda: bool, sync_debug: bool) -> dict[str, Any]:
+    from forwardflow.launch.build import build_run
+    from forwardflow.launch.cli import parse_config
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    meter = Utilisation() if cuda else None
+    observers = [sync_debug_observer()] if sync_debug else []
+    row: dict[str, Any] = {"sync": "armed after 20 microbatches: no unsanctioned sync" if sync_debug else "-"}
+    with build_run(parse_config(argv + ["--no-progress"]), observers) as run:
+        if meter is not None:
+            meter.start()
+        try:
+            result = run.train()
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
+            utilisation = meter.stop() if meter is not None else None
+        samples = len(run.schedule.dataset.train_y) * run.config.schedule.epochs
+    row.update(
+        samples_per_s=result.train_samples_per_s,
+        wall_s=result.wall_s,
+        samples=samples,
+        busy=[stage.busy_s / result.wall_s for stage in result.stages],
+        utilisation=utilisation,
+        peak_bytes=max(stage.peak_memory_bytes for stage in result.stages),
+        accuracy=result.evaluations[-1].accuracy if result.evaluations else None,
+    )
+    if cuda:
+        row["peak_bytes"] = max(row["peak_bytes"], torch.cuda.max_memory_allocated())
+    return row
+
+
+def sized(base: list[str], rate: float, seconds: float, train_size: int, batch: int) -> list[str]:
+    """``base`` with the epochs or training samples that take about ``seconds`` at ``rate``."""
+    samples = rate * seconds
+    if samples >= train_size:
+        return base + ["--epochs", str(max(1, round(samples / train_size)))]
+    return base + ["--epochs", "1", "--train-limit", str(max(20 * batch, int(samples)))]
+
+
+def checked_run(name: str, argv: list[str], cuda: bool) -> dict[str, Any]:
+    """A forwardflow run under the sync debug mode where CUDA is; if it stops on a sync, the place
+    is reported and the run repeated without the mode for its figures."""
+    try:
+        row = forwardflow_run(argv, cuda, sync_debug=cuda)
+    except RuntimeError as error:
+        if "synchroniz" not in str(error):
+            raise
+        print(f"{name}: stopped by the sync debug mode: {where_it_synchronised(error)}", file=sys.stderr)
+        row = forwardflow_run(argv, cuda, sync_debug=False)
+        row["sync"] = "FAILED: " + where_it_synchronised(error)
+    return row
+
+
+def plain_backprop(args, data_dir: str, seconds: float, device: torch.device) -> dict[str, Any]:
+    """The same net, trained end to end by a hand-written loop: data, augmentation and every step
+    on the GPU, the preset's bf16 and channels-last, no host read until the end."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from forwardflow.launch.cli import parse_config
+    from forwardflow.pipeline.data import load_dataset
+    from forwardflow.pipeline.model import build_stage_blocks, plan_stages
+    from forwardflow.pipeline.source import augment_images
+
+    config = parse_config(preset_argv(args, data_dir))
+    data = load_dataset(config.data, config.seed)
+    cuda = device.type == "cuda"
+    execution = config.execution
+    spec = plan_stages(config.model, data.input_shape, 1)[0]
+    net = nn.Sequential(*build_stage_blocks(spec), nn.Flatten(), nn.Linear(int(np.prod(spec.output_shape)), 10))
+    net = net.to(device)
+    if cuda and execution.channels_last:
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.optim.lr, fused=True)
+    images, labels = data.train_x.to(device), data.train_y.to(device)
+    batch, count = config.schedule.batch_size, len(labels)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    meter = Utilisation() if cuda else None
+    warmup, limit = (1, 3) if args.tiny else (10, None)  # timing starts after a warm-up
+    steps, started = -warmup, 0.0
+
+    def done() -> bool:
+        return steps > 0 and (time.perf_counter() - started >= seconds or (limit is not None and steps >= limit))
+
+    while not done():
+        order = torch.randperm(count, device=device)
+        for first in range(0, count - batch + 1, batch):
+            rows = order[first : first + batch]
+            crops = torch.randint(0, 9, (batch, 2), device=device)
+            flips = torch.rand(batch, device=device) < 0.5
+            inputs = augment_images(images[rows], crops, flips)
+            if cuda and execution.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and execution.bf16):
+                loss = F.cross_entropy(net(inputs), labels[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            if steps == 0:
+                if cuda:
+                    torch.cuda.synchronize()
+                    assert meter is not None
+                    meter.start()
+                started = time.perf_counter()
+            if done():
+                break
+    if cuda:
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    return {
+        "samples_per_s": steps * batch / wall,
+        "wall_s": wall,
+        "busy": [],
+        "utilisation": meter.stop() if meter is not None and meter.is_alive() else None,
+        "peak_bytes": torch.cuda.max_memory_allocated() if cuda else 0,
+        "sync": "-",
+        "accuracy": None,
+    }
+
+
+def preset_argv(args, data_dir: str) -> list[str]:
+    preset = ["--preset", "cifar-vgg-small", "--batch-size", "64"] if args.tiny else ["--preset", "cifar-vgg"]
+    return preset + ["--dataset", "cifar10", "--data-dir", data_dir, "--device", args.device]
+
+
+def ray_available() -> bool:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def ray_running() -> bool:
+    return ray_available() and sys.modules["ray"].is_initialized()
+
+
+def measure(args, data_dir: str, device: torch.device) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    cuda = device.type == "cuda"
+    base = preset_argv(args, data_dir)
+    notes: list[str] = []
+    runs = {
+        "Signal Propagation, sequential": ["--executor", "sequential"],
+        "Signal Propagation, Ray, 2 stages on one device": ["--executor", "ray", "--stages", "2"],
+        "--rule bp, sequential": ["--executor", "sequential", "--rule", "bp"],
+    }
+    if args.no_ray or not ray_available():
+        del runs["Signal Propagation, Ray, 2 stages on one device"]
+        notes.append(
+            "Ray run skipped: "
+            + ("--no-ray" if args.no_ray else "Ray cannot be imported here (../shared/gpu/README.md: carry a slim Ray)")
+        )
+    rows: dict[str, dict[str, Any]] = {}
+    rates: dict[str, float] = {}
+    ray_before = ray_running()
+    for name, extra in runs.items():
+        argv = base + extra
+        if args.tiny:
+            argv += ["--train-limit", "256", "--test-limit", "128", "--epochs", "1"]
+        else:
+            rule = "bp" if "bp" in name else "sigprop"
+            if rule not in rates:  # a short run gives the rate, and warms the device up
+                calibration = argv + ["--train-limit", "6400", "--test-limit", "1000", "--epochs", "1"]
+                rates[rule] = forwardflow_run(calibration, cuda, sync_debug=False)["samples_per_s"]
+            argv = sized(argv + ["--test-limit", "2000"], rates[rule], args.seconds, 50_000, 128)
+        print(f"device check: {name}: {' '.join(extra)}", file=sys.stderr)
+        rows[name] = checked_run(name, argv, cuda and "Ray" not in name)
+        if "Ray" in name:
+            rows[name]["sync"] = "not armed (the stages run in Ray's worker processes)"
+        print(f"device check: {name}: {rows[name]['samples_per_s']:,.0f} samples/s", file=sys.stderr)
+    if ray_running() and not ray_before:
+        import ray
+
+        ray.shutdown()  # the Ray the builder started for the run (not a caller's)
+    rows["plain PyTorch backprop loop"] = plain_backprop(args, data_dir, args.seconds, device)
+    return rows, notes
+
+
+def report(rows: dict[str, dict[str, Any]], notes: list[str], header: dict[str, str]) -> str:
+    plain = rows["plain PyTorch backprop loop"]["samples_per_s"]
+    lines = [
+        "# Device check",
+        "",
+        *(f"- {key}: {value}" for key, value in header.items()),
+        "",
+        "| run | samples/s | vs plain loop | busy per stage | GPU utilisation | peak memory | sync debug mode |",
+        "|---|---:|---:|---|---:|---:|---|",
+    ]
+    for name, row in rows.items():
+        busy = ", ".join(f"{100 * b:.0f}%" for b in row["busy"]) or "-"
+        utilisation = "-" if row["utilisation"] is None else f"{row['utilisation']:.0f}%"
+        lines.append(
+            f"| {name} | {row['samples_per_s']:,.0f} | {row['samples_per_s'] / plain:.2f}x | {busy} | {utilisation} | "
+            f"{row['peak_bytes'] / 2**30:.2f} GiB | {row['sync']} |"
+        )
+    lines += ["", *(f"- {note}" for note in notes)] if notes else []
+    lines += [
+        "",
+        "Targets (issue 9, one GPU): SP sequential >= 0.8x the plain loop, every stage busy >= 80%; "
+        "`--rule bp` >= 0.9x the plain loop; Ray on one GPU >= 0.9x sequential. Busy is device time "
+        "(CUDA events) over the run's wall time; on a CPU, compute time.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks/device_check.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=50.0, help="length of each run (default: 50)")
+    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "device.md"))
+    parser.add_argument("--tiny", action="store_true", help="a check of seconds on the CPU (how the tests run it)")
+    parser.add_argument("--device", default=None, help="default: cuda when there is one (cpu with --tiny)")
+    parser.add_argument("--cifar", default=None, help=f"the {ARCHIVE} to decode (default: ../shared/datasets)")
+    parser.add_argument("--no-ray", action="store_true", help="leave the Ray run out")
+    parser.add_argument("--plain-checkout", action="store_true", help="import forwardflow through a package of links")
+    args = parser.parse_args(argv)
+    args.device = args.device or ("cpu" if args.tiny else ("cuda" if torch.cuda.is_available() else "cpu"))
+    where = importable_forwardflow(force=args.plain_checkout)
+    print(f"device check: forwardflow from {where}", file=sys.stderr)
+    from benchmarks.common import machine, today
+
+    device = torch.device(args.device)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="forwardflow-device-check-") as work:
+        source = prepare_data(args, Path(work))
+        print(f"device check: data: {source}", file=sys.stderr)
+        rows, notes = measure(args, work, device)
+    ray_version = "absent"
+    if ray_available():
+        import ray
+
+        ray_version = ray.__version__
+    header = {
+        "Date": today(),
+        "Machine": machine(),
+        "Ray": ray_version,
+        "Data": source,
+        "Net": "cifar-vgg preset (VGG7, microbatch 128, bf16, channels-last, copy streams)"
+        if not args.tiny
+        else "cifar-vgg-small preset (tiny CPU check, microbatch 64)",
+        "Command": "python3 benchmarks/device_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "Total time": f"{time.perf_counter() - started:.0f} s",
+    }
+    text = report(rows, notes, header)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

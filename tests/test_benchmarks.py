@@ -1,0 +1,58 @@
+"""The benchmarks run (with tiny budgets): their figures are measured on an idle machine, but the
+scripts that produce them must not rot."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks import device_check, overhead
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_overhead_benchmark_compares_the_executors_with_the_plain_loop(ray_cluster, tmp_path):
+    output = tmp_path / "overhead.md"
+    assert overhead.main(["--stages", "2", "--epochs", "1", "--repeats", "1", "--output", str(output)]) == 0
+    text = output.read_text()
+    for name in (overhead.PLAIN, overhead.SEQUENTIAL, overhead.RAY, overhead.RAY_GROUPED):
+        assert f"| 2 | {name} |" in text
+    assert ray_cluster.is_initialized(), "the benchmark must leave a Ray it did not start running"
+
+
+def test_device_check_runs_on_a_cpu_with_a_tiny_budget(ray_cluster, tmp_path):
+    output = tmp_path / "device.md"
+    assert device_check.main(["--tiny", "--output", str(output)]) == 0
+    text = output.read_text()
+    for run in ("Signal Propagation, sequential", "Signal Propagation, Ray, 2 stages", "--rule bp", "plain PyTorch"):
+        assert f"| {run}" in text, run
+    assert ray_cluster.is_initialized(), "the check must leave a Ray it did not start running"
+
+
+# Runs the check where only torch and numpy can be imported, from the checkout through a package of
+# links (as on the GPU machine, which has no install of forwardflow and no Ray).
+WITHOUT_EXTRAS = r"""
+import runpy, sys
+BLOCKED = {"ray", "prometheus_client", "tqdm", "PIL", "matplotlib", "grafana_foundation_sdk", "yaml", "torchvision"}
+for name in BLOCKED:
+    sys.modules[name] = None  # import raises ImportError; importlib.util.find_spec answers None
+sys.argv = ["benchmarks/device_check.py", *sys.argv[1:]]
+runpy.run_path("benchmarks/device_check.py", run_name="__main__")
+"""
+
+
+def test_device_check_needs_only_torch_and_numpy_and_no_install(tmp_path):
+    output = tmp_path / "device.md"
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_EXTRAS, "--tiny", "--plain-checkout", "--output", str(output)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "forwardflow from " + tempfile.gettempdir() in done.stderr  # the package of links, not the install
+    text = output.read_text()
+    assert "Ray run skipped: Ray cannot be imported here" in text and "| --rule bp, sequential |" in text
