@@ -426,7 +426,7 @@ def report(rows: dict[str, dict[str, Any]], notes: list[str], header: dict[str, 
     lines += ["", *(f"- {note}" for note in notes)] if notes else []
     lines += [
         "",
-        "Targets (issue 9, one GPU): SP sequential >= 0.8x the plain loop, every stage busy >= 80%; "
+        "Targets (one GPU): SP sequential >= 0.8x the plain loop, every stage busy >= 80%; "
         "`--rule bp` >= 0.9x the plain loop; Ray on one GPU >= 0.9x sequential. Busy is device time "
         "(CUDA events) over the run's wall time; on a CPU, compute time.",
     ]

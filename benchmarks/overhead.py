@@ -184,7 +184,7 @@ def report(best: dict[tuple[int, str], dict], epochs: int, repeats: int, command
         "stages, 1 for 4 at the default --window 8); the last row shows what larger calls buy on a net "
         "this small.",
         "",
-        "Targets (issue 9, 2 cores): sequential >= 0.8x the plain loop; Ray, 2 stages, >= 0.5x sequential.",
+        "Targets (2 cores): sequential >= 0.8x the plain loop; Ray, 2 stages, >= 0.5x sequential.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -198,7 +198,7 @@ def accuracy_table(runs: list[dict]) -> list[str]:
     by_label = {run["variant"]: run for run in runs}
     if "sigprop" in by_label and "BPTT" in by_label and by_label["BPTT"]["score"] is not None:
         gap = 100 * (by_label["sigprop"]["score"] - by_label["BPTT"]["score"])
-        lines += ["", f"sigprop - BPTT: {gap:+.2f} points (the issue's target: no more than 2 points below BPTT)."]
+        lines += ["", f"sigprop - BPTT: {gap:+.2f} points (the target: no more than 2 points below BPTT)."]
     return lines
 
 

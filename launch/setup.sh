@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot, idempotent set-up on a Debian machine with Python 3.10+:
+# One-shot, idempotent set-up on a Debian machine with Python 3.11+:
 #   - system packages: Fashion-MNIST (dataset-fashion-mnist), Prometheus (prometheus), and rsync and
 #     an SSH client (rsync, openssh-client), which Ray's cluster launcher (`ray up`, `ray submit`)
 #     needs on the machine it runs on and rsync on every node (the nodes also need an SSH server);

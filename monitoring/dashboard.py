@@ -257,8 +257,8 @@ ROWS: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
             ),
             PanelSpec(
                 "Actor restarts",
-                "Stage actors restarted. Stages run with max_restarts=0 (a restarted "
-                "stage would have lost its weights), so this stays 0 and a failure counts in Errors.",
+                "Stage actors recreated after a lost process or node (--max-restarts); every stage then "
+                "went back to the last checkpoint. Ray's own restarts stay off.",
                 (Query(f"sum by (run_id) (forwardflow_actor_restarts_total{RUN})", "{{run_id}}"),),
                 kind="stat",
                 width=6,

@@ -45,7 +45,7 @@ class MetricsConfig:
 
 def error_kind(error: BaseException) -> str:
     """The ``kind`` label of forwardflow_errors_total: a non-finite loss, or the error's class
-    (RayActorError when a stage's actor died)."""
+    (LossExplodedError, WriteError, StageLostError, ...)."""
     return NON_FINITE_LOSS if isinstance(error, NonFiniteLossError) else type(error).__name__
 
 
