@@ -69,8 +69,14 @@ def chained(actors, items, window: int, method: str = "step") -> None:
             ref = getattr(actor, method).remote(ref)
         in_flight.append(ref)
         if len(in_flight) >= window:
-            ray.get(in_flight.popleft())
-    ray.get(list(in_flight))
+            fetch(in_flight.popleft(), method)
+    for ref in in_flight:
+        fetch(ref, method)
+
+
+def fetch(ref, method: str):
+    # Ray 2.60 fetches a gloo (two-sided) RDT result into the driver only through the object store.
+    return ray.get(ref, _use_object_store=True) if method == "step_direct" else ray.get(ref)
 
 
 def grouped(actors, items, window: int, group: int) -> None:

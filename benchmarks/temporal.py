@@ -146,23 +146,27 @@ def run_fresh(argv: list[str], small_net: bool = False) -> dict:
     return found
 
 
-def accuracy_part(budget: Budget, executor: tuple[str, ...]) -> list[dict]:
+def chosen(variants: tuple[Variant, ...], names: list[str] | None) -> list[Variant]:
+    return [v for v in variants if names is None or v.label in names]
+
+
+def accuracy_part(budget: Budget, executor: tuple[str, ...], names: list[str] | None = None) -> list[dict]:
     return [
         {"variant": v.label, **run_fresh(command("mnist-rows", v, budget.rows + executor), v.small_net)}
-        for v in ACCURACY_VARIANTS
+        for v in chosen(ACCURACY_VARIANTS, names)
     ]
 
 
-def adding_part(budget: Budget, executor: tuple[str, ...]) -> list[dict]:
+def adding_part(budget: Budget, executor: tuple[str, ...], names: list[str] | None = None) -> list[dict]:
     return [
         {"variant": v.label, **run_fresh(command("adding", v, budget.adding + executor), v.small_net)}
-        for v in ADDING_VARIANTS
+        for v in chosen(ADDING_VARIANTS, names)
     ]
 
 
-def memory_part(budget: Budget) -> list[dict]:
+def memory_part(budget: Budget, names: list[str] | None = None) -> list[dict]:
     runs = []
-    for variant in MEMORY_VARIANTS:
+    for variant in chosen(MEMORY_VARIANTS, names):
         for length in MEMORY_LENGTHS:
             flags = ("--epochs", "1", "--sequence-length", str(length), "--executor", "ray", *budget.memory)
             runs.append({"variant": variant.label, "length": length, **run_fresh(command("adding", variant, flags))})
@@ -283,12 +287,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--small", action="store_true", help="a little data and one epoch: checks every part runs")
     parser.add_argument("--parts", nargs="+", default=["accuracy", "adding", "memory"])
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the sequential runs")
+    parser.add_argument(
+        "--variants", nargs="+", help="only the rows of these labels (as in the tables: sigprop, BPTT, ...)"
+    )
     parser.add_argument("--out", default=str(RESULTS), help="folder for temporal.md, .json and .png")
     args = parser.parse_args(argv)
     given = argv if argv is not None else sys.argv[1:]
     for part in args.parts:
         if part not in ("accuracy", "adding", "memory"):
             parser.error(f"--parts: {part!r} is not one of accuracy, adding, memory")
+    labels = {v.label for v in (*ACCURACY_VARIANTS, *ADDING_VARIANTS, *MEMORY_VARIANTS)}
+    for name in args.variants or ():
+        if name not in labels:
+            parser.error(f"--variants: {name!r} is not one of {', '.join(sorted(labels))}")
     budget = SMALL if args.small else FULL
     executor = ("--executor", "sequential", "--threads", str(args.threads))
     out = Path(args.out)
@@ -296,11 +307,11 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, list[dict]] = {}
     for part in args.parts:
         if part == "accuracy":
-            results[part] = accuracy_part(budget, executor)
+            results[part] = accuracy_part(budget, executor, args.variants)
         elif part == "adding":
-            results[part] = adding_part(budget, executor)
+            results[part] = adding_part(budget, executor, args.variants)
         else:
-            results[part] = memory_part(budget)
+            results[part] = memory_part(budget, args.variants)
         (out / "temporal.json").write_text(json.dumps(results, indent=1) + "\n")  # keep partial results
     if "memory" in results:
         plot_memory(results["memory"], out / "temporal_memory.png")

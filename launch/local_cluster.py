@@ -40,12 +40,19 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--cpus", type=float, default=1)
     parser.add_argument("--gpus", type=float, default=0, help="advertised GPUs per node (a resource count only)")
+    parser.add_argument(
+        "--object-store-mib",
+        type=int,
+        default=512,
+        help="each node's object store (shared memory, used as needed): it holds the dataset for the first "
+        "stage as well as the microbatches in flight, and a store too small for them spills to disk on every call",
+    )
     args = parser.parse_args()
     node = {
         "num_cpus": args.cpus,
         "num_gpus": args.gpus,
         "node_ip_address": NODE_IP,
-        "object_store_memory": 96 * 2**20,
+        "object_store_memory": args.object_store_mib * 2**20,
     }
     cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
     try:
