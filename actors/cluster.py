@@ -6,10 +6,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlparse
 
 import ray
-from ray._private import ray_constants
+from ray._private import ray_constants, services
 
 from forwardflow.pipeline.validation import ConfigError
 
@@ -53,13 +55,38 @@ def _start_local_ray(dashboard: bool) -> None:
     """
     os.environ[SINGLE_MACHINE_ENV] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(
-        address="local",  # a Ray of our own, never one that `ray start` left running here
-        _node_ip_address=LOOPBACK,
-        include_dashboard=dashboard,
-        dashboard_host=LOOPBACK,
-        log_to_driver=False,
-    )
+    with _own_session():
+        ray.init(
+            address="local",  # a Ray of our own, never one that `ray start` left running here
+            _node_ip_address=LOOPBACK,
+            include_dashboard=dashboard,
+            dashboard_host=LOOPBACK,
+            log_to_driver=False,
+        )
+
+
+@contextmanager
+def _own_session() -> Iterator[None]:
+    """Ray's processes (GCS, raylet, agents) started meanwhile go into a session of their own.
+
+    They would otherwise share the driver's process group, so a signal to the whole group (``timeout``,
+    ``kill -TERM -PGID``, a batch scheduler stopping a job) would kill them at the moment the driver
+    starts to stop cleanly: it would then lose Ray mid-checkpoint and die in Ray's own words. Apart,
+    only the driver gets the signal; it stops at a checkpoint and shuts Ray down. They still end
+    with the driver if it dies (Ray asks the kernel to kill them when their parent exits), and Ray
+    already keeps Ctrl-C's SIGINT from them."""
+    original = services.ConsolePopen
+
+    class OwnSession(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("start_new_session", True)
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = OwnSession
+    try:
+        yield
+    finally:
+        services.ConsolePopen = original
 
 
 _started_here = False  # whether connect() started the Ray it is connected to

@@ -161,6 +161,31 @@ def test_ctrl_c_to_the_process_group_stops_at_a_checkpoint_and_resume_ends_ident
     resumed_matches_uninterrupted(out, settings)
 
 
+def test_sigterm_to_the_whole_process_group_of_a_ray_run_stops_it_at_a_checkpoint(tmp_path):
+    # As `timeout`, `kill -TERM -PGID` or a batch scheduler stopping a job send it: Ray's own
+    # processes must not die with the driver's group, or the driver loses Ray while it stops.
+    out = tmp_path / "run"
+    settings = ["--preset", "synthetic", "--epochs", "20", "--no-progress"]
+    run = Training(
+        [*settings, "--executor", "ray", "--checkpoint-every", "2", "--out", str(out)], start_new_session=True
+    )
+    try:
+        run.wait_for(checkpointed(out), "first checkpoint")
+        ray_processes = psutil.Process(run.process.pid).children(recursive=True)
+        assert any("gcs_server" in p.name() for p in ray_processes)
+        os.killpg(run.process.pid, signal.SIGTERM)
+        assert run.finish() == 143, run.lines
+    finally:
+        run.kill()
+    assert run.ours()[-1].startswith("forwardflow: stopped by SIGTERM; "), run.lines
+    assert not [line for line in run.lines if "Traceback" in line or "GCS" in line], run.lines
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and [p for p in ray_processes if alive(p)]:
+        time.sleep(0.2)
+    assert not [p.name() for p in ray_processes if alive(p)], "Ray's processes outlived the run"
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+
+
 def test_a_second_signal_exits_at_once(tmp_path):
     out = tmp_path / "run"
     run = Training([*SETTINGS, "--executor", "sequential", "--out", str(out)], start_new_session=True)
