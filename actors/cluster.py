@@ -82,11 +82,11 @@ def _own_session() -> Iterator[None]:
             kwargs.setdefault("start_new_session", True)
             super().__init__(*args, **kwargs)
 
-    services.ConsolePopen = OwnSession
+    setattr(services, "ConsolePopen", OwnSession)  # noqa: B010 - Ray's module attribute, for this block only
     try:
         yield
     finally:
-        services.ConsolePopen = original
+        setattr(services, "ConsolePopen", original)  # noqa: B010
 
 
 _started_here = False  # whether connect() started the Ray it is connected to

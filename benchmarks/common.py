@@ -7,6 +7,7 @@ import os
 import platform
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -34,3 +35,16 @@ def machine() -> str:
 
 def today() -> str:
     return time.strftime("%Y-%m-%d")
+
+
+def load_line() -> str:
+    """The report's last line: how busy the machine was (figures from a busy one are rough)."""
+    return f"Load average (1 min) when the report was written: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores."
+
+
+def write_report(path: str | Path, text: str) -> None:
+    """A benchmark's markdown report: written (its folder made if needed) and printed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(text)

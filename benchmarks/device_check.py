@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     args.device = args.device or ("cpu" if args.tiny else ("cuda" if torch.cuda.is_available() else "cpu"))
     where = importable_forwardflow(force=args.plain_checkout)
     print(f"device check: forwardflow from {where}", file=sys.stderr)
-    from benchmarks.common import machine, today
+    from benchmarks.common import machine, today, write_report
 
     device = torch.device(args.device)
     started = time.perf_counter()
@@ -471,9 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         "Total time": f"{time.perf_counter() - started:.0f} s",
     }
     text = report(rows, notes, header)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(text)
-    print(text)
+    write_report(args.output, text)
     return 0
 
 

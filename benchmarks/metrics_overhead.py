@@ -28,7 +28,7 @@ from pathlib import Path
 
 import ray
 
-from benchmarks.common import machine, today
+from benchmarks.common import machine, today, write_report
 from forwardflow.launch.build import build_run
 from forwardflow.launch.cli import parse_config
 from forwardflow.monitoring.observer import MetricsObserver
@@ -259,9 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         text = report(bench, pairs, snapshot_cost(bench), clock_read_cost(), command)
     finally:
         ray.shutdown()
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(text)
-    print(text)
+    write_report(args.output, text)
     return 0
 
 

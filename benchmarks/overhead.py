@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import machine, today
+from benchmarks.common import machine, today, write_report
 from forwardflow.launch.build import build_run
 from forwardflow.pipeline.config import RunConfig
 from forwardflow.pipeline.data import make_synthetic
@@ -213,9 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
     command = "python -m benchmarks.overhead " + " ".join(sys.argv[1:] if argv is None else argv)
     text = report(best, args.epochs, args.repeats, command.strip())
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(text)
-    print(text)
+    write_report(args.output, text)
     return 0
 
 

@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from benchmarks.common import machine, today
+from benchmarks.common import load_line, machine, today, write_report
 from forwardflow.launch.build import build_run
 from forwardflow.launch.cli import parse_config
 from forwardflow.pipeline.config import RunConfig
@@ -323,14 +323,14 @@ def main() -> None:
                     row.runs.append(run_forwardflow(argv + ["--test-limit", "500"]) | figures)
                 print(stages, row.name, json.dumps(row.runs[-1]), flush=True)
         rows += group
-    write_report(Path(args.out), args, rows)
+    write_results(Path(args.out), args, rows)
 
 
 def _list(values: list[float], fmt: str) -> str:
     return ", ".join(format(v, fmt) for v in values)
 
 
-def write_report(path: Path, args, rows: list[Row]) -> None:
+def write_results(path: Path, args, rows: list[Row]) -> None:
     command = "python -m benchmarks.peer" + (" --quick" if args.quick else "")
     lines = [
         f"# forwardflow beside torch.distributed.pipelining ({today()}, {machine()})",
@@ -360,13 +360,8 @@ def write_report(path: Path, args, rows: list[Row]) -> None:
             f"{_list(row.per_stage('rss_mib'), '.0f')} | "
             f"{100 * row.median('accuracy'):.2f}% |"
         )
-    lines += [
-        "",
-        f"Load average (1 min) when the report was written: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.",
-    ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    print(path.read_text())
+    lines += ["", load_line()]
+    write_report(path, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

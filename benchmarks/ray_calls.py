@@ -29,7 +29,7 @@ from pathlib import Path
 import ray
 import torch
 
-from benchmarks.common import machine, today
+from benchmarks.common import machine, today, write_report
 
 RESULTS = Path(__file__).parent / "results" / "ray_calls.md"
 SIZES = {"small (64 x 32)": (64, 32), "large (512 x 1000)": (512, 1000)}
@@ -187,9 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     lines += [f"| {size} | {design} | {rate:,.0f} |" for (size, design), rate in rates.items()]
     text = "\n".join(lines) + "\n"
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(text)
-    print(text)
+    write_report(args.output, text)
     return 0
 
 

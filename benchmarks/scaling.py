@@ -45,7 +45,7 @@ from pathlib import Path
 import ray
 import torch
 
-from benchmarks.common import machine, today
+from benchmarks.common import load_line, machine, today, write_report
 from forwardflow.launch.build import build_run
 from forwardflow.launch.cli import parse_config
 from forwardflow.launch.local_cluster import local_cluster
@@ -345,7 +345,7 @@ def main() -> None:
             f"{name}: predicted {predicted:,.0f}, measured {got:,.0f} samples/s ({100 * (predicted / got - 1):+.0f}%)"
         )
     table = predicted_table(base, hop, args)
-    write_report(Path(args.out), args, costs, hop, rows, table)
+    write_results(Path(args.out), args, costs, hop, rows, table)
 
 
 def replace_stages(config: RunConfig, stages: int) -> RunConfig:
@@ -384,7 +384,7 @@ def predicted_table(base: RunConfig, hop: HopModel, args) -> dict[tuple[int, int
     return table
 
 
-def write_report(path: Path, args, costs, hop: HopModel, rows, table) -> None:
+def write_results(path: Path, args, costs, hop: HopModel, rows, table) -> None:
     lines = [
         f"# Scaling model ({today()}, {machine()})",
         "",
@@ -422,13 +422,8 @@ def write_report(path: Path, args, costs, hop: HopModel, rows, table) -> None:
     for devices in range(1, 9):
         cells = [f"{table[devices, n]:,.0f}" if (devices, n) in table else "-" for n in (1, 2, 4)]
         lines.append(f"| {devices} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        f"Load average (1 min) when the report was written: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.",
-    ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    print(path.read_text())
+    lines += ["", load_line()]
+    write_report(path, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
