@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -261,7 +262,7 @@ def report(results: dict, budget: Budget, argv: list[str]) -> str:
         "",
         f"{today()}, {machine()}; {budget.name}.",
         "",
-        f"Command: `{' '.join(['python -m benchmarks.temporal', *argv])}`",
+        f"Command: `{' '.join(['python -m benchmarks.temporal', *map(shlex.quote, argv)])}`",
     ]
     if "accuracy" in results:
         lines += ["", f"## MNIST by rows at equal epochs ({' '.join(budget.rows)})", ""]
