@@ -123,8 +123,15 @@ def ssh_node(root: Path) -> Iterator[SshNode]:
         top = interpreter.relative_to(real_home).parts[0]
         (home / top).mkdir()
         keep = f"mount --bind {real_home / top} {home / top}; "
+    # So does this checkout (the node links its .venv), wherever it is cloned: under /tmp or /root
+    # it is bound into the folder that will stand there.
+    checkout = Path(__file__).resolve().parents[1]
+    for hidden, standing in ((Path("/root"), home), (Path("/tmp"), node_tmp)):
+        if checkout.is_relative_to(hidden):
+            (standing / checkout.relative_to(hidden)).mkdir(parents=True, exist_ok=True)
+            keep += f"mount --bind {checkout} {standing / checkout.relative_to(hidden)}; "
     script = (
-        f"set -e; {keep}mount --rbind {home} /root; mount --bind {node_tmp} /tmp; mkdir -p /run/sshd; "
+        f"set -e; {keep}mount --rbind {home} /root; mount --rbind {node_tmp} /tmp; mkdir -p /run/sshd; "
         f"exec {tool('sshd')} -D -e -f /root/.sshd/sshd_config"
     )
     log = root / "sshd.log"
