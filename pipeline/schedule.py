@@ -77,23 +77,17 @@ class ScheduleStream:
                     crops, flips = (None, None)
                     if self.schedule.augment:
                         crops, flips = draw_augmentation(len(rows), self.generator)
-                    return self._emit(TRAIN, rows, self.offset + config.batch_size, crops, flips)
+                    plan = MicrobatchPlan(self.index, TRAIN, self.epoch, rows, crops, flips)
+                    return self._emit(plan, self.offset + config.batch_size)
                 self.phase, self.offset = EVAL, 0
             if self.offset < len(data.test_y):
                 stop = min(self.offset + config.eval_batch_size, len(data.test_y))
-                return self._emit(EVAL, torch.arange(self.offset, stop), stop)
+                return self._emit(MicrobatchPlan(self.index, EVAL, self.epoch, torch.arange(self.offset, stop)), stop)
             self.epoch, self.phase, self.offset, self.order = self.epoch + 1, TRAIN, 0, None
         raise StopIteration
 
-    def _emit(
-        self,
-        phase: str,
-        rows: torch.Tensor,
-        offset: int,
-        crops: torch.Tensor | None = None,
-        flips: torch.Tensor | None = None,
-    ) -> MicrobatchPlan:
-        plan = MicrobatchPlan(self.index, phase, self.epoch, rows, crops, flips)
+    def _emit(self, plan: MicrobatchPlan, offset: int) -> MicrobatchPlan:
+        """Hand out ``plan``; the phase's next sample is at ``offset``."""
         self.index, self.offset = self.index + 1, offset
         return plan
 

@@ -22,7 +22,7 @@ target also applies at the other steps. Labels of shape (N, T) give a label per 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -204,19 +204,11 @@ class SequenceStream(ScheduleStream):
             super().__next__()  # the next batch: _emit below turns it into its steps
         return self._steps.pop(0)
 
-    def _emit(
-        self,
-        phase: str,
-        rows: torch.Tensor,
-        offset: int,
-        crops: torch.Tensor | None = None,
-        flips: torch.Tensor | None = None,
-    ) -> MicrobatchPlan:
+    def _emit(self, plan: MicrobatchPlan, offset: int) -> MicrobatchPlan:
         schedule = self.schedule
         # The same rows at every step: the data source reads each step's slice of them.
         self._steps = [
-            MicrobatchPlan(self.index + step, phase, self.epoch, rows, time=schedule.time_step(step))
-            for step in range(schedule.length)
+            replace(plan, index=plan.index + step, time=schedule.time_step(step)) for step in range(schedule.length)
         ]
         self.index, self.offset = self.index + schedule.length, offset
         return self._steps[0]

@@ -131,8 +131,7 @@ class Stage:
         # The largest |loss| the watch lets through until the next read (float32, as the device
         # compares), and 1.0 from the first loss past it or non-finite on: the fused optimizer
         # skips every step while the flag is set, so no such step reaches the weights.
-        self._limit_value = self.loss_watch.limit()
-        self._limit = torch.tensor(self._limit_value, device=self.device)
+        self._limit = torch.tensor(self.loss_watch.limit(), device=self.device)
         self._diverged = torch.zeros((), device=self.device)
 
     @property
@@ -168,11 +167,11 @@ class Stage:
                 local = self.rule(self.run_blocks, mb, training)
             if training:
                 self._unscheduled += 1
-                slot = self._record(mb, local.loss, local.scores, local.tracked)
+                self._record(mb, local.loss, local.scores, local.tracked)
                 # Without a loss (a step the target does not reach, a rule that learns later in
                 # the sequence) the step only moves the recurrent state on.
                 if local.loss is not None:
-                    self._backward(local.loss, slot)
+                    self._backward(local.loss)
                 if self._gathering and (mb.time is None or mb.time.update):
                     self._apply(mb)
         result: Microbatch | Prediction = local.handed_on
@@ -184,7 +183,7 @@ class Stage:
             self.check_finite()
         return result
 
-    def _record(self, mb: Microbatch, loss: torch.Tensor | None, scores: torch.Tensor | None, tracked: bool) -> int:
+    def _record(self, mb: Microbatch, loss: torch.Tensor | None, scores: torch.Tensor | None, tracked: bool) -> None:
         """Writes a training step's loss, own hits and input check into its slot, on the device."""
         slot = len(self._unread)
         # A stage's own accuracy on the steps the task scores, for class labels.
@@ -201,9 +200,8 @@ class Stage:
             # Past the limit (NaN and inf never pass a comparison) sets the sticky flag.
             passes = value.abs() <= self._limit if tracked else torch.isfinite(value)
             self._diverged = torch.where(passes, self._diverged, 1.0)
-        return slot
 
-    def _backward(self, loss: torch.Tensor, slot: int) -> None:
+    def _backward(self, loss: torch.Tensor) -> None:
         if not self._gathering:
             self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # adds to the gradients gathered since the last optimizer step
@@ -244,7 +242,8 @@ class Stage:
                 values = read.tolist()
             self._hits.zero_()
             losses, hits, inputs_ok = values[:count], values[count : 2 * count], values[2 * count :]
-            limit, stats = self._limit_value, self.stats
+            # The limit the device compared these losses with: the watch changes only at reads.
+            limit, stats = self.loss_watch.limit(), self.stats
             for slot, value, ok in zip(unread, losses, inputs_ok):
                 if not slot.has_loss:
                     continue
@@ -261,12 +260,17 @@ class Stage:
                 stats.last_loss = value
             stats.train_correct += int(sum(hits))
             stats.train_scored += sum(slot.scored for slot in unread)
-            self._limit_value = self.loss_watch.limit()
-            self._limit.fill_(self._limit_value)  # a write, queued: the host does not wait
+            self._limit.fill_(self.loss_watch.limit())  # a write, queued: the host does not wait
             self._read_after = self.setup.check_every
         # The device has caught up to this point: fold the step times it has finished (so that the
         # clock holds at most check_every steps' events, whatever the metrics cadence).
         self.clock.collect(self.stats)
+
+    def _catch_up(self) -> None:
+        """Wait for the device (inside a host_read) and fold every step time it has finished."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.clock.collect(self.stats, finished=True)
 
     def _count(self, mb: Microbatch, scores: torch.Tensor | None, training: bool, started) -> None:
         stats = self.stats
@@ -301,9 +305,7 @@ class Stage:
         stats = self.stats
         norms = self._squared_norms()
         with host_read():
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.clock.collect(stats, finished=True)
+            self._catch_up()
             weight_sq, update_sq = norms.tolist()
         stats.weight_norm, stats.update_norm = math.sqrt(weight_sq), math.sqrt(update_sq)
         stats.lr = self.optimizer.param_groups[0]["lr"]
@@ -345,9 +347,7 @@ class Stage:
         a shard never holds a state past a loss the watch would stop at."""
         self.check_finite()
         with host_read():
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.clock.collect(self.stats, finished=True)
+            self._catch_up()
         return {
             "stage": self.index,
             "last_index": self.last_index,
@@ -373,8 +373,7 @@ class Stage:
             generator.set_state(generator_state)
         self.loss_watch.load_state_dict(state["loss_watch"])
         self._read_after = state["read_after"]
-        self._limit_value = self.loss_watch.limit()
-        self._limit.fill_(self._limit_value)
+        self._limit.fill_(self.loss_watch.limit())
         self.stats = replace(StageStats(**state["stats"]), device=str(self.device))
         self.last_index = state["last_index"]
         self._weights_at_last_snapshot = [p.detach().clone() for p in self._parameters]

@@ -130,13 +130,18 @@ def test_a_local_run_listens_on_loopback_only_and_sigterm_stops_it_at_a_checkpoi
     first, last = ours[0], ours[-1]
     assert first.startswith("forwardflow: run ") and last.startswith("forwardflow: stopped by SIGTERM; "), run.ours()
     assert last.endswith(f"continue with: python launch/train.py --resume {out}")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and [p for p in started[1:] if alive(p)]:
-        time.sleep(0.2)
-    assert not [p.pid for p in started[1:] if alive(p)], "Ray's processes outlived the run"
+    assert_all_end(started[1:])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["stopped_by"] == "SIGTERM"
     resumed_matches_uninterrupted(out, settings)
+
+
+def assert_all_end(processes: list[psutil.Process], within_s: float = 30) -> None:
+    """Ray's processes of a run end with it (they may take a moment after the driver exits)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline and [p for p in processes if alive(p)]:
+        time.sleep(0.2)
+    assert not [p.pid for p in processes if alive(p)], "Ray's processes outlived the run"
 
 
 def alive(process: psutil.Process) -> bool:
@@ -179,10 +184,7 @@ def test_sigterm_to_the_whole_process_group_of_a_ray_run_stops_it_at_a_checkpoin
         run.kill()
     assert run.ours()[-1].startswith("forwardflow: stopped by SIGTERM; "), run.lines
     assert not [line for line in run.lines if "Traceback" in line or "GCS" in line], run.lines
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and [p for p in ray_processes if alive(p)]:
-        time.sleep(0.2)
-    assert not [p.name() for p in ray_processes if alive(p)], "Ray's processes outlived the run"
+    assert_all_end(ray_processes)
     assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
 
 
