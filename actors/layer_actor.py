@@ -24,11 +24,9 @@ from forwardflow.pipeline.runner import restored_stage
 from forwardflow.pipeline.source import DataSource
 from forwardflow.pipeline.stage import Stage, StageSetup
 
+PROBE_SIZE = 1024
 
-# max_task_retries=0 and max_restarts=0: Ray guarantees that a synchronous actor runs the tasks
-# of one submitter in submission order only while no task is retried. A retried or restarted
-# stage would also have lost its weights, so a failure stops the run instead.
-@ray.remote(max_restarts=0, max_task_retries=0)
+
 class LayerActor:
     def __init__(
         self,
@@ -51,6 +49,10 @@ class LayerActor:
         # result is copied out there while the next microbatch computes; one wait per call.
         self.copies = CopyStream(self.device) if streams and self.device.type == "cuda" else None
         self._last_step_end: float | None = None  # perf_counter() when the previous step returned
+        # Whether this stage's outputs go on by Ray Direct Transport (actors/transport.py): then they
+        # stay on the device and Ray moves them device to device; else they go through the object
+        # store, which lives in host memory.
+        self.direct_out = False
 
     def step(
         self, group: list[MicrobatchPlan | Microbatch | CheckpointMarker]
@@ -72,10 +74,11 @@ class LayerActor:
             computed = time.perf_counter()
             # The object store lives in host memory: hand on CPU tensors, and let the next stage
             # copy them to its own device (which may be another GPU on another node). On a GPU this
-            # copy is the executor's sync point per microbatch, not the stage's.
+            # copy is the executor's sync point per microbatch, not the stage's. A direct hand-off
+            # leaves them where they are: Ray's transport waits for the stage's stream itself.
             if isinstance(result, Prediction):
                 result = result.cpu()
-            elif isinstance(result, Microbatch):
+            elif isinstance(result, Microbatch) and not self.direct_out:
                 result = result.to("cpu")
             results.append(result)
             stats.handoff_s += time.perf_counter() - computed
@@ -97,7 +100,10 @@ class LayerActor:
                 assert isinstance(message, Microbatch)
                 message = copies.use(message, copied)
             result = self.stage.step(message)
-            results.append(result if isinstance(result, CheckpointMarker) else copies.to_host(result))
+            if isinstance(result, CheckpointMarker) or (self.direct_out and isinstance(result, Microbatch)):
+                results.append(result)
+            else:
+                results.append(copies.to_host(result))
         waiting = time.perf_counter()
         copies.finish()  # the call's one wait: its results are in host memory once it returns
         self._last_step_end = time.perf_counter()
@@ -126,6 +132,17 @@ class LayerActor:
         self.stage = restored_stage(self.setup, self.device, shard)
         self._last_step_end = None
 
+    def hand_on_direct(self, direct: bool) -> None:
+        self.direct_out = direct
+
+    def probe(self) -> torch.Tensor:
+        """A small tensor on this stage's device, sent over a direct hop before training (see
+        actors/transport.py): its neighbour checks that it arrived intact."""
+        return torch.arange(PROBE_SIZE, dtype=torch.float32, device=self.device)
+
+    def received_probe(self, tensor: torch.Tensor) -> bool:
+        return bool(torch.equal(tensor.cpu(), torch.arange(PROBE_SIZE, dtype=torch.float32)))
+
     def location(self) -> dict[str, str]:
         return {
             "node_id": ray.get_runtime_context().get_node_id(),
@@ -135,3 +152,22 @@ class LayerActor:
             "device": str(self.stage.device),
             "gpus": ",".join(str(g) for g in ray.get_gpu_ids()),
         }
+
+
+# max_task_retries=0 and max_restarts=0: Ray guarantees that a synchronous actor runs the tasks
+# of one submitter in submission order only while no task is retried. A retried or restarted
+# stage would also have lost its weights, so a failure stops the run instead.
+# The direct variant can hand its outputs on by Ray Direct Transport. Ray fixes that per class, and
+# then runs the actor's tasks on a background thread, still one at a time in the default
+# concurrency group (so submission order holds as above); the transfers run in Ray's own
+# "_ray_system" group.
+_REMOTE_CLASSES = {
+    False: ray.remote(max_restarts=0, max_task_retries=0)(LayerActor),
+    # ray.remote's type stubs do not list enable_tensor_transport yet.
+    True: ray.remote(max_restarts=0, max_task_retries=0, enable_tensor_transport=True)(LayerActor),  # type: ignore[call-overload]
+}
+
+
+def layer_actor_class(direct: bool):
+    """The Ray actor class of a stage: able to use Ray Direct Transport or not."""
+    return _REMOTE_CLASSES[direct]

@@ -19,7 +19,9 @@ Data path: the dataset goes once to the first stage, which keeps it on its devic
 driver sends plans only (sample numbers, crop offsets, flips), never samples. Each stage's call
 takes the previous stage's ObjectRef, so activations go from actor to actor through the object
 store; activations smaller than Ray's inline limit (100 KiB) travel inside the call's reply and
-request, through the driver. Only the last stage's predictions come back to the driver for good.
+request, through the driver. Between CUDA stages they go by Ray Direct Transport instead, device to
+device (actors/transport.py chooses per hop, after the actors are up and before the first
+microbatch). Only the last stage's predictions come back to the driver for good.
 
 Memory: at most ``window`` microbatches are in flight (sent or waiting to be grouped); the driver
 blocks on the oldest call when the window is full, so the object store holds O(window)
@@ -46,9 +48,19 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from forwardflow.actors.layer_actor import LayerActor
+from forwardflow.actors.layer_actor import layer_actor_class
 from forwardflow.actors.placement import StageGroup, StagePlacement
 from forwardflow.actors.recovery import LOST, lost_actors, stage_lost
+from forwardflow.actors.transport import (
+    OBJECT_STORE,
+    DirectGroups,
+    HandOff,
+    check_transport,
+    describe,
+    may_go_direct,
+    plan_hand_offs,
+    probe,
+)
 from forwardflow.pipeline.data import Dataset
 from forwardflow.pipeline.messages import (
     CheckpointMarker,
@@ -59,6 +71,10 @@ from forwardflow.pipeline.messages import (
     StageStats,
 )
 from forwardflow.pipeline.stage import StageSetup
+
+
+class TransportError(RunStoppedError):
+    """A transport asked for by name (--transport) did not work between two stages."""
 
 
 @dataclass
@@ -80,11 +96,16 @@ class RayPipeline:
         per_call: int | None = None,
         data_placement: str = "auto",
         streams: bool = False,
+        transport: str = "auto",
     ):
         self.window = window
         self.per_call = min(window, per_call or max(1, window // (len(setups) + 1)))
         self.setups, self.placements, self.torch_threads = setups, placements, torch_threads
         self.data_placement, self.streams = data_placement, streams
+        devices = [placement.device for placement in placements]
+        check_transport(transport, devices)  # before any actor starts
+        self.transport, self.direct_groups = transport, DirectGroups()
+        self.actor_class = layer_actor_class(may_go_direct(transport, devices))
         self.group = StageGroup(placements)
         # The dataset goes once, through the object store, to the first stage, which places it on
         # its device; from then on the driver sends plans (sample numbers, crops, flips) only. The
@@ -93,6 +114,12 @@ class RayPipeline:
         self.actors: list = [self._make_actor(stage) for stage in range(len(setups))]
         # Sync point: every actor has built its stage before the first microbatch is sent.
         self.locations: list[dict[str, str]] = ray.get([actor.location.remote() for actor in self.actors])
+        self.hand_offs: list[HandOff] = []
+        try:
+            self._connect()
+        except BaseException:
+            self.close()
+            raise
         # Submitted, not sent yet (grouped into the next call): plans, and checkpoint markers in
         # their place in the stream.
         self._waiting: list[MicrobatchPlan | CheckpointMarker] = []
@@ -106,7 +133,7 @@ class RayPipeline:
         options = self.group.options(stage)
         device = self.placements[stage].device
         data = self._dataset if stage == 0 else None
-        return LayerActor.options(**options).remote(  # type: ignore[attr-defined]
+        return self.actor_class.options(**options).remote(
             self.setups[stage], device, self.torch_threads, data, self.data_placement, self.streams
         )
 
@@ -124,11 +151,42 @@ class RayPipeline:
             return
         ref = ray.put(self._waiting)
         refs = []
-        for actor in self.actors:
-            ref = actor.step.remote(ref)
+        for actor, hand_off in zip(self.actors, self.hand_offs):
+            step = actor.step.options(tensor_transport=hand_off.ray_name) if hand_off.direct else actor.step
+            ref = step.remote(ref)
             refs.append(ref)
         self._calls.append(Call(refs, len(self._waiting)))
         self._waiting = []
+
+    def _connect(self) -> None:
+        """Choose each hop's transport (actors/transport.py), set up the collective groups and try
+        each direct hop once. With --transport auto a failing direct hop falls back to the object
+        store (with the reason, for the report); a transport asked for by name stops the run."""
+        self.direct_groups.destroy()
+        hand_offs = plan_hand_offs(self.transport, self.locations)
+        if any(hand_off.direct for hand_off in hand_offs):
+            try:
+                self.direct_groups.create(self.actors, hand_offs)
+                problems = probe(self.actors, hand_offs)
+            except Exception as error:  # a transport that cannot start is not used
+                problems = [describe(error) if h.direct else None for h in hand_offs]
+            if any(problems):
+                stage, problem = next((s, p) for s, p in enumerate(problems) if p)
+                if self.transport != "auto":
+                    self.direct_groups.destroy()
+                    raise TransportError(
+                        f"--transport {self.transport}: stage {stage} could not hand on to stage "
+                        f"{stage + 1} ({problem})"
+                    )
+                # Every hop falls back, not only the failing one: the groups span several hops. A
+                # failed group leaves errors in actor calls that nobody fetches, which Ray would log
+                # as "unhandled" when freed; the reason is reported here instead.
+                os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
+                self.direct_groups.destroy()
+                why = f"direct transport failed at the start ({problem})"
+                hand_offs = [HandOff(OBJECT_STORE, why if h.direct else h.reason) for h in hand_offs]
+        self.hand_offs = hand_offs
+        self._get([actor.hand_on_direct.remote(h.direct) for actor, h in zip(self.actors, hand_offs)])
 
     def completed(self, wait: bool = False) -> list[Prediction | CheckpointMarker]:
         if wait or not self._calls:
@@ -211,13 +269,24 @@ class RayPipeline:
         self._calls.clear()
         self._waiting = []
         self._done, self._snapshot_refs = [], None
+        if lost and self.direct_groups.groups:
+            # A collective group does not take a new member: its survivors keep the dead peer's
+            # connections (gloo answers "broken pipe"). Every stage goes back to the checkpoint
+            # anyway, so every actor is made anew and the groups with them.
+            self.direct_groups.destroy()
+            for actor in self.actors:
+                ray.kill(actor)
+            lost = list(range(len(self.actors)))
         for stage in lost:
             self.actors[stage] = self._make_actor(stage)
         self.locations = self._get([actor.location.remote() for actor in self.actors])
         chosen: list[ShardInfo | None] = list(shards) if shards else [None] * len(self.actors)
         self._get([actor.restore.remote(shard) for actor, shard in zip(self.actors, chosen)])
+        if lost:
+            self._connect()  # new actors, and maybe another GPU: the transports are chosen again
 
     def close(self) -> None:
+        self.direct_groups.destroy()
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []

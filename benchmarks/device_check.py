@@ -7,8 +7,10 @@ Four runs of about ``--seconds`` each (the whole check stays under 8 minutes on 
 cifar-vgg preset's net (VGG7, microbatch 128, the preset's bf16, channels-last and copy streams):
 
 1. Signal Propagation, sequential runner (7 stages in this process);
-2. Signal Propagation through Ray, 2 stages sharing the GPU (skipped, with a line saying so, when
-   Ray cannot be imported: ../shared/gpu/README.md says how to carry a slim Ray);
+2. Signal Propagation through Ray, 2 stages sharing the GPU, activations handed on as
+   ``--transport auto`` chooses (CUDA IPC on a shared GPU), and the same through the object store
+   (skipped, with a line saying so, when Ray cannot be imported: ../shared/gpu/README.md says how
+   to carry a slim Ray);
 3. ``--rule bp``, sequential (end-to-end backpropagation through one stage);
 4. a plain PyTorch backprop loop on the same net, data and augmentation on the GPU.
 
@@ -251,6 +253,7 @@ def forwardflow_run(argv: list[str], cuda: bool, sync_debug: bool) -> dict[str, 
         utilisation=utilisation,
         peak_bytes=max(stage.peak_memory_bytes for stage in result.stages),
         accuracy=result.evaluations[-1].accuracy if result.evaluations else None,
+        hand_off=f"{run.locations[0].hand_off} ({run.locations[0].hand_off_reason})",
     )
     if cuda:
         row["peak_bytes"] = max(row["peak_bytes"], torch.cuda.max_memory_allocated())
@@ -365,17 +368,21 @@ def ray_running() -> bool:
     return ray_available() and sys.modules["ray"].is_initialized()
 
 
+RAY_RUN = "Signal Propagation, Ray, 2 stages on one device"
+
+
 def measure(args, data_dir: str, device: torch.device) -> tuple[dict[str, dict[str, Any]], list[str]]:
     cuda = device.type == "cuda"
     base = preset_argv(args, data_dir)
     notes: list[str] = []
     runs = {
         "Signal Propagation, sequential": ["--executor", "sequential"],
-        "Signal Propagation, Ray, 2 stages on one device": ["--executor", "ray", "--stages", "2"],
+        RAY_RUN: ["--executor", "ray", "--stages", "2"],
+        RAY_RUN + ", object store": ["--executor", "ray", "--stages", "2", "--transport", "object-store"],
         "--rule bp, sequential": ["--executor", "sequential", "--rule", "bp"],
     }
     if args.no_ray or not ray_available():
-        del runs["Signal Propagation, Ray, 2 stages on one device"]
+        del runs[RAY_RUN], runs[RAY_RUN + ", object store"]
         notes.append(
             "Ray run skipped: "
             + ("--no-ray" if args.no_ray else "Ray cannot be imported here (../shared/gpu/README.md: carry a slim Ray)")
@@ -397,6 +404,7 @@ def measure(args, data_dir: str, device: torch.device) -> tuple[dict[str, dict[s
         rows[name] = checked_run(name, argv, cuda and "Ray" not in name)
         if "Ray" in name:
             rows[name]["sync"] = "not armed (the stages run in Ray's worker processes)"
+            notes.append(f"{name}: stage 0 hands on by {rows[name]['hand_off']}")
         print(f"device check: {name}: {rows[name]['samples_per_s']:,.0f} samples/s", file=sys.stderr)
     if ray_running() and not ray_before:
         import ray

@@ -71,6 +71,8 @@ class StageLocation:
     node_address: str | None = None  # the node's IP as Ray knows it
     num_cpus: float | None = None  # the stage's reservation on Ray
     num_gpus: float | None = None
+    hand_off: str | None = None  # how its outputs reach the next stage (actors/transport.py); Ray only
+    hand_off_reason: str | None = None
 
 
 @dataclass
@@ -144,6 +146,7 @@ class Run:
             execution.microbatches_per_call,
             self.config.data.placement,
             execution.streams,
+            execution.transport_choice,
         )
         return pipeline, [
             StageLocation(
@@ -153,8 +156,10 @@ class Run:
                 node_address=placement.node_address,
                 num_cpus=placement.num_cpus,
                 num_gpus=placement.num_gpus,
+                hand_off=hand_off.transport,
+                hand_off_reason=hand_off.reason,
             )
-            for location, placement in zip(pipeline.locations, placements)
+            for location, placement, hand_off in zip(pipeline.locations, placements, pipeline.hand_offs)
         ]
 
     def _make_observers(self) -> list[RunObserver]:

@@ -87,6 +87,8 @@ def stage_location(run: Run, index: int, device: str) -> dict[str, Any]:
         "node_address": location.node_address,
         "num_cpus": location.num_cpus,
         "num_gpus": location.num_gpus,
+        "hand_off": location.hand_off,
+        "hand_off_reason": location.hand_off_reason,
     }
 
 
@@ -99,7 +101,8 @@ def placement_lines(run: Run) -> list[str]:
         gpus = f", {location.num_gpus:g} GPU" if location.num_gpus else ""
         lines.append(
             f"stage {index}: {location.device} on node {location.node_id[:8]} ({location.node_address}, "
-            f"{location.host}), {location.num_cpus:g} CPU{gpus}"
+            f"{location.host}), {location.num_cpus:g} CPU{gpus}; hands on by {location.hand_off} "
+            f"({location.hand_off_reason})"
         )
     return lines
 

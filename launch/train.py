@@ -149,6 +149,9 @@ def _main(argv: list[str] | None, signals: Signals) -> int:
     except ConfigError as error:
         say(f"error: {error}")
         return EXIT_BAD_INPUT
+    except RunStoppedError as error:  # the stages could not start as asked (--transport)
+        say(f"error: {error}")
+        return EXIT_FAULT
     signals.watch(run.stop)  # from now on a signal asks the run to stop at a checkpoint
     signals.install()
     config = run.config

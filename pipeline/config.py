@@ -200,6 +200,13 @@ class ExecutionConfig(Section):
         low=0.0,
         high=64.0,
     )
+    transport: str | None = option(
+        None,
+        "how activations go from stage to stage on Ray: auto (Ray Direct Transport between CUDA stages, "
+        "cuda-ipc on a shared GPU and nccl across GPUs; the object store otherwise), object-store, or one "
+        "of gloo (CPU tensors), nccl, cuda-ipc for every hop (default: auto)",
+        choices=("auto", "object-store", "gloo", "nccl", "cuda-ipc"),
+    )
     threads: int = option(1, "torch threads per stage (per actor; the sequential runner's process)", low=1, high=256)
     max_restarts: int | None = option(
         None,
@@ -236,6 +243,11 @@ class ExecutionConfig(Section):
         device = self.device
         if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
             raise self.error("device", f"{device!r} is not one of auto, cpu, cuda, cuda:N")
+        transport = self.transport_choice
+        on_gpu = device.startswith("cuda")
+        if (transport == "gloo" and on_gpu) or (transport in ("nccl", "cuda-ipc") and device == "cpu"):
+            carries = "CPU tensors" if transport == "gloo" else "GPU tensors"
+            raise self.error("transport", f"{transport} carries {carries}, not {device} ones; use auto or object-store")
         gpus = self.gpus_per_stage
         if gpus is not None and gpus > 1 and gpus != int(gpus):
             # Ray reserves fractions of one GPU, or whole GPUs.
@@ -244,6 +256,10 @@ class ExecutionConfig(Section):
     @property
     def pipeline_window(self) -> int:
         return DEFAULT_WINDOW if self.window is None else self.window
+
+    @property
+    def transport_choice(self) -> str:
+        return self.transport or "auto"
 
     @property
     def placement_strategy(self) -> str:
@@ -364,15 +380,8 @@ class RunConfig(Section):
             raise self.monitoring.error("plot", "needs --out: the plots are drawn from the run's metrics log there")
         execution = self.execution
         if execution.executor == "sequential":
-            ray_only = (
-                "address",
-                "placement",
-                "max_restarts",
-                "cpus_per_stage",
-                "gpus_per_stage",
-                "microbatches_per_call",
-            )
-            given = [name for name in ray_only if getattr(execution, name) is not None]
+            ray_only = "address placement max_restarts cpus_per_stage gpus_per_stage microbatches_per_call transport"
+            given = [name for name in ray_only.split() if getattr(execution, name) is not None]
             if execution.window is not None and not self.rule.rule_class.uses_window:
                 given.append("window")
             if execution.ray_dashboard:

@@ -84,13 +84,15 @@ def assert_same_weights(left, right):
             assert torch.equal(a[name], b[name]), f"stage {stage} {name} differs"
 
 
-def assert_executors_agree(config: RunConfig) -> RunResult:
-    """Sequential and Ray runs of ``config``: identical final weights and identical per-sample
-    predictions of every evaluation pass; returns the sequential result. Needs the Ray fixture."""
+def assert_executors_agree(config: RunConfig, **ray_execution) -> RunResult:
+    """Sequential and Ray runs of ``config`` (the Ray run with ``ray_execution`` settings too):
+    identical final weights and identical per-sample predictions of every evaluation pass; returns
+    the sequential result. Needs the Ray fixture."""
     outputs, results = {}, {}
     for executor in ("sequential", "ray"):
         observer = EvalOutputs()
-        results[executor] = run_to_end(tweak(config, execution={"executor": executor}), [observer])
+        settings = {"executor": executor, **(ray_execution if executor == "ray" else {})}
+        results[executor] = run_to_end(tweak(config, execution=settings), [observer])
         outputs[executor] = observer.stacked()
     assert_same_weights(results["sequential"].weights, results["ray"].weights)
     assert outputs["sequential"].keys() == outputs["ray"].keys() and outputs["sequential"]

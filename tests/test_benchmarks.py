@@ -26,8 +26,11 @@ def test_device_check_runs_on_a_cpu_with_a_tiny_budget(ray_cluster, tmp_path):
     output = tmp_path / "device.md"
     assert device_check.main(["--tiny", "--output", str(output)]) == 0
     text = output.read_text()
-    for run in ("Signal Propagation, sequential", "Signal Propagation, Ray, 2 stages", "--rule bp", "plain PyTorch"):
+    ray_runs = (device_check.RAY_RUN + " |", device_check.RAY_RUN + ", object store |")
+    for run in ("Signal Propagation, sequential", *ray_runs, "--rule bp", "plain PyTorch"):
         assert f"| {run}" in text, run
+    # Each Ray run says how its stages handed on (on a CPU: the object store either way).
+    assert text.count("stage 0 hands on by object-store") == 2
     assert ray_cluster.is_initialized(), "the check must leave a Ray it did not start running"
 
 
