@@ -172,17 +172,16 @@ class RayPipeline:
                 problems = [describe(error) if h.direct else None for h in hand_offs]
             if any(problems):
                 stage, problem = next((s, p) for s, p in enumerate(problems) if p)
+                # A failed group leaves errors in actor calls that nobody fetches, which Ray would
+                # log as "unhandled" when freed; the reason is reported here instead.
+                os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
+                self.direct_groups.destroy()
                 if self.transport != "auto":
-                    self.direct_groups.destroy()
                     raise TransportError(
                         f"--transport {self.transport}: stage {stage} could not hand on to stage "
                         f"{stage + 1} ({problem})"
                     )
-                # Every hop falls back, not only the failing one: the groups span several hops. A
-                # failed group leaves errors in actor calls that nobody fetches, which Ray would log
-                # as "unhandled" when freed; the reason is reported here instead.
-                os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
-                self.direct_groups.destroy()
+                # Every hop falls back, not only the failing one: the groups span several hops.
                 why = f"direct transport failed at the start ({problem})"
                 hand_offs = [HandOff(OBJECT_STORE, why if h.direct else h.reason) for h in hand_offs]
         self.hand_offs = hand_offs

@@ -7,11 +7,14 @@ this machine can run.
 
 The model. A training microbatch of B samples goes through S stages. Stage s computes for c_s
 seconds (measured: Stage.step in this process, one torch thread, after a warm-up), and its actor
-spends a(bytes) more on the microbatch's way in and out (measured: a chain of Ray actors that hand
-on microbatches of that size unchanged, CPU time of their processes). The driver spends d per
-microbatch (putting the input, submitting S calls, fetching the prediction) and the raylet r
-(measured with the same chain). A stage's actor is busy o_s = c_s + a_s per microbatch, and the
-pipeline's period is the largest of
+spends a(bytes) = a0 + k * bytes more on the microbatch's way in and out. The driver spends d(S)
+per microbatch (plans, S calls, the prediction) and the raylets r(S). a0, d and r are measured on
+the real Ray pipeline (LayerActor, driver loop, grouped calls) training a net whose compute is
+negligible (``--preset synthetic``'s 32-unit layers), as CPU seconds per training microbatch read
+from /proc between two points of the run: the actors', the driver's, and r, the rest of the
+machine's (the raylet, Ray's other processes, the kernel); k, the cost of a byte, comes from a
+chain of Ray actors that hand on microbatches of 64 KiB and 4 MiB unchanged. A stage's actor is busy
+o_s = c_s + a_s per microbatch, and the pipeline's period is the largest of
 
     max_s o_s                          each stage on a device of its own: the slowest stage
     sum of o_s over a device's stages  stages sharing a device
@@ -21,9 +24,10 @@ pipeline's period is the largest of
 
 and the throughput B / period. Every configuration that can be measured here is run for real
 (launch/train.py in a fresh process, 2 cores and a two-node cluster on loopback here), and the
-table shows predicted beside measured. The last table predicts 1..8 devices of the kind measured
-(this machine's cores, or GPUs with ``--device cuda`` on a GPU machine) for a deeper net, one
-stage per device, on 1, 2 and 4 nodes; it is a prediction, labelled as one.
+table shows predicted beside measured (the steady state: the rate of a run's second epoch). The
+last table predicts 1..8 devices of the kind measured (this machine's cores, or GPUs with
+``--device cuda`` on a GPU machine) for a deeper net, one stage per device, on 1, 2 and 4 nodes; it
+is a prediction, labelled as one.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import argparse
 import json
 import logging
 import math
+import multiprocessing
 import os
 import resource
 import statistics
@@ -39,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -46,14 +52,16 @@ import ray
 import torch
 
 from benchmarks.common import load_line, machine, today, write_report
+from benchmarks.overhead import tiny_config
 from forwardflow.launch.build import build_run
 from forwardflow.launch.cli import parse_config
 from forwardflow.launch.local_cluster import local_cluster
 from forwardflow.pipeline.config import RunConfig
-from forwardflow.pipeline.messages import Microbatch
+from forwardflow.pipeline.messages import TRAIN, Microbatch, Prediction
 from forwardflow.pipeline.model import LAYER_KINDS, plan_stages
 from forwardflow.pipeline.presets import fc_model
 from forwardflow.pipeline.stage import Stage
+from forwardflow.pipeline.training import Progress, RunObserver
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -176,6 +184,62 @@ def measure_hop(mb: Microbatch, relays: int, microbatches: int, nodes: list[str]
     return HopCost(statistics.mean(actor) / microbatches, driver / microbatches, raylet / microbatches, relays)
 
 
+class HostMeter(RunObserver):
+    """CPU seconds of the driver, each stage's actor and the whole machine between the ``first``-th
+    and the ``last``-th training prediction of a Ray run (the steady state), from /proc."""
+
+    def __init__(self, first: int, last: int):
+        self.first, self.last, self.trained = first, last, 0
+        self.pids: list[int] = []
+        self.readings: list[tuple[float, list[float], float]] = []
+
+    def on_prediction(self, prediction: Prediction, progress: Progress) -> None:
+        if prediction.phase != TRAIN:
+            return
+        self.trained += 1
+        if self.trained in (self.first, self.last):
+            actors = [process_cpu_s(pid) for pid in self.pids]
+            self.readings.append((time.process_time(), actors, machine_cpu_s()))
+
+    def per_microbatch(self) -> tuple[float, list[float], float]:
+        (driver0, actors0, machine0), (driver1, actors1, machine1) = self.readings
+        n = self.last - self.first
+        return (driver1 - driver0) / n, [(b - a) / n for a, b in zip(actors0, actors1)], (machine1 - machine0) / n
+
+
+def machine_cpu_s() -> float:
+    """CPU seconds this machine has been busy (every process and the kernel), from /proc/stat."""
+    user, nice, system, _idle, _iowait, irq, softirq = map(int, Path("/proc/stat").read_text().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class HostCost:
+    actor_s: float  # per stage and training microbatch, beyond Stage.step
+    driver_s: float
+    rest_s: float  # the rest of the machine's CPU: raylet, Ray's other processes, the kernel
+
+
+def measure_host(stages: int, epochs: int) -> HostCost:
+    """The real Ray pipeline with ``stages`` stages of the tiny net (one local node): CPU per
+    training microbatch of the driver, the actors (less their own Stage.step) and the raylet."""
+    config = tiny_config(stages, "ray", epochs)
+    compute = sum(
+        stage_costs(replace(config, execution=replace(config.execution, executor="sequential")), 40).compute_s
+    )
+    meter = HostMeter(first=16, last=16 * epochs - 8)  # after the first epoch, before the last microbatches
+    with build_run(config, [meter]) as run:
+        meter.pids = [int(location["pid"]) for location in run.executor.locations]  # type: ignore[attr-defined]
+        run.train()
+    driver, actors, machine = meter.per_microbatch()
+    return HostCost(max(0.0, (sum(actors) - compute) / stages), driver, max(0.0, machine - driver - sum(actors)))
+
+
 def sized_microbatch(size_bytes: int) -> Microbatch:
     rows = 512
     width = max(1, size_bytes // (rows * 4))
@@ -191,24 +255,28 @@ class HopModel:
     driver_base: float
     driver_per_stage: float
     raylet_per_stage: float
+    raylet_per_byte: float = 0.0  # per byte a stage receives
     cross_node_per_byte: float = 0.0  # extra CPU per byte of a hop between nodes (both raylets)
 
     def actor(self, size: int) -> float:
         return self.base + self.per_byte * size
 
 
-def fit_hop_model(microbatches: int, sizes: tuple[int, int], nodes: list[str]) -> HopModel:
+def fit_hop_model(host: dict[int, HostCost], microbatches: int, sizes: tuple[int, int], nodes: list[str]) -> HopModel:
+    """a0, d(S) = d0 + d1 * S and r(S) = r1 * S from the real pipeline at two stage counts (``host``);
+    the cost of a byte, in an actor and in the raylets, from relays at two sizes."""
     small, large = (measure_hop(sized_microbatch(size), 2, microbatches, nodes) for size in sizes)
     per_byte = max(0.0, (large.actor_s - small.actor_s) / (sizes[1] - sizes[0]))
-    one = measure_hop(sized_microbatch(sizes[0]), 1, microbatches, nodes)
-    four = measure_hop(sized_microbatch(sizes[0]), 4, microbatches, nodes)
-    driver_per_stage = max(0.0, (four.driver_s - one.driver_s) / 3)
+    raylet_per_byte = max(0.0, (large.raylet_s - small.raylet_s) / (sizes[1] - sizes[0]) / 2)
+    (s0, low), (s1, high) = sorted(host.items())
+    driver_per_stage = max(0.0, (high.driver_s - low.driver_s) / (s1 - s0))
     return HopModel(
-        base=small.actor_s - per_byte * sizes[0],
+        base=statistics.mean(cost.actor_s for cost in host.values()),
         per_byte=per_byte,
-        driver_base=max(0.0, one.driver_s - driver_per_stage),
+        driver_base=max(0.0, low.driver_s - driver_per_stage * s0),
         driver_per_stage=driver_per_stage,
-        raylet_per_stage=max(small.raylet_s, large.raylet_s) / 2,
+        raylet_per_stage=statistics.mean(cost.rest_s / s for s, cost in host.items()),
+        raylet_per_byte=raylet_per_byte,
     )
 
 
@@ -241,6 +309,7 @@ def predict(costs: StageCosts, hop: HopModel, layout: Layout, batch: int) -> flo
     for host_machine in set(machine_of):
         mine = [s for s in range(stages) if machine_of[s] == host_machine]
         cpu = sum(host[s] if layout.gpu else busy[s] for s in mine) + hop.raylet_per_stage * len(mine)
+        cpu += hop.raylet_per_byte * sum(costs.in_bytes[s] for s in mine)
         # A hop between nodes costs both raylets a copy (counted once per side).
         for s in range(1, stages):
             if layout.nodes[s] != layout.nodes[s - 1]:
@@ -255,24 +324,20 @@ def predict(costs: StageCosts, hop: HopModel, layout: Layout, batch: int) -> flo
     return batch / period
 
 
-def predict_run(costs: StageCosts, hop: HopModel, layout: Layout, batch: int, microbatches: int) -> float:
-    """Samples per second of a whole run of ``microbatches``: the pipeline fills and drains once
-    (S - 1 periods more than the steady state)."""
-    steady = predict(costs, hop, layout, batch)
-    return steady * microbatches / (microbatches + len(costs.compute_s) - 1)
-
-
 # ---------------------------------------------------------------- measured runs
 
 
 def measured(argv: list[str], env: dict[str, str] | None = None) -> float:
-    """train_samples_per_s of launch/train.py in a fresh process."""
+    """Training samples/s of launch/train.py (in a fresh process) in its last epoch: the steady
+    state, which the model predicts (the first epoch pays for starting the actors, warming up each
+    stage and filling the pipeline; the last one includes its evaluation pass)."""
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, "launch/train.py", "--no-progress", *argv, "--out", out]
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} failed: {done.stderr[-2000:]}")
-        return json.loads((Path(out) / "summary.json").read_text())["train_samples_per_s"]
+        before, last = json.loads((Path(out) / "summary.json").read_text())["evaluations"][-2:]
+        return (last["train_samples_seen"] - before["train_samples_seen"]) / (last["wall_s"] - before["wall_s"])
 
 
 def blocks(stages: int, nodes: int) -> tuple[int, ...]:
@@ -284,7 +349,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--preset", default="mnist-fc4")
     parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--train-limit", type=int, default=30000)
+    parser.add_argument("--train-limit", type=int, default=60000)
     parser.add_argument("--steps", type=int, default=40, help="timed microbatches per stage cost")
     parser.add_argument("--device", default="cpu", help="the device of the stage costs (cuda on a GPU machine)")
     parser.add_argument("--quick", action="store_true", help="small budgets")
@@ -293,7 +358,7 @@ def main() -> None:
     if args.quick:
         args.train_limit, args.steps = 6000, 10
     common = ["--preset", args.preset, "--batch-size", str(args.batch_size), "--test-limit", "500"]
-    common += ["--train-limit", str(args.train_limit), "--epochs", "1", "--device", "cpu"]
+    common += ["--train-limit", str(args.train_limit), "--epochs", "2", "--device", "cpu"]
     base = parse_config(common)
     layers = base.model.num_layers
     costs = {s: stage_costs(replace_stages(base, s), args.steps) for s in range(1, layers + 1)}
@@ -305,11 +370,15 @@ def main() -> None:
     single = {s: measured(common + seq + ["--stages", str(s)]) for s in sorted({1, 2, layers})}
     pipelined = {s: measured(common + ["--stages", str(s)]) for s in range(2, layers + 1)}
     microbatches = 100 if args.quick else 400
+    # Host costs of the real pipeline at two stage counts, each in a fresh process with the local
+    # Ray its builder starts (as launch/train.py runs), so that no Ray outlives its run here.
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        host = {s: pool.submit(measure_host, s, 6 if args.quick else 20).result() for s in (2, 4)}
     with local_cluster(nodes=2, cpus=1) as cluster:
-        # Hop costs on the local two-node cluster: relays on the head, then on both nodes in turn.
+        # Per-byte costs on the local two-node cluster: relays on the head, then on both nodes in turn.
         ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING)
         head = cluster.nodes[:1]
-        hop = fit_hop_model(microbatches, (64 * 1024, 4 * 2**20), head)
+        hop = fit_hop_model(host, microbatches, (64 * 1024, 4 * 2**20), head)
         across = measure_hop(sized_microbatch(4 * 2**20), 2, microbatches, nodes=cluster.nodes)
         same = measure_hop(sized_microbatch(4 * 2**20), 2, microbatches, nodes=head)
         ray.shutdown()
@@ -321,13 +390,12 @@ def main() -> None:
             for s in (2, layers)
         }
     print("hop model", hop)
-    runs = math.ceil(args.train_limit / args.batch_size)  # training microbatches of a measured run
     rows = []  # (configuration, predicted, measured)
     for s, got in single.items():
         rows.append((f"sequential, {s} stage(s), 1 thread", args.batch_size / sum(costs[s].compute_s), got))
     for s, got in pipelined.items():
         layout = Layout(devices=tuple(range(s)), nodes=(0,) * s, cores_per_node=cores)
-        predicted = predict_run(costs[s], hop, layout, args.batch_size, runs)
+        predicted = predict(costs[s], hop, layout, args.batch_size)
         rows.append((f"ray, {s} stages, 1 node, {cores:g} cores", predicted, got))
     for s, got in spread.items():
         # The two nodes share this machine's cores (one pool), plus the copies between them.
@@ -339,7 +407,7 @@ def main() -> None:
             one_machine=True,
         )
         name = f"ray, {s} stages spread over 2 local nodes (same {cores:g} cores)"
-        rows.append((name, predict_run(costs[s], hop, layout, args.batch_size, runs), got))
+        rows.append((name, predict(costs[s], hop, layout, args.batch_size), got))
     for name, predicted, got in rows:
         print(
             f"{name}: predicted {predicted:,.0f}, measured {got:,.0f} samples/s ({100 * (predicted / got - 1):+.0f}%)"
@@ -389,8 +457,9 @@ def write_results(path: Path, args, costs, hop: HopModel, rows, table) -> None:
         f"# Scaling model ({today()}, {machine()})",
         "",
         f"Command: `python -m benchmarks.scaling{' --quick' if args.quick else ''}`. Net: `--preset {args.preset}`, "
-        f"microbatch {args.batch_size}, 1 epoch of {args.train_limit} MNIST samples per measured run, rule sigprop, "
-        "one torch thread per stage. The model is in the docstring of benchmarks/scaling.py.",
+        f"microbatch {args.batch_size}, rule sigprop, one torch thread per stage; measured: samples/s in the second "
+        f"of 2 epochs of {args.train_limit} MNIST samples (the steady state, which the model predicts). "
+        "The model is in the docstring of benchmarks/scaling.py.",
         "",
         "Measured inputs: compute per stage and microbatch (ms), for each stage count:",
         "",
@@ -399,9 +468,10 @@ def write_results(path: Path, args, costs, hop: HopModel, rows, table) -> None:
         lines.append(f"- {s} stage(s): " + ", ".join(f"{1e3 * t:.2f}" for t in c.compute_s))
     lines += [
         "",
-        f"Hop: {1e6 * hop.base:.0f} us + {1e9 * hop.per_byte:.2f} ns/byte per actor (receive and hand on); "
-        f"driver {1e6 * hop.driver_base:.0f} us + {1e6 * hop.driver_per_stage:.0f} us per stage; raylet "
-        f"{1e6 * hop.raylet_per_stage:.0f} us per stage; between nodes "
+        f"Host costs per training microbatch: {1e6 * hop.base:.0f} us + {1e9 * hop.per_byte:.2f} ns/byte per actor "
+        f"(receive and hand on); driver {1e6 * hop.driver_base:.0f} us + {1e6 * hop.driver_per_stage:.0f} us per "
+        f"stage; raylet and the rest of the machine {1e6 * hop.raylet_per_stage:.0f} us per stage + "
+        f"{1e9 * hop.raylet_per_byte:.2f} ns per byte received; between nodes "
         f"{1e9 * hop.cross_node_per_byte:.2f} ns/byte more.",
         "",
         "| configuration | predicted samples/s | measured samples/s | prediction error |",

@@ -72,3 +72,12 @@ def test_the_scaling_and_peer_benchmarks_measure_stages_from_the_stream():
     argv = ["--preset", "synthetic", "--executor", "sequential", "--device", "cpu", "--no-progress"]
     saved, queued = peer.forwardflow_saved_activations(argv, steps=2)
     assert len(saved) == len(queued) > 1 and all(size > 0 for size in saved + queued)
+
+
+def test_the_scaling_model_reads_the_host_costs_of_a_real_ray_pipeline(ray_cluster):
+    from benchmarks import scaling
+
+    host = scaling.measure_host(2, epochs=3)
+    # Each actor's CPU beyond its Stage.step, the driver's and the rest of the machine's: all read
+    # from /proc for the actual processes, so none is zero on a run that moved 16 microbatches.
+    assert 0 < host.actor_s < 0.1 and 0 < host.driver_s < 0.1 and 0 <= host.rest_s < 0.1

@@ -79,7 +79,9 @@ def test_direct_transport_computes_what_the_sequential_run_computes(ray_cluster)
         run.executor.completed(wait=True)
 
 
-def test_a_direct_hop_that_fails_at_the_start_falls_back_to_the_object_store(ray_cluster, monkeypatch, tmp_path):
+def test_a_direct_hop_that_fails_at_the_start_falls_back_to_the_object_store(
+    ray_cluster, monkeypatch, tmp_path, capsys
+):
     # NCCL on CPU actors: creating its group fails, as a broken GPU transport would. With auto the
     # run goes on through the object store and says why; named, the transport stops the run.
     def nccl_everywhere(requested, locations):
@@ -99,6 +101,13 @@ def test_a_direct_hop_that_fails_at_the_start_falls_back_to_the_object_store(ray
     named = tweak(config, execution={"transport": "nccl", "device": "auto"}, output={"out": str(tmp_path / "named")})
     with pytest.raises(ray_pipeline.TransportError, match="--transport nccl: stage 0 could not hand on to stage 1"):
         build_run(named).start()
+    # From the command line: one line and the fault exit status, no traceback.
+    capsys.readouterr()
+    assert train.main(["--preset", "synthetic", "--transport", "nccl", "--no-progress"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "forwardflow: error: --transport nccl: stage 0 could not hand on to stage 1 "
+        "(ValueError: Backend NCCL not registered)"
+    ]
 
 
 def test_a_stage_lost_on_a_direct_hop_is_recreated_and_its_groups_are_made_again(ray_cluster, tmp_path):
