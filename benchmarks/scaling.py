@@ -6,7 +6,9 @@ this machine can run.
     python -m benchmarks.scaling --quick    # small budgets: checks that it runs (figures rough)
 
 The model. A training microbatch of B samples goes through S stages. Stage s computes for c_s
-seconds (measured: Stage.step in this process, one torch thread, after a warm-up), and its actor
+seconds (measured: Stage.step in this process, one torch thread, after a warm-up, for the
+sequential runner; for the pipeline, CPU time per Stage.step with every stage in its own Ray actor
+and all stepping at once, since stages that share the cores slow each other), and its actor
 spends a(bytes) = a0 + k * bytes more on the microbatch's way in and out. The driver spends d(S)
 per microbatch (plans, S calls, the prediction) and the raylets r(S). a0, d and r are measured on
 the real Ray pipeline (LayerActor, driver loop, grouped calls) training a net whose compute is
@@ -38,212 +40,34 @@ import logging
 import math
 import multiprocessing
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
-import torch
 
 from benchmarks.common import load_line, machine, today, write_report
-from benchmarks.overhead import tiny_config
-from forwardflow.launch.build import build_run
+from benchmarks.scaling_inputs import (
+    HostCost,
+    StageCosts,
+    concurrent_compute,
+    measure_hop,
+    measure_host,
+    sized_microbatch,
+    stage_costs,
+)
 from forwardflow.launch.cli import parse_config
 from forwardflow.launch.local_cluster import local_cluster
 from forwardflow.pipeline.config import RunConfig
-from forwardflow.pipeline.messages import TRAIN, Microbatch, Prediction
 from forwardflow.pipeline.model import LAYER_KINDS, plan_stages
 from forwardflow.pipeline.presets import fc_model
-from forwardflow.pipeline.stage import Stage
-from forwardflow.pipeline.training import Progress, RunObserver
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class StageCosts:
-    compute_s: list[float]  # per stage, per training microbatch
-    in_bytes: list[int]  # the microbatch each stage receives
-    out_bytes: list[int]  # and hands on (the last stage: its prediction, small)
-    input_shape: tuple[int, ...] = ()  # of one sample
-
-
-def nbytes(mb: Microbatch) -> int:
-    tensors = [mb.inputs, mb.labels, mb.targets, mb.context, *mb.extra.values()]
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-def stage_costs(config: RunConfig, steps: int, warmup: int = 5) -> StageCosts:
-    """Each stage's compute time per training microbatch, timed around Stage.step in this process
-    (one torch thread), and the sizes of what it receives and hands on."""
-    torch.set_num_threads(1)
-    run = build_run(config)
-    device = config.execution.device if config.execution.device != "auto" else "cpu"
-    stages = [Stage(setup, device) for setup in run.setups]
-    times: list[list[float]] = [[] for _ in stages]
-    in_bytes, out_bytes = [0] * len(stages), [0] * len(stages)
-    for count, first in enumerate(run.schedule.microbatches()):
-        if count >= warmup + steps:
-            break
-        mb = first
-        for index, stage in enumerate(stages):
-            in_bytes[index] = nbytes(mb)
-            started = time.perf_counter()
-            result = stage.step(mb)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if count >= warmup:
-                times[index].append(time.perf_counter() - started)
-            if isinstance(result, Microbatch):
-                mb = result.to("cpu")
-                out_bytes[index] = nbytes(mb)
-            else:
-                out_bytes[index] = result.labels.numel() * 8
-                break
-    return StageCosts([statistics.median(t) for t in times], in_bytes, out_bytes, run.dataset.input_shape)
-
-
-# ---------------------------------------------------------------- hop costs
-
-
-@ray.remote(num_cpus=0)
-class Relay:
-    """Hands a microbatch on unchanged: all it costs is Ray's (receive, deserialize, serialize)."""
-
-    def step(self, mb: Microbatch) -> Microbatch:
-        return mb
-
-    def cpu_s(self) -> float:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
-
-
-def raylet_cpu_s() -> float:
-    """CPU seconds of this cluster's raylets (on this machine), from /proc."""
-    gcs = ray.get_runtime_context().gcs_address.encode()
-    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
-    for entry in Path("/proc").iterdir():
-        try:
-            raylet = entry.name.isdigit() and (entry / "comm").read_text().strip() == "raylet"
-            if raylet and gcs in (entry / "cmdline").read_bytes():
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / tick
-        except OSError:
-            pass
-    return total
-
-
-@dataclass
-class HopCost:
-    actor_s: float  # CPU per microbatch in a relay's process
-    driver_s: float  # CPU per microbatch in the driver (for a chain of `relays`)
-    raylet_s: float  # CPU per microbatch in the raylets
-    relays: int
-
-
-def measure_hop(mb: Microbatch, relays: int, microbatches: int, nodes: list[str] | None = None) -> HopCost:
-    """A chain of ``relays`` actors (pinned to ``nodes`` in turn, when given) passing ``mb``,
-    window 8 as the pipeline: CPU time per microbatch of the relays, the driver and the raylets."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    actors = []
-    for index in range(relays):
-        options = {}
-        if nodes:
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(nodes[index % len(nodes)], soft=False)
-        actors.append(Relay.options(**options).remote())  # type: ignore[attr-defined]
-    ray.get([actor.cpu_s.remote() for actor in actors])
-    for _ in range(10):  # warm-up
-        ref = ray.put(mb)
-        for actor in actors:
-            ref = actor.step.remote(ref)
-        ray.get(ref)
-    actor_start = ray.get([actor.cpu_s.remote() for actor in actors])
-    raylet_start, driver_start = raylet_cpu_s(), time.process_time()
-    in_flight: list = []
-    for _ in range(microbatches):
-        ref = ray.put(mb)
-        for actor in actors:
-            ref = actor.step.remote(ref)
-        in_flight.append(ref)
-        if len(in_flight) >= 8:
-            ray.get(in_flight.pop(0))
-    ray.get(in_flight)
-    driver = time.process_time() - driver_start
-    raylet = raylet_cpu_s() - raylet_start
-    actor = [end - start for end, start in zip(ray.get([a.cpu_s.remote() for a in actors]), actor_start)]
-    for a in actors:
-        ray.kill(a)
-    return HopCost(statistics.mean(actor) / microbatches, driver / microbatches, raylet / microbatches, relays)
-
-
-class HostMeter(RunObserver):
-    """CPU seconds of the driver, each stage's actor and the whole machine between the ``first``-th
-    and the ``last``-th training prediction of a Ray run (the steady state), from /proc."""
-
-    def __init__(self, first: int, last: int):
-        self.first, self.last, self.trained = first, last, 0
-        self.pids: list[int] = []
-        self.readings: list[tuple[float, list[float], float]] = []
-
-    def on_prediction(self, prediction: Prediction, progress: Progress) -> None:
-        if prediction.phase != TRAIN:
-            return
-        self.trained += 1
-        if self.trained in (self.first, self.last):
-            actors = [process_cpu_s(pid) for pid in self.pids]
-            self.readings.append((time.process_time(), actors, machine_cpu_s()))
-
-    def per_microbatch(self) -> tuple[float, list[float], float]:
-        (driver0, actors0, machine0), (driver1, actors1, machine1) = self.readings
-        n = self.last - self.first
-        return (driver1 - driver0) / n, [(b - a) / n for a, b in zip(actors0, actors1)], (machine1 - machine0) / n
-
-
-def machine_cpu_s() -> float:
-    """CPU seconds this machine has been busy (every process and the kernel), from /proc/stat."""
-    user, nice, system, _idle, _iowait, irq, softirq = map(int, Path("/proc/stat").read_text().split()[1:8])
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@dataclass
-class HostCost:
-    actor_s: float  # per stage and training microbatch, beyond Stage.step
-    driver_s: float
-    rest_s: float  # the rest of the machine's CPU: raylet, Ray's other processes, the kernel
-
-
-def measure_host(stages: int, epochs: int) -> HostCost:
-    """The real Ray pipeline with ``stages`` stages of the tiny net (one local node): CPU per
-    training microbatch of the driver, the actors (less their own Stage.step) and the raylet."""
-    config = tiny_config(stages, "ray", epochs)
-    compute = sum(
-        stage_costs(replace(config, execution=replace(config.execution, executor="sequential")), 40).compute_s
-    )
-    meter = HostMeter(first=16, last=16 * epochs - 8)  # after the first epoch, before the last microbatches
-    with build_run(config, [meter]) as run:
-        meter.pids = [int(location["pid"]) for location in run.executor.locations]  # type: ignore[attr-defined]
-        run.train()
-    driver, actors, machine = meter.per_microbatch()
-    return HostCost(max(0.0, (sum(actors) - compute) / stages), driver, max(0.0, machine - driver - sum(actors)))
-
-
-def sized_microbatch(size_bytes: int) -> Microbatch:
-    rows = 512
-    width = max(1, size_bytes // (rows * 4))
-    return Microbatch(0, "train", 0, torch.randn(rows, width), torch.zeros(rows, dtype=torch.long))
 
 
 @dataclass
@@ -374,6 +198,15 @@ def main() -> None:
     # Ray its builder starts (as launch/train.py runs), so that no Ray outlives its run here.
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         host = {s: pool.submit(measure_host, s, 6 if args.quick else 20).result() for s in (2, 4)}
+        # The pipeline's stages share the cores: their compute measured in actors stepping at once.
+        together = {
+            s: replace(
+                costs[s], compute_s=pool.submit(concurrent_compute, replace_stages(base, s), args.steps).result()
+            )
+            for s in range(2, layers + 1)
+        }
+    for s, c in together.items():
+        print(f"compute in {s} actors at once: {[f'{1e3 * t:.2f} ms' for t in c.compute_s]}")
     with local_cluster(nodes=2, cpus=1) as cluster:
         # Per-byte costs on the local two-node cluster: relays on the head, then on both nodes in turn.
         ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING)
@@ -395,7 +228,7 @@ def main() -> None:
         rows.append((f"sequential, {s} stage(s), 1 thread", args.batch_size / sum(costs[s].compute_s), got))
     for s, got in pipelined.items():
         layout = Layout(devices=tuple(range(s)), nodes=(0,) * s, cores_per_node=cores)
-        predicted = predict(costs[s], hop, layout, args.batch_size)
+        predicted = predict(together[s], hop, layout, args.batch_size)
         rows.append((f"ray, {s} stages, 1 node, {cores:g} cores", predicted, got))
     for s, got in spread.items():
         # The two nodes share this machine's cores (one pool), plus the copies between them.
@@ -407,13 +240,13 @@ def main() -> None:
             one_machine=True,
         )
         name = f"ray, {s} stages spread over 2 local nodes (same {cores:g} cores)"
-        rows.append((name, predict(costs[s], hop, layout, args.batch_size), got))
+        rows.append((name, predict(together[s], hop, layout, args.batch_size), got))
     for name, predicted, got in rows:
         print(
             f"{name}: predicted {predicted:,.0f}, measured {got:,.0f} samples/s ({100 * (predicted / got - 1):+.0f}%)"
         )
     table = predicted_table(base, hop, args)
-    write_results(Path(args.out), args, costs, hop, rows, table)
+    write_results(Path(args.out), args, costs, together, hop, rows, table)
 
 
 def replace_stages(config: RunConfig, stages: int) -> RunConfig:
@@ -452,7 +285,7 @@ def predicted_table(base: RunConfig, hop: HopModel, args) -> dict[tuple[int, int
     return table
 
 
-def write_results(path: Path, args, costs, hop: HopModel, rows, table) -> None:
+def write_results(path: Path, args, costs, together, hop: HopModel, rows, table) -> None:
     lines = [
         f"# Scaling model ({today()}, {machine()})",
         "",
@@ -461,11 +294,18 @@ def write_results(path: Path, args, costs, hop: HopModel, rows, table) -> None:
         f"of 2 epochs of {args.train_limit} MNIST samples (the steady state, which the model predicts). "
         "The model is in the docstring of benchmarks/scaling.py.",
         "",
-        "Measured inputs: compute per stage and microbatch (ms), for each stage count:",
+        "Measured inputs: compute per stage and microbatch (ms), for each stage count, in one process (for the "
+        "sequential runner) and in one actor per stage, all stepping at once (CPU time, for the Ray pipeline):",
         "",
     ]
     for s, c in costs.items():
-        lines.append(f"- {s} stage(s): " + ", ".join(f"{1e3 * t:.2f}" for t in c.compute_s))
+        alone = ", ".join(f"{1e3 * t:.2f}" for t in c.compute_s)
+        at_once = (
+            f"; in actors at once: {', '.join(f'{1e3 * t:.2f}' for t in together[s].compute_s)}"
+            if s in together
+            else ""
+        )
+        lines.append(f"- {s} stage(s): {alone}{at_once}")
     lines += [
         "",
         f"Host costs per training microbatch: {1e6 * hop.base:.0f} us + {1e9 * hop.per_byte:.2f} ns/byte per actor "

@@ -64,9 +64,9 @@ def test_device_check_needs_only_torch_and_numpy_and_no_install(tmp_path):
 def test_the_scaling_and_peer_benchmarks_measure_stages_from_the_stream():
     from helpers import small_config
 
-    from benchmarks import peer, scaling
+    from benchmarks import peer, scaling_inputs
 
-    costs = scaling.stage_costs(small_config(), steps=2, warmup=1)
+    costs = scaling_inputs.stage_costs(small_config(), steps=2, warmup=1)
     assert len(costs.compute_s) == 3 and all(seconds > 0 for seconds in costs.compute_s)
     assert costs.in_bytes[0] > 0 and all(size > 0 for size in costs.out_bytes)
     argv = ["--preset", "synthetic", "--executor", "sequential", "--device", "cpu", "--no-progress"]
@@ -75,9 +75,23 @@ def test_the_scaling_and_peer_benchmarks_measure_stages_from_the_stream():
 
 
 def test_the_scaling_model_reads_the_host_costs_of_a_real_ray_pipeline(ray_cluster):
-    from benchmarks import scaling
+    from benchmarks import scaling_inputs
 
-    host = scaling.measure_host(2, epochs=3)
+    host = scaling_inputs.measure_host(2, epochs=3)
     # Each actor's CPU beyond its Stage.step, the driver's and the rest of the machine's: all read
     # from /proc for the actual processes, so none is zero on a run that moved 16 microbatches.
     assert 0 < host.actor_s < 0.1 and 0 < host.driver_s < 0.1 and 0 <= host.rest_s < 0.1
+
+
+def test_the_scaling_model_times_each_stage_in_its_own_actor_all_at_once():
+    # In a fresh process, as the benchmark runs it: it starts (and stops) a Ray of its own.
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from helpers import small_config
+
+    from benchmarks import scaling_inputs
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        seconds = pool.submit(scaling_inputs.concurrent_compute, small_config(), 3).result()
+    assert len(seconds) == 3 and all(0 < s < 1 for s in seconds)
