@@ -115,6 +115,7 @@ class RayPipeline:
         # Sync point: every actor has built its stage before the first microbatch is sent.
         self.locations: list[dict[str, str]] = ray.get([actor.location.remote() for actor in self.actors])
         self.hand_offs: list[HandOff] = []
+        self._steps: list = []
         try:
             self._connect()
         except BaseException:
@@ -151,8 +152,7 @@ class RayPipeline:
             return
         ref = ray.put(self._waiting)
         refs = []
-        for actor, hand_off in zip(self.actors, self.hand_offs):
-            step = actor.step.options(tensor_transport=hand_off.ray_name) if hand_off.direct else actor.step
+        for step in self._steps:
             ref = step.remote(ref)
             refs.append(ref)
         self._calls.append(Call(refs, len(self._waiting)))
@@ -185,6 +185,11 @@ class RayPipeline:
                 why = f"direct transport failed at the start ({problem})"
                 hand_offs = [HandOff(OBJECT_STORE, why if h.direct else h.reason) for h in hand_offs]
         self.hand_offs = hand_offs
+        # Each stage's step as the driver calls it, its hop's transport bound once here.
+        self._steps = [
+            actor.step.options(tensor_transport=h.ray_name) if h.direct else actor.step
+            for actor, h in zip(self.actors, hand_offs)
+        ]
         self._get([actor.hand_on_direct.remote(h.direct) for actor, h in zip(self.actors, hand_offs)])
 
     def completed(self, wait: bool = False) -> list[Prediction | CheckpointMarker]:

@@ -35,11 +35,12 @@ from dataclasses import dataclass
 
 import ray
 
+from forwardflow.pipeline.device import TRANSPORT_DEVICES
 from forwardflow.pipeline.validation import ConfigError
 
 OBJECT_STORE = "object-store"
-DIRECT = ("gloo", "nccl", "cuda-ipc")  # RDT transports, by our names
-RAY_NAMES = {"gloo": "gloo", "nccl": "nccl", "cuda-ipc": "cuda_ipc"}  # what ray.method expects
+RAY_NAMES = {"gloo": "gloo", "nccl": "nccl", "cuda-ipc": "cuda_ipc"}  # RDT transports: ours -> Ray's
+DIRECT = tuple(RAY_NAMES)
 COLLECTIVE = ("gloo", "nccl")  # need a collective group of the actors
 PROBE_TIMEOUT_S = 120
 
@@ -63,15 +64,14 @@ class HandOff:
 def check_transport(requested: str, devices: list[str]) -> None:
     """Before any actor starts: a transport asked for by name must suit every hop's devices
     (``devices``: each stage's, "cpu" or "cuda", from the placement plan)."""
-    if requested in ("auto", OBJECT_STORE) or len(devices) < 2:
+    if requested not in TRANSPORT_DEVICES or len(devices) < 2:
         return
-    wanted = "cpu" if requested == "gloo" else "cuda"
+    wanted, tensors = TRANSPORT_DEVICES[requested]
     for stage, device in enumerate(devices):
         if not device.startswith(wanted):
-            what = "CPU tensors" if wanted == "cpu" else "GPU tensors"
             raise ConfigError(
                 "--transport",
-                f"{requested} carries {what}, but stage {stage} runs on {device}; use auto or object-store",
+                f"{requested} carries {tensors}, but stage {stage} runs on {device}; use auto or object-store",
             )
 
 

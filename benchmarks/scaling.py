@@ -201,7 +201,10 @@ def main() -> None:
         # The pipeline's stages share the cores: their compute measured in actors stepping at once.
         together = {
             s: replace(
-                costs[s], compute_s=pool.submit(concurrent_compute, replace_stages(base, s), args.steps).result()
+                costs[s],
+                compute_s=pool.submit(
+                    concurrent_compute, replace_stages(base, s), costs[s].first_inputs, args.steps
+                ).result(),
             )
             for s in range(2, layers + 1)
         }

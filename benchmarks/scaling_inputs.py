@@ -8,7 +8,7 @@ import os
 import resource
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ray
@@ -28,6 +28,7 @@ class StageCosts:
     in_bytes: list[int]  # the microbatch each stage receives
     out_bytes: list[int]  # and hands on (the last stage: its prediction, small)
     input_shape: tuple[int, ...] = ()  # of one sample
+    first_inputs: list[Microbatch] = field(default_factory=list)  # each stage's first input
 
 
 def nbytes(mb: Microbatch) -> int:
@@ -44,12 +45,15 @@ def stage_costs(config: RunConfig, steps: int, warmup: int = 5) -> StageCosts:
     stages = [Stage(setup, device) for setup in run.setups]
     times: list[list[float]] = [[] for _ in stages]
     in_bytes, out_bytes = [0] * len(stages), [0] * len(stages)
+    first_inputs: list[Microbatch] = []
     for count, first in enumerate(run.schedule.microbatches()):
         if count >= warmup + steps:
             break
         mb = first
         for index, stage in enumerate(stages):
             in_bytes[index] = nbytes(mb)
+            if count == 0:
+                first_inputs.append(mb)
             started = time.perf_counter()
             result = stage.step(mb)
             if device.startswith("cuda"):
@@ -62,7 +66,8 @@ def stage_costs(config: RunConfig, steps: int, warmup: int = 5) -> StageCosts:
             else:
                 out_bytes[index] = result.labels.numel() * 8
                 break
-    return StageCosts([statistics.median(t) for t in times], in_bytes, out_bytes, run.dataset.input_shape)
+    medians = [statistics.median(t) for t in times]
+    return StageCosts(medians, in_bytes, out_bytes, run.dataset.input_shape, first_inputs)
 
 
 # ---------------------------------------------------------------- hop costs
@@ -83,13 +88,12 @@ class Relay:
 def raylet_cpu_s() -> float:
     """CPU seconds of this cluster's raylets (on this machine), from /proc."""
     gcs = ray.get_runtime_context().gcs_address.encode()
-    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    total = 0.0
     for entry in Path("/proc").iterdir():
         try:
             raylet = entry.name.isdigit() and (entry / "comm").read_text().strip() == "raylet"
             if raylet and gcs in (entry / "cmdline").read_bytes():
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / tick
+                total += process_cpu_s(int(entry.name))
         except OSError:
             pass
     return total
@@ -220,21 +224,15 @@ class StageTimer:
         return statistics.median(seconds)
 
 
-def concurrent_compute(config: RunConfig, steps: int) -> list[float]:
+def concurrent_compute(config: RunConfig, inputs: list[Microbatch], steps: int) -> list[float]:
     """Each stage's CPU time per training microbatch (thread time around Stage.step) with every
-    stage in its own actor and all of them stepping at once, as in the Ray pipeline: stages that
-    share the cores slow each other (caches, memory bandwidth, Ray's threads in each process),
-    which a stage timed alone in one process does not show. Runs in a fresh process (a local Ray)."""
+    stage in its own actor and all of them stepping at once on its input (``inputs``, from
+    StageCosts.first_inputs), as in the Ray pipeline: stages that share the cores slow each other
+    (caches, memory bandwidth, Ray's threads in each process), which a stage timed alone in one
+    process does not show. Runs in a fresh process (a local Ray)."""
     from forwardflow.actors.cluster import connect
 
-    torch.set_num_threads(1)
     run = build_run(config)
-    inputs, mb = [], next(iter(run.schedule.microbatches()))
-    for setup in run.setups:  # each stage's input: the first microbatch as its upstream hands it on
-        inputs.append(mb)
-        result = Stage(setup, torch.device("cpu")).step(mb)
-        if isinstance(result, Microbatch):
-            mb = result.to("cpu")
     connect(None)
     timers = [StageTimer.remote(setup, given) for setup, given in zip(run.setups, inputs)]  # type: ignore[attr-defined]
     seconds = ray.get([timer.cpu_per_step.remote(steps) for timer in timers])

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from forwardflow.pipeline.device import TRANSPORT_DEVICES
 from forwardflow.pipeline.model import BLOCKS, BlockSpec, ModelConfig
 from forwardflow.pipeline.recurrent import RECURRENT_KINDS
 from forwardflow.pipeline.rules.base import Rule, RuleOptions
@@ -243,11 +244,11 @@ class ExecutionConfig(Section):
         device = self.device
         if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
             raise self.error("device", f"{device!r} is not one of auto, cpu, cuda, cuda:N")
-        transport = self.transport_choice
-        on_gpu = device.startswith("cuda")
-        if (transport == "gloo" and on_gpu) or (transport in ("nccl", "cuda-ipc") and device == "cpu"):
-            carries = "CPU tensors" if transport == "gloo" else "GPU tensors"
-            raise self.error("transport", f"{transport} carries {carries}, not {device} ones; use auto or object-store")
+        carries, tensors = TRANSPORT_DEVICES.get(self.transport_choice, (None, ""))
+        if carries and device != "auto" and not device.startswith(carries):
+            raise self.error(
+                "transport", f"{self.transport} carries {tensors}, not {device} ones; use auto or object-store"
+            )
         gpus = self.gpus_per_stage
         if gpus is not None and gpus > 1 and gpus != int(gpus):
             # Ray reserves fractions of one GPU, or whole GPUs.

@@ -17,6 +17,14 @@ import torch
 
 from forwardflow.pipeline.messages import Microbatch, Prediction, StageStats
 
+# The device (and its tensors' name) each transport named by --transport carries between stages
+# (actors/transport.py); auto and object-store carry any.
+TRANSPORT_DEVICES = {
+    "gloo": ("cpu", "CPU tensors"),
+    "nccl": ("cuda", "GPU tensors"),
+    "cuda-ipc": ("cuda", "GPU tensors"),
+}
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":

@@ -92,6 +92,7 @@ def test_the_scaling_model_times_each_stage_in_its_own_actor_all_at_once():
 
     from benchmarks import scaling_inputs
 
+    inputs = scaling_inputs.stage_costs(small_config(), steps=1, warmup=0).first_inputs
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        seconds = pool.submit(scaling_inputs.concurrent_compute, small_config(), 3).result()
+        seconds = pool.submit(scaling_inputs.concurrent_compute, small_config(), inputs, 3).result()
     assert len(seconds) == 3 and all(0 < s < 1 for s in seconds)
