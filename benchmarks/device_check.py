@@ -21,8 +21,14 @@ sequential runs' steady state (after 20 microbatches) runs under
 ``torch.cuda.set_sync_debug_mode("error")``: a host synchronisation other than the run's sanctioned
 reads (``pipeline/device.py: host_read``) stops the run, and the report shows where it was.
 
-Data: the CIFAR-10 JPEG copy (../shared/datasets/cifar10-jpeg75.tar.gz, decoded with Pillow or
-torchvision, whichever is there), else synthetic images of the same shape (said in the report).
+A run that raises becomes a row saying why, and the check goes on (exit status 1 at the end); the
+report is rewritten after each run, so a check cut short by the machine's time limit leaves the rows
+it finished. ``benchmarks/gpu_session.sh run`` runs this check, then the test suite, on a lent GPU
+machine in one call.
+
+Data (benchmarks/device_data.py): the CIFAR-10 JPEG copy (../shared/datasets/cifar10-jpeg75.tar.gz,
+decoded with Pillow or torchvision, whichever is there), else synthetic images of the same shape
+(said in the report).
 
 Without an install of forwardflow (the GPU machine takes a plain checkout), the script lays out a
 ``forwardflow`` package of links to the four folders in a temporary folder and puts it on
@@ -32,11 +38,8 @@ Without an install of forwardflow (the GPU machine takes a plain checkout), the 
 from __future__ import annotations
 
 import argparse
-import io
 import os
-import pickle
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -49,8 +52,6 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("pipeline", "actors", "launch", "monitoring")
-ARCHIVE = "cifar10-jpeg75.tar.gz"
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 WARMUP_MICROBATCHES = 20  # before the sync debug mode is armed: allocations, cuDNN's first calls
 
 
@@ -74,86 +75,6 @@ def importable_forwardflow(force: bool = False) -> str:
     import forwardflow.pipeline
 
     return str(Path(forwardflow.pipeline.__file__).parent.parent)
-
-
-# ---------------------------------------------------------------- data
-
-
-def find_archive(given: str | None) -> Path | None:
-    candidates = [Path(given)] if given else [REPO.parent / "shared" / "datasets" / ARCHIVE]
-    candidates.append(REPO / "shared" / "datasets" / ARCHIVE)
-    return next((path for path in candidates if path.is_file()), None)
-
-
-def jpeg_decoder():
-    """A function from JPEG bytes to a (3, 32, 32) uint8 array: Pillow, else torchvision, else None."""
-    try:
-        from PIL import Image
-
-        return lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
-    except ImportError:
-        pass
-    try:
-        from torchvision.io import decode_jpeg
-
-        return lambda data: decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)).numpy()
-    except ImportError:
-        return None
-
-
-def decode_archive(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
-    decode = jpeg_decoder()
-    if decode is None:
-        return None
-    found: dict[str, list[tuple[str, int, np.ndarray]]] = {"train": [], "test": []}
-    with tarfile.open(path) as archive:
-        for member in archive:
-            parts = Path(member.name).parts
-            if member.isfile() and len(parts) >= 3 and parts[-3] in found and parts[-2] in CLASSES:
-                data = archive.extractfile(member)
-                assert data is not None
-                found[parts[-3]].append((member.name, CLASSES.index(parts[-2]), decode(data.read())))
-    split = {}
-    for name, items in found.items():
-        items.sort()
-        split[name] = (np.stack([item[2] for item in items]), np.array([item[1] for item in items]))
-    return split
-
-
-def synthetic_images(train: int, test: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Images of CIFAR-10's shape, each class a colour of its own under noise: learnable, for speed only."""
-    rng = np.random.default_rng(0)
-    means = rng.integers(40, 216, (10, 3, 1, 1))
-    split = {}
-    for name, count in (("train", train), ("test", test)):
-        labels = rng.integers(0, 10, count)
-        images = np.clip(means[labels] + rng.normal(0, 40, (count, 3, 32, 32)), 0, 255).astype(np.uint8)
-        split[name] = (images, labels)
-    return split
-
-
-def write_python_batches(split: dict[str, tuple[np.ndarray, np.ndarray]], folder: Path) -> None:
-    """The standard CIFAR-10 python batches, which forwardflow reads (--dataset cifar10)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, file in (("train", "data_batch_1"), ("test", "test_batch")):
-        images, labels = split[name]
-        with open(folder / file, "wb") as handle:
-            pickle.dump({b"data": images.reshape(len(images), -1), b"labels": labels.tolist()}, handle)
-
-
-def prepare_data(args, workdir: Path) -> str:
-    """Writes the data into ``workdir``; returns where it came from, for the report."""
-    archive = None if args.tiny else find_archive(args.cifar)
-    split = decode_archive(archive) if archive else None
-    if split is not None:
-        source = f"CIFAR-10 (JPEG q75 copy, {archive})"
-    else:
-        train, test = (512, 256) if args.tiny else (50_000, 10_000)
-        split = synthetic_images(train, test)
-        why = "tiny check" if args.tiny else ("no JPEG decoder" if archive else f"no {ARCHIVE}")
-        source = f"synthetic images of CIFAR-10's shape ({why})"
-    write_python_batches(split, workdir)
-    return source
 
 
 # ---------------------------------------------------------------- measuring
@@ -369,9 +290,17 @@ def ray_running() -> bool:
 
 
 RAY_RUN = "Signal Propagation, Ray, 2 stages on one device"
+PLAIN = "plain PyTorch backprop loop"
 
 
-def measure(args, data_dir: str, device: torch.device) -> tuple[dict[str, dict[str, Any]], list[str]]:
+def failed(error: BaseException) -> dict[str, Any]:
+    """The row of a run that raised: the check goes on to the next run (one call on a lent machine)."""
+    return {"error": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}", "busy": []}
+
+
+def measure(args, data_dir: str, device: torch.device, written) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Every run in turn; ``written(rows, notes)`` after each, so that a check cut short by the
+    machine's time limit still leaves the rows it finished."""
     cuda = device.type == "cuda"
     base = preset_argv(args, data_dir)
     notes: list[str] = []
@@ -401,21 +330,31 @@ def measure(args, data_dir: str, device: torch.device) -> tuple[dict[str, dict[s
                 rates[rule] = forwardflow_run(calibration, cuda, sync_debug=False)["samples_per_s"]
             argv = sized(argv + ["--test-limit", "2000"], rates[rule], args.seconds, 50_000, 128)
         print(f"device check: {name}: {' '.join(extra)}", file=sys.stderr)
-        rows[name] = checked_run(name, argv, cuda and "Ray" not in name)
-        if "Ray" in name:
-            rows[name]["sync"] = "not armed (the stages run in Ray's worker processes)"
-            notes.append(f"{name}: stage 0 hands on by {rows[name]['hand_off']}")
-        print(f"device check: {name}: {rows[name]['samples_per_s']:,.0f} samples/s", file=sys.stderr)
+        try:
+            rows[name] = checked_run(name, argv, cuda and "Ray" not in name)
+        except Exception as error:  # reported in the table; the next run goes on
+            traceback.print_exc()
+            rows[name] = failed(error)
+        if "error" not in rows[name]:
+            if "Ray" in name:
+                rows[name]["sync"] = "not armed (the stages run in Ray's worker processes)"
+                notes.append(f"{name}: stage 0 hands on by {rows[name]['hand_off']}")
+            print(f"device check: {name}: {rows[name]['samples_per_s']:,.0f} samples/s", file=sys.stderr)
+        written(rows, notes)
     if ray_running() and not ray_before:
         import ray
 
         ray.shutdown()  # the Ray the builder started for the run (not a caller's)
-    rows["plain PyTorch backprop loop"] = plain_backprop(args, data_dir, args.seconds, device)
+    try:
+        rows[PLAIN] = plain_backprop(args, data_dir, args.seconds, device)
+    except Exception as error:  # reported in the table
+        traceback.print_exc()
+        rows[PLAIN] = failed(error)
     return rows, notes
 
 
 def report(rows: dict[str, dict[str, Any]], notes: list[str], header: dict[str, str]) -> str:
-    plain = rows["plain PyTorch backprop loop"]["samples_per_s"]
+    plain = rows.get(PLAIN, {}).get("samples_per_s")
     lines = [
         "# Device check",
         "",
@@ -425,10 +364,14 @@ def report(rows: dict[str, dict[str, Any]], notes: list[str], header: dict[str, 
         "|---|---:|---:|---|---:|---:|---|",
     ]
     for name, row in rows.items():
+        if "error" in row:
+            lines.append(f"| {name} | failed: {row['error']} | - | - | - | - | - |")
+            continue
+        versus = f"{row['samples_per_s'] / plain:.2f}x" if plain else "-"
         busy = ", ".join(f"{100 * b:.0f}%" for b in row["busy"]) or "-"
         utilisation = "-" if row["utilisation"] is None else f"{row['utilisation']:.0f}%"
         lines.append(
-            f"| {name} | {row['samples_per_s']:,.0f} | {row['samples_per_s'] / plain:.2f}x | {busy} | {utilisation} | "
+            f"| {name} | {row['samples_per_s']:,.0f} | {versus} | {busy} | {utilisation} | "
             f"{row['peak_bytes'] / 2**30:.2f} GiB | {row['sync']} |"
         )
     lines += ["", *(f"- {note}" for note in notes)] if notes else []
@@ -447,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "device.md"))
     parser.add_argument("--tiny", action="store_true", help="a check of seconds on the CPU (how the tests run it)")
     parser.add_argument("--device", default=None, help="default: cuda when there is one (cpu with --tiny)")
-    parser.add_argument("--cifar", default=None, help=f"the {ARCHIVE} to decode (default: ../shared/datasets)")
+    parser.add_argument("--cifar", default=None, help="the CIFAR-10 JPEG archive (default: ../shared/datasets)")
     parser.add_argument("--no-ray", action="store_true", help="leave the Ray run out")
     parser.add_argument("--plain-checkout", action="store_true", help="import forwardflow through a package of links")
     args = parser.parse_args(argv)
@@ -455,32 +398,36 @@ def main(argv: list[str] | None = None) -> int:
     where = importable_forwardflow(force=args.plain_checkout)
     print(f"device check: forwardflow from {where}", file=sys.stderr)
     from benchmarks.common import machine, today, write_report
+    from benchmarks.device_data import prepare_data
 
     device = torch.device(args.device)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="forwardflow-device-check-") as work:
-        source = prepare_data(args, Path(work))
-        print(f"device check: data: {source}", file=sys.stderr)
-        rows, notes = measure(args, work, device)
-    ray_version = "absent"
-    if ray_available():
-        import ray
-
-        ray_version = ray.__version__
+    ray_version = sys.modules["ray"].__version__ if ray_available() else "absent"
     header = {
         "Date": today(),
         "Machine": machine(),
         "Ray": ray_version,
-        "Data": source,
         "Net": "cifar-vgg preset (VGG7, microbatch 128, bf16, channels-last, copy streams)"
         if not args.tiny
         else "cifar-vgg-small preset (tiny CPU check, microbatch 64)",
         "Command": "python3 benchmarks/device_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "Total time": f"{time.perf_counter() - started:.0f} s",
     }
-    text = report(rows, notes, header)
-    write_report(args.output, text)
-    return 0
+
+    def written(rows: dict[str, dict[str, Any]], notes: list[str], final: bool = False) -> None:
+        spent = f"{time.perf_counter() - started:.0f} s" + ("" if final else " so far (the check did not finish)")
+        text = report(rows, notes, header | {"Total time": spent})
+        if final:
+            write_report(args.output, text)
+        else:  # quietly, for a check cut short
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(text)
+
+    with tempfile.TemporaryDirectory(prefix="forwardflow-device-check-") as work:
+        header["Data"] = prepare_data(args, Path(work))
+        print(f"device check: data: {header['Data']}", file=sys.stderr)
+        rows, notes = measure(args, work, device, written)
+    written(rows, notes, final=True)
+    return 1 if any("error" in row for row in rows.values()) else 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ scripts that produce them must not rot."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,31 @@ def test_device_check_runs_on_a_cpu_with_a_tiny_budget(ray_cluster, tmp_path):
     assert ray_cluster.is_initialized(), "the check must leave a Ray it did not start running"
 
 
+def test_device_check_reports_a_failed_run_goes_on_and_leaves_what_it_finished(monkeypatch, tmp_path):
+    # On a lent machine the check is one call: a run that raises must not take the others with it,
+    # and a check cut short by the machine's time limit must leave the rows it finished on disk.
+    output = tmp_path / "device.md"
+    real_run = device_check.checked_run
+
+    def bp_fails(name, argv, cuda):
+        if "--rule" in argv:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
+        return real_run(name, argv, cuda)
+
+    def plain_loop_sees_the_file_so_far(*args):
+        so_far = output.read_text()
+        assert "| Signal Propagation, sequential | " in so_far and "did not finish" in so_far
+        raise KeyError("plain loop")
+
+    monkeypatch.setattr(device_check, "checked_run", bp_fails)
+    monkeypatch.setattr(device_check, "plain_backprop", plain_loop_sees_the_file_so_far)
+    assert device_check.main(["--tiny", "--no-ray", "--output", str(output)]) == 1
+    text = output.read_text()
+    assert "| --rule bp, sequential | failed: RuntimeError: CUDA error: an illegal memory access" in text
+    assert "| plain PyTorch backprop loop | failed: KeyError: 'plain loop' |" in text
+    assert "| Signal Propagation, sequential | " in text and "did not finish" not in text
+
+
 # Runs the check where only torch and numpy can be imported, from the checkout through a package of
 # links (as on the GPU machine, which has no install of forwardflow and no Ray).
 WITHOUT_EXTRAS = r"""
@@ -59,6 +85,35 @@ def test_device_check_needs_only_torch_and_numpy_and_no_install(tmp_path):
     assert "forwardflow from " + tempfile.gettempdir() in done.stderr  # the package of links, not the install
     text = output.read_text()
     assert "Ray run skipped: Ray cannot be imported here" in text and "| --rule bp, sequential |" in text
+
+
+def gpu_session(tmp_path, *parts: str, **env: str) -> tuple[subprocess.CompletedProcess, str]:
+    environment = os.environ | {"OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "TINY": "1"} | env
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_session.sh", "run", *parts],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return done, (tmp_path / "out" / "session.md").read_text()
+
+
+def test_the_gpu_session_script_runs_the_device_check_and_notes_each_part(tmp_path):
+    # The script a lent GPU machine runs in one call, tried as before a session: CPU-sized.
+    done, session = gpu_session(tmp_path, "device")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "- device check (python3 benchmarks/device_check.py --tiny" in session and ": exit 0 after" in session
+    assert "| Signal Propagation, sequential |" in (tmp_path / "out" / "device.md").read_text()
+    assert "test suite" not in session  # only the part named
+
+
+def test_the_gpu_session_script_fails_when_a_part_is_cut_at_the_budget(tmp_path):
+    done, session = gpu_session(tmp_path, "device", BUDGET="1")
+    assert done.returncode == 1, session
+    # Cut at the second left, or not started when setting up took that second: never a success.
+    assert "(cut at its 1 s limit)" in session or "not run, the budget was spent" in session, session
 
 
 def test_the_scaling_and_peer_benchmarks_measure_stages_from_the_stream():
