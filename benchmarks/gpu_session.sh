@@ -14,7 +14,8 @@
 #   1. the machine (Python, torch, CUDA, GPUs, cores) and Ray's import: session.md
 #   2. device: the device check (benchmarks/device_check.py, DEVICE_SECONDS per run, default 20):
 #      device.md, its log device.log
-#   3. tests: the test suite on that machine with the time left (skipped under 90 s): tests.txt
+#   3. tests: the test suite on that machine with the time left (skipped under 90 s):
+#      tests/test_on_gpu.py first (gpu-tests.txt), then the rest (tests.txt)
 # Both parts when none is named. Each part's exit status and time go into session.md; the script
 # exits 1 if a part failed. TINY=1 runs the CPU-sized device check (--tiny), PYTHON another
 # interpreter (default python3): how the script is tried on a CPU before a session.
@@ -112,8 +113,13 @@ else
     "$python" -c 'import matplotlib' 2>/dev/null || skip+=(--ignore tests/test_monitoring.py
         --deselect tests/test_outputs.py::test_a_directory_holding_a_run_is_refused_unless_resumed_or_overwritten)
     "$python" -c 'import aiohttp' 2>/dev/null || skip+=(--ignore tests/test_cluster_launcher.py)
-    part "test suite (python3 -m pytest -q -rfEs tests ${skip[*]})" "$(left)" "$out/tests.txt" \
-        "$python" -m pytest -q -rfEs -p no:cacheprovider tests "${skip[@]}"
+    # The tests only a GPU can run first: a suite cut at the budget still has their results.
+    part "tests only a GPU runs (python3 -m pytest -q -rfEs tests/test_on_gpu.py)" "$(left)" "$out/gpu-tests.txt" \
+        "$python" -m pytest -q -rfEs -p no:cacheprovider tests/test_on_gpu.py
+    tail -n 15 "$out/gpu-tests.txt"
+    part "the rest of the suite (python3 -m pytest -q -rfEs tests --ignore tests/test_on_gpu.py ${skip[*]})" \
+        "$(left)" "$out/tests.txt" \
+        "$python" -m pytest -q -rfEs -p no:cacheprovider tests --ignore tests/test_on_gpu.py "${skip[@]}"
     tail -n 25 "$out/tests.txt"
 fi
 note "- session: $((SECONDS - started)) s in all"
