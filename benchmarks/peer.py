@@ -304,6 +304,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small budgets")
     parser.add_argument("--out", default=str(RESULTS / "peer.md"))
     args = parser.parse_args()
+    if args.device.startswith("cuda") and torch.cuda.device_count() < max(args.stages):
+        # NCCL takes one rank per GPU: PyTorch's pipeline cannot put two of its stages on one GPU.
+        count = torch.cuda.device_count()
+        print(
+            f"benchmarks.peer: error: --device {args.device}: PyTorch's pipeline over NCCL needs a GPU per stage "
+            f"({max(args.stages)} stages asked for, {count} GPU{'' if count == 1 else 's'} here)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     if args.quick:
         args.train_limit, args.rounds = args.train_limit or 8192, 1
     rows: list[Row] = []

@@ -151,3 +151,15 @@ def test_the_scaling_model_times_each_stage_in_its_own_actor_all_at_once():
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         seconds = pool.submit(scaling_inputs.concurrent_compute, small_config(), inputs, 3).result()
     assert len(seconds) == 3 and all(0 < s < 1 for s in seconds)
+
+
+def test_the_peer_benchmark_refuses_more_nccl_stages_than_gpus_in_one_line():
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.peer", "--device", "cuda", "--stages", "2", "99"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "needs a GPU per stage (99 stages asked for" in done.stderr
