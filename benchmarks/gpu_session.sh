@@ -17,8 +17,9 @@
 #   3. tests: the test suite on that machine with the time left (skipped under 90 s):
 #      tests/test_on_gpu.py first (gpu-tests.txt), then the rest (tests.txt)
 # Both parts when none is named. Each part's exit status and time go into session.md; the script
-# exits 1 if a part failed. TINY=1 runs the CPU-sized device check (--tiny), PYTHON another
-# interpreter (default python3): how the script is tried on a CPU before a session.
+# exits 1 if a part failed. DEVICE_ARGS adds arguments to the device check (e.g. --no-ray). TINY=1
+# runs the CPU-sized device check (--tiny), PYTHON another interpreter (default python3): how the
+# script is tried on a CPU before a session.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -94,6 +95,8 @@ note ""
 if [[ " $parts " == *" device "* ]]; then
     device_args=(--seconds "${DEVICE_SECONDS:-20}" --output "$out/device.md")
     [ -n "${TINY:-}" ] && device_args=(--tiny --output "$out/device.md")
+    read -r -a extra <<<"${DEVICE_ARGS:-}"
+    device_args+=("${extra[@]}")
     part "device check (python3 benchmarks/device_check.py ${device_args[*]})" "$(left)" "$out/device.log" \
         "$python" benchmarks/device_check.py "${device_args[@]}"
     grep -E '^device check|Error' "$out/device.log" | tail -n 20
