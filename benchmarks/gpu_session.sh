@@ -33,7 +33,7 @@ pack)
     # out to stay within 64 MiB beside the CIFAR-10 copy, so tests/test_monitoring.py is skipped there.
     EXTRA="pytest prometheus-client pillow tqdm hypothesis psutil" bash ../shared/gpu/pack-ray.sh "$pack" || exit 1
     # The CIFAR-10 copy (19 MB): ../shared beside the checkout does not travel, a carried path does.
-    cp ../shared/datasets/cifar10-jpeg75.tar.gz .gpu/ || exit 1
+    cp -f ../shared/datasets/cifar10-jpeg75.tar.gz .gpu/ || exit 1
     echo "carry: .gpu/ray-slim.tar.xz .gpu/cifar10-jpeg75.tar.gz ($(du -cb .gpu/*.tar.* | tail -1 | cut -f1) bytes)"
     exit 0
     ;;
@@ -79,7 +79,8 @@ note "- $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 2^20}' /proc/
 
 # Ray from the carried copy: its worker processes inherit PYTHONPATH, so it is exported.
 if [ -f "$pack" ]; then
-    [ -d .gpu/ray-slim ] || tar -xJf "$pack" -C .gpu
+    # Unpacked once per pack: a folder older than the archive is from an earlier pack.
+    [ .gpu/ray-slim -nt "$pack" ] || { rm -rf .gpu/ray-slim && tar -xJf "$pack" -C .gpu && touch .gpu/ray-slim; }
     export PYTHONPATH=$repo/.gpu/ray-slim${PYTHONPATH:+:$PYTHONPATH} PATH=$repo/.gpu/ray-slim/bin:$PATH
     export RAY_USAGE_STATS_ENABLED=0
 fi
