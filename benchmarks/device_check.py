@@ -23,7 +23,7 @@ reads (``pipeline/device.py: host_read``) stops the run, and the report shows wh
 
 A run that raises becomes a row saying why, and the check goes on (exit status 1 at the end); the
 report is rewritten after each run, so a check cut short by the machine's time limit leaves the rows
-it finished. ``benchmarks/gpu_session.sh run`` runs this check, then the test suite, on a lent GPU
+it finished. ``benchmarks/gpu_session.sh run`` runs this check, then the test suite, on a bare GPU
 machine in one call.
 
 Data (benchmarks/device_data.py): the CIFAR-10 JPEG copy (../shared/datasets/cifar10-jpeg75.tar.gz,
@@ -294,7 +294,7 @@ PLAIN = "plain PyTorch backprop loop"
 
 
 def failed(error: BaseException) -> dict[str, Any]:
-    """The row of a run that raised: the check goes on to the next run (one call on a lent machine)."""
+    """The row of a run that raised: the check goes on to the next run (one call on a GPU machine with a time limit)."""
     return {"error": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}", "busy": []}
 
 

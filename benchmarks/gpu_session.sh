@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What this project measures on a lent GPU machine, prepared here and run there as one call. That
+# What this project measures on a bare GPU machine, prepared here and run there as one call. That
 # machine has Python with torch (CUDA) and numpy, but no Ray, no network and no install of
 # forwardflow; it takes 64 MiB of files in all (working tree, ../shared, carried paths) and runs a
 # command for at most 10 minutes (../shared/gpu/README.md).

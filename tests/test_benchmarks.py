@@ -36,7 +36,7 @@ def test_device_check_runs_on_a_cpu_with_a_tiny_budget(ray_cluster, tmp_path):
 
 
 def test_device_check_reports_a_failed_run_goes_on_and_leaves_what_it_finished(monkeypatch, tmp_path):
-    # On a lent machine the check is one call: a run that raises must not take the others with it,
+    # On a bare GPU machine the check is one call: a run that raises must not take the others with it,
     # and a check cut short by the machine's time limit must leave the rows it finished on disk.
     output = tmp_path / "device.md"
     real_run = device_check.checked_run
@@ -101,7 +101,7 @@ def gpu_session(tmp_path, *parts: str, **env: str) -> tuple[subprocess.Completed
 
 
 def test_the_gpu_session_script_runs_the_device_check_and_notes_each_part(tmp_path):
-    # The script a lent GPU machine runs in one call, tried as before a session: CPU-sized, and
+    # The script a bare GPU machine runs, tried on a CPU as it is before each use: CPU-sized, and
     # without the Ray runs (the check's own tests run those).
     done, session = gpu_session(tmp_path, "device", DEVICE_ARGS="--no-ray")
     assert done.returncode == 0, done.stdout + done.stderr

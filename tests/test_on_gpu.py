@@ -1,5 +1,5 @@
 """What only a GPU can show. These tests run where torch sees a CUDA device (``bash
-benchmarks/gpu_session.sh run tests`` runs the suite on a lent GPU machine) and are skipped, saying
+benchmarks/gpu_session.sh run tests`` runs the suite on a bare GPU machine) and are skipped, saying
 so, elsewhere: every rule's steps never wait on the host there; Ray stages sharing the GPU hand on
 by CUDA IPC and compute what the sequential runner computes, with the data and its augmentation on
 the device; the copy streams change no number; bf16 really is on; stages on two GPUs hand on by
