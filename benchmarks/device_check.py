@@ -15,7 +15,9 @@ cifar-vgg preset's net (VGG7, microbatch 128, the preset's bf16, channels-last a
 4. a plain PyTorch backprop loop on the same net, data and augmentation on the GPU.
 
 Each forwardflow run goes through the builder, as ``launch/train.py`` runs; its size comes from a
-short calibration run. Reported: training samples/s, each stage's busy share (device time on a
+short calibration run, which also profiles 20 of its microbatches (benchmarks/device_profile.py:
+host time per microbatch, torch's operators within it, device time; the operator tables go to
+``<output>-profile.md``). Reported: training samples/s, each stage's busy share (device time on a
 GPU), GPU utilisation (``torch.cuda.utilization``, else ``nvidia-smi``) and peak memory. The
 sequential runs' steady state (after 20 microbatches) runs under
 ``torch.cuda.set_sync_debug_mode("error")``: a host synchronisation other than the run's sanctioned
@@ -147,14 +149,14 @@ def where_it_synchronised(error: BaseException) -> str:
     return f"{str(error).splitlines()[0]}{place}"
 
 
-def forwardflow_run(argv: list[str], cuda: bool, sync_debug: bool) -> dict[str, Any]:
+def forwardflow_run(argv: list[str], cuda: bool, sync_debug: bool, profiled=None) -> dict[str, Any]:
     from forwardflow.launch.build import build_run
     from forwardflow.launch.cli import parse_config
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     meter = Utilisation() if cuda else None
-    observers = [sync_debug_observer()] if sync_debug else []
+    observers = ([sync_debug_observer()] if sync_debug else []) + ([profiled] if profiled is not None else [])
     row: dict[str, Any] = {"sync": "armed after 20 microbatches: no unsanctioned sync" if sync_debug else "-"}
     with build_run(parse_config(argv + ["--no-progress"]), observers) as run:
         if meter is not None:
@@ -189,11 +191,11 @@ def sized(base: list[str], rate: float, seconds: float, train_size: int, batch: 
     return base + ["--epochs", "1", "--train-limit", str(max(20 * batch, int(samples)))]
 
 
-def checked_run(name: str, argv: list[str], cuda: bool) -> dict[str, Any]:
+def checked_run(name: str, argv: list[str], cuda: bool, profiled=None) -> dict[str, Any]:
     """A forwardflow run under the sync debug mode where CUDA is; if it stops on a sync, the place
     is reported and the run repeated without the mode for its figures."""
     try:
-        row = forwardflow_run(argv, cuda, sync_debug=cuda)
+        row = forwardflow_run(argv, cuda, sync_debug=cuda, profiled=profiled)
     except RuntimeError as error:
         if "synchroniz" not in str(error):
             raise
@@ -298,9 +300,15 @@ def failed(error: BaseException) -> dict[str, Any]:
     return {"error": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}", "busy": []}
 
 
-def measure(args, data_dir: str, device: torch.device, written) -> tuple[dict[str, dict[str, Any]], list[str]]:
+def measure(
+    args, data_dir: str, device: torch.device, written, profiles: list
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Every run in turn; ``written(rows, notes)`` after each, so that a check cut short by the
-    machine's time limit still leaves the rows it finished."""
+    machine's time limit still leaves the rows it finished. ``profiles`` gets a profile of each
+    rule's sequential run (benchmarks/device_profile.py): of its calibration run, or of the tiny
+    run itself."""
+    from benchmarks.device_profile import StepProfile
+
     cuda = device.type == "cuda"
     base = preset_argv(args, data_dir)
     notes: list[str] = []
@@ -321,17 +329,22 @@ def measure(args, data_dir: str, device: torch.device, written) -> tuple[dict[st
     ray_before = ray_running()
     for name, extra in runs.items():
         argv = base + extra
+        rule = "bp" if "bp" in name else "sigprop"
+        profiled = None
         if args.tiny:
             argv += ["--train-limit", "256", "--test-limit", "128", "--epochs", "1"]
-        else:
-            rule = "bp" if "bp" in name else "sigprop"
-            if rule not in rates:  # a short run gives the rate, and warms the device up
-                calibration = argv + ["--train-limit", "6400", "--test-limit", "1000", "--epochs", "1"]
-                rates[rule] = forwardflow_run(calibration, cuda, sync_debug=False)["samples_per_s"]
-            argv = sized(argv + ["--test-limit", "2000"], rates[rule], args.seconds, 50_000, 128)
+            if "Ray" not in name:
+                profiled = StepProfile(f"{name} (this tiny run)", start=2, count=2)
         print(f"device check: {name}: {' '.join(extra)}", file=sys.stderr)
         try:
-            rows[name] = checked_run(name, argv, cuda and "Ray" not in name)
+            if not args.tiny:
+                if rule not in rates:  # a short run gives the rate, and warms the device up
+                    calibration = argv + ["--train-limit", "6400", "--test-limit", "1000", "--epochs", "1"]
+                    profiles.append(StepProfile(f"{name} (its calibration run)", start=20, count=20))
+                    rates[rule] = forwardflow_run(calibration, cuda, False, profiles[-1])["samples_per_s"]
+                argv = sized(argv + ["--test-limit", "2000"], rates[rule], args.seconds, 50_000, 128)
+            rows[name] = checked_run(name, argv, cuda and "Ray" not in name, profiled)
+            profiles += [profiled] if profiled is not None else []
         except Exception as error:  # reported in the table; the next run goes on
             traceback.print_exc()
             rows[name] = failed(error)
@@ -425,7 +438,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="forwardflow-device-check-") as work:
         header["Data"] = prepare_data(args, Path(work))
         print(f"device check: data: {header['Data']}", file=sys.stderr)
-        rows, notes = measure(args, work, device, written)
+        profiles: list = []
+        rows, notes = measure(args, work, device, written, profiles)
+    if profiles:
+        tables = Path(args.output).with_name(Path(args.output).stem + "-profile.md")
+        tables.write_text(
+            "# Device check: where a microbatch's time goes\n\n" + "\n".join(p.tables() for p in profiles)
+        )
+        notes += [profile.summary() for profile in profiles] + [f"the profiles' operator tables: {tables.name}"]
     written(rows, notes, final=True)
     return 1 if any("error" in row for row in rows.values()) else 0
 

@@ -32,6 +32,11 @@ def test_device_check_runs_on_a_cpu_with_a_tiny_budget(ray_cluster, tmp_path):
         assert f"| {run}" in text, run
     # Each Ray run says how its stages handed on (on a CPU: the object store either way).
     assert text.count("stage 0 hands on by object-store") == 2
+    # Where the time goes: each rule's sequential run profiled, its operators in a file beside.
+    assert "- Signal Propagation, sequential (this tiny run): 2 microbatches profiled: host " in text
+    assert "- --rule bp, sequential (this tiny run): 2 microbatches profiled" in text
+    profile = (tmp_path / "device-profile.md").read_text()
+    assert profile.count("\n## ") == 2 and "aten::" in profile
     assert ray_cluster.is_initialized(), "the check must leave a Ray it did not start running"
 
 
@@ -41,10 +46,10 @@ def test_device_check_reports_a_failed_run_goes_on_and_leaves_what_it_finished(m
     output = tmp_path / "device.md"
     real_run = device_check.checked_run
 
-    def bp_fails(name, argv, cuda):
+    def bp_fails(name, argv, cuda, profiled=None):
         if "--rule" in argv:
             raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
-        return real_run(name, argv, cuda)
+        return real_run(name, argv, cuda, profiled)
 
     def plain_loop_sees_the_file_so_far(*args):
         so_far = output.read_text()
