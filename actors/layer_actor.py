@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from typing import TypeGuard
 
 import ray
 import torch
@@ -76,10 +77,8 @@ class LayerActor:
             # copy them to its own device (which may be another GPU on another node). On a GPU this
             # copy is the executor's sync point per microbatch, not the stage's. A direct hand-off
             # leaves them where they are: Ray's transport waits for the stage's stream itself.
-            if isinstance(result, Prediction):
-                result = result.cpu()
-            elif isinstance(result, Microbatch) and not self.direct_out:
-                result = result.to("cpu")
+            if self._goes_through_host(result):
+                result = result.cpu() if isinstance(result, Prediction) else result.to("cpu")
             results.append(result)
             stats.handoff_s += time.perf_counter() - computed
         self._last_step_end = time.perf_counter()
@@ -100,15 +99,19 @@ class LayerActor:
                 assert isinstance(message, Microbatch)
                 message = copies.use(message, copied)
             result = self.stage.step(message)
-            if isinstance(result, CheckpointMarker) or (self.direct_out and isinstance(result, Microbatch)):
-                results.append(result)
-            else:
-                results.append(copies.to_host(result))
+            results.append(copies.to_host(result) if self._goes_through_host(result) else result)
         waiting = time.perf_counter()
         copies.finish()  # the call's one wait: its results are in host memory once it returns
         self._last_step_end = time.perf_counter()
         stats.handoff_s += self._last_step_end - waiting
         return results
+
+    def _goes_through_host(
+        self, result: Microbatch | Prediction | CheckpointMarker
+    ) -> TypeGuard[Microbatch | Prediction]:
+        """Whether a step's result is copied to host memory before it goes on: predictions always
+        (the driver reads them), microbatches unless this stage hands on directly, markers never."""
+        return isinstance(result, Prediction) or (isinstance(result, Microbatch) and not self.direct_out)
 
     def _microbatch(self, item: MicrobatchPlan | Microbatch | CheckpointMarker) -> Microbatch | CheckpointMarker:
         if not isinstance(item, MicrobatchPlan):

@@ -76,12 +76,17 @@ class EvalOutputs(RunObserver):
         return {key: torch.cat(parts) for key, parts in self.outputs.items()}
 
 
-def assert_same_weights(left, right):
+def assert_same_weights(left, right, tolerance: tuple[float, float] | None = None):
+    """Identical weights, stage by stage; within ``tolerance`` (rtol, atol) where one is given."""
     assert len(left) == len(right)
     for stage, (a, b) in enumerate(zip(left, right)):
         assert a.keys() == b.keys()
         for name in a:
-            assert torch.equal(a[name], b[name]), f"stage {stage} {name} differs"
+            if tolerance is None:
+                assert torch.equal(a[name], b[name]), f"stage {stage} {name} differs"
+            else:
+                rtol, atol = tolerance
+                torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=f"stage {stage} {name}")
 
 
 def assert_executors_agree(config: RunConfig, **ray_execution) -> RunResult:
