@@ -87,7 +87,15 @@ class PlainStage(nn.Module):
             if y is not None:
                 loss = batch_contrastive_loss(similarity(x, t, default_temperature(x)), y)
         assert t is not None
-        joint = self.layer(torch.cat([x, t]))
+        flatten, linear, *rest = self.layer
+        if self.targets is not None:
+            # As forwardflow does (pipeline/model.py run_blocks): only the targets need an input
+            # gradient, so the first linear runs on the two apart.
+            joint = torch.cat([linear(flatten(x)), linear(flatten(t))])
+        else:
+            joint = linear(flatten(torch.cat([x, t])))
+        for block in rest:
+            joint = block(joint)
         h, t = joint[: x.shape[0]], joint[x.shape[0] :]
         scores = similarity(h, t, default_temperature(h))
         if y is not None:

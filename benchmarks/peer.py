@@ -49,6 +49,8 @@ from forwardflow.pipeline.stage import Stage
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 SCHEDULES = ("gpipe", "1f1b")
+FORWARDFLOW = "forwardflow (sigprop)"
+FORWARDFLOW_PER_LAYER = "forwardflow (sigprop, --loss-at layer)"
 
 
 class SavedActivations:
@@ -316,20 +318,24 @@ def main() -> None:
     if args.quick:
         args.train_limit, args.rounds = args.train_limit or 8192, 1
     rows: list[Row] = []
-    saved: dict[int, tuple[list[float], list[float]]] = {}
     for stages in args.stages:
         argv = ["--preset", args.preset, "--stages", str(stages), "--batch-size", str(args.batch_size)]
         argv += ["--epochs", str(args.epochs), "--train-limit", str(args.train_limit), "--device", args.device]
-        saved[stages] = forwardflow_saved_activations(argv)
-        group = [Row(stages, "forwardflow (sigprop)")] + [Row(stages, name) for name in SCHEDULES]
+        # forwardflow's own rows: a loss per stage, and (where a stage has several layers) a loss
+        # per layer, which learns as one layer per stage would.
+        variants = {FORWARDFLOW: argv}
+        if stages < parse_config(argv).model.num_layers:
+            variants[FORWARDFLOW_PER_LAYER] = argv + ["--loss-at", "layer"]
+        saved = {name: forwardflow_saved_activations(variant) for name, variant in variants.items()}
+        group = [Row(stages, name) for name in variants] + [Row(stages, name) for name in SCHEDULES]
         for _ in range(args.rounds):
             for row in group:
                 if row.name in SCHEDULES:
                     row.runs.append(run_peer(argv, row.name, stages, args.microbatches, args.device))
                 else:
-                    activations, queued = saved[stages]
+                    activations, queued = saved[row.name]
                     figures = {"saved_mib": activations, "queued_mib": queued}
-                    row.runs.append(run_forwardflow(argv + ["--test-limit", "500"]) | figures)
+                    row.runs.append(run_forwardflow(variants[row.name] + ["--test-limit", "500"]) | figures)
                 print(stages, row.name, json.dumps(row.runs[-1]), flush=True)
         rows += group
     write_results(Path(args.out), args, rows)

@@ -266,6 +266,11 @@ def plan_stages(model: ModelConfig, input_shape: tuple[int, ...], num_stages: in
     return plans
 
 
+def layer_sizes(blocks: tuple[BlockSpec, ...]) -> list[int]:
+    """How many of ``blocks`` (a stage's, or a model's) each of their layers spans, in order."""
+    return [len(layer) for layer in _split_layers(blocks)]
+
+
 def layer_blocks(model: ModelConfig) -> list[list[BlockSpec]]:
     """The model's blocks grouped into layers (the units a stage is made of)."""
     return _split_layers(model.blocks)
@@ -284,16 +289,38 @@ def run_blocks(blocks: nn.ModuleList, inputs: torch.Tensor, targets: torch.Tenso
 
     Inputs and targets go through as one concatenated batch (one matmul, shared normalisation
     statistics). Dropout touches the inputs only: noise on the target path stops learning.
+
+    Where only the targets need a gradient at the stage's input (a learned target layer in front of
+    data that needs none), the blocks up to the first weight block run on the two apart and join
+    after it: that block's backward then computes the input gradient for the K target rows only,
+    not for the whole microbatch (on MNIST's first layer, one of the stage's three large matmuls).
     """
     if targets is None:
         for block in blocks:
             inputs = block(inputs)
         return inputs, None
     rows = inputs.shape[0]
-    joint = torch.cat([inputs, targets])
+    apart = targets.requires_grad and not inputs.requires_grad
+    joint = None if apart else torch.cat([inputs, targets])
     for block in blocks:
+        if joint is None:
+            module = getattr(block, "_orig_mod", block)  # a compiled block's own module
+            if isinstance(module, PER_SAMPLE_BLOCKS):
+                inputs, targets = block(inputs), block(targets)
+                if isinstance(module, WEIGHT_BLOCKS):
+                    joint = torch.cat([inputs, targets])
+                continue
+            joint = torch.cat([inputs, targets])
         if isinstance(block, SeededDropout):
             joint = torch.cat([block(joint[:rows]), joint[rows:]])
         else:
             joint = block(joint)
+    if joint is None:
+        return inputs, targets
     return joint[:rows], joint[rows:]
+
+
+# Blocks that treat every sample on its own (no statistics across the batch, no state), and of
+# those the ones with weights: run_blocks may run them on inputs and targets apart.
+WEIGHT_BLOCKS = (nn.Linear, nn.Conv2d)
+PER_SAMPLE_BLOCKS = (*WEIGHT_BLOCKS, nn.Flatten)

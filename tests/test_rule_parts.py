@@ -13,10 +13,11 @@ import pytest
 import torch
 from helpers import small_config, tweak
 from test_rules import B, W, lone_stage, microbatch, np_relu_layer, set_linear
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from forwardflow.pipeline.config import RuleConfig
 from forwardflow.pipeline.messages import EVAL, TRAIN, Microbatch, Prediction
-from forwardflow.pipeline.model import BlockSpec
+from forwardflow.pipeline.model import BlockSpec, run_blocks
 from forwardflow.pipeline.rules.backprop import BackpropRule
 from forwardflow.pipeline.rules.base import HEAD, Feedback, Predictor
 from forwardflow.pipeline.rules.efp import ErrorFeedback, ErrorForwardOptions, ErrorForwardRule
@@ -167,6 +168,77 @@ def test_sigprop_first_stage_loss_adds_the_target_layer_loss_at_the_input_and_th
     assert step.loss.item() == pytest.approx(at_input + at_layer + np_cross_entropy(head_logits(X), labels), rel=1e-5)
     assert np.allclose(step.handed_on.targets.numpy(), np_relu_layer(targets), atol=1e-6)
     assert rule(blocks, microbatch(X, labels, phase=EVAL), training=False).loss is None
+
+
+def middle_stage_of_two_layers(loss_at: str):
+    """A middle stage of two layers, 4 -> 3 (W, B) + ReLU and 3 -> 3 + ReLU, scored per class."""
+    options = SigPropOptions(temperature=1.0, loss="per-class", loss_at=loss_at)
+    blocks = (BlockSpec("linear", 3), BlockSpec("relu"), BlockSpec("linear", 3), BlockSpec("relu"))
+    rule, modules = lone_stage(RuleConfig("sigprop", options), blocks, (4,), (3,), index=1, num_stages=3)
+    set_linear(modules[0], W, B)
+    return rule, modules
+
+
+T_IN = [[0.5, 0.0, 1.0, -0.5], [-1.0, 0.5, 0.0, 1.0]]  # t_{l-1}, one row per class
+
+
+@pytest.mark.parametrize("loss_at", ["stage", "layer"])
+def test_sigprop_loss_at_layer_adds_each_layers_own_loss_and_keeps_the_gradients_apart(loss_at):
+    rule, modules = middle_stage_of_two_layers(loss_at)
+    second = modules[2]
+    w2, b2 = second.weight.detach().double().numpy(), second.bias.detach().double().numpy()
+    labels = [0, 1, 1]
+    mb = microbatch(X, labels, targets=torch.tensor(T_IN))
+    step = rule(modules, mb, training=True)
+    h1, t1 = np_relu_layer(X), np_relu_layer(T_IN)
+    h2, t2 = np.maximum(h1 @ w2.T + b2, 0.0), np.maximum(t1 @ w2.T + b2, 0.0)
+    expected = np_cross_entropy(h2 @ t2.T, labels)
+    if loss_at == "layer":
+        expected += np_cross_entropy(h1 @ t1.T, labels)
+    assert step.loss.item() == pytest.approx(expected, rel=1e-5)
+    # With a loss per layer the first layer's gradient is that of its own loss: the second
+    # layer's weights do not reach it. With one loss per stage, they do.
+    step.loss.backward()
+    before = modules[0].weight.grad.clone()
+    modules[0].weight.grad = None
+    with torch.no_grad():
+        second.weight.mul_(-2.0)
+    rule(modules, mb, training=True).loss.backward()
+    assert torch.allclose(before, modules[0].weight.grad) == (loss_at == "layer")
+
+
+class MatmulShapes(TorchDispatchMode):
+    """The output shapes of every matrix product run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+def test_the_first_layer_computes_the_input_gradient_for_the_target_rows_only():
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList([torch.nn.Flatten(), torch.nn.Linear(12, 5), torch.nn.ReLU(), torch.nn.LayerNorm(5)])
+    x = torch.randn(7, 3, 2, 2)  # data: no gradient
+    targets = torch.randn(2, 3, 2, 2, requires_grad=True)  # a learned target layer's output
+    h, t = run_blocks(blocks, x, targets)
+    with MatmulShapes() as products:
+        (h.pow(2).sum() + t.sum()).backward()
+    assert (2, 12) in products.shapes and (7 + 2, 12) not in products.shapes, products.shapes
+    apart_gradient = targets.grad.clone()
+    # The same values and gradient as the blocks on the concatenated batch.
+    targets.grad = None
+    joint = torch.cat([x, targets])
+    for block in blocks:
+        joint = block(joint)
+    assert torch.allclose(joint[:7], h) and torch.allclose(joint[7:], t)
+    (joint[:7].pow(2).sum() + joint[7:].sum()).backward()
+    assert torch.allclose(targets.grad, apart_gradient, atol=1e-6)
 
 
 def test_sigprop_target_projection_starts_at_scale_one_over_root_k_and_is_fixed_or_learned():

@@ -17,11 +17,13 @@ from forwardflow.launch.build import Run, build_run
 from forwardflow.launch.cli import build_parser, parse_config
 from forwardflow.launch.report import table
 from forwardflow.launch.train import main
+from forwardflow.pipeline.config import RuleConfig
 from forwardflow.pipeline.data import make_synthetic
 from forwardflow.pipeline.messages import TRAIN
 from forwardflow.pipeline.presets import fc_model
 from forwardflow.pipeline.rules.ff import LABEL_VALUE
 from forwardflow.pipeline.rules.registry import RULES
+from forwardflow.pipeline.rules.sigprop import SigPropOptions
 from forwardflow.pipeline.runner import SequentialRunner
 from forwardflow.pipeline.training import train
 from forwardflow.pipeline.validation import ConfigError
@@ -35,6 +37,14 @@ def test_every_rule_learns_the_synthetic_set_through_the_ray_pipeline(ray_cluste
     else:
         result = run_to_end(tweak(config, execution={"executor": "ray"}))
     assert result.evaluations[-1].accuracy >= 0.9
+
+
+def test_sigprop_with_a_loss_per_layer_agrees_across_executors(ray_cluster):
+    # Two stages of two layers each, every layer learning from its own loss (and the first one
+    # running inputs and targets apart, pipeline/model.py run_blocks): the Ray run is the sequential run.
+    config = config_for("sigprop", model=replace(fc_model((24, 24, 16, 16), name="fc-tiny4"), stages=2), epochs=1)
+    config = replace(config, rule=RuleConfig("sigprop", SigPropOptions(loss_at="layer")))
+    assert_executors_agree(config)
 
 
 def hidden_stage_moved(result, run: Run) -> bool:
@@ -172,15 +182,18 @@ def test_rule_flags_reach_the_rule_options():
             "--temperature",
             "2.5",
             "--no-target-loss",
+            "--loss-at",
+            "layer",
         ]
     ).rule.options
-    assert (options.positives, options.topk, options.target_layer, options.temperature, options.target_loss) == (
-        "topk",
-        3,
-        "fixed",
-        2.5,
-        False,
-    )
+    assert (
+        options.positives,
+        options.topk,
+        options.target_layer,
+        options.temperature,
+        options.target_loss,
+        options.loss_at,
+    ) == ("topk", 3, "fixed", 2.5, False, "layer")
     options = parse_config(
         ["--preset", "synthetic", "--rule", "ff", "--ff-threshold", "1.5", "--hard-negatives"]
     ).rule.options

@@ -12,7 +12,7 @@ from torch import nn
 
 from forwardflow.pipeline.losses import batch_contrastive_loss, default_temperature, per_class_loss, similarity
 from forwardflow.pipeline.messages import Microbatch
-from forwardflow.pipeline.model import run_blocks
+from forwardflow.pipeline.model import layer_sizes, run_blocks
 from forwardflow.pipeline.rules.base import LocalStep, Predictor, Rule, RuleContext, RuleOptions, learns_from
 from forwardflow.pipeline.validation import option
 
@@ -35,6 +35,12 @@ class SigPropOptions(RuleOptions):
         "learned", "the label's projection to the input: learned, or fixed random", choices=("learned", "fixed")
     )
     target_loss: bool = option(True, "a learned target layer also learns from its own local loss at the input")
+    loss_at: str = option(
+        "stage",
+        "where the local losses are: after a stage's last layer (the gradient crosses the stage's "
+        "layers), or after each layer (every layer learns from its own, as in a stage of its own)",
+        choices=("stage", "layer"),
+    )
 
     def check(self) -> None:
         if self.loss == "per-class" and self.positives != "all":
@@ -95,6 +101,18 @@ class SigPropRule(Rule):
             return per_class_loss(scores, labels)
         return batch_contrastive_loss(scores, labels, options.positives, options.topk)
 
+    def _loss_groups(self, blocks: nn.ModuleList) -> list[nn.ModuleList]:
+        """The runs of blocks that end in a local loss: the stage's, or each of its layers'. One
+        backward pass and one optimizer step per microbatch either way; with a loss per layer the
+        layers' gradients are independent, as if each were a stage of its own."""
+        if self.sigprop.loss_at == "stage":
+            return [blocks]
+        groups, first = [], 0
+        for size in layer_sizes(self.context.stage.blocks):
+            groups.append(blocks[first : first + size])
+            first += size
+        return groups
+
     def forward(self, blocks: nn.ModuleList, mb: Microbatch, training: bool) -> LocalStep:
         targets, loss = mb.targets, None
         classes = self.target.classes_of(mb.labels)  # a real-valued target: its bin
@@ -106,14 +124,24 @@ class SigPropRule(Rule):
                 loss = self.local_loss(self.scores(mb.inputs, targets), classes)
         # Sequence data: the class targets enter at every time step beside x_t and go through the
         # same recurrent blocks, with states of their own (pipeline/recurrent.py).
-        h, t = run_blocks(blocks, mb.inputs, targets)
-        assert t is not None
-        scores = self.scores(h, t)
-        if learns:
-            layer_loss = self.local_loss(scores, classes)
-            loss = layer_loss if loss is None else loss + layer_loss
-            if self.output_head is not None:
-                loss = loss + self.head_loss(h, mb.labels)
+        assert targets is not None, "the first stage projects the targets; every later one receives them"
+        h, t = mb.inputs, targets
+        groups = self._loss_groups(blocks)
+        for number, layer in enumerate(groups):
+            if number:
+                # The next layer's loss must not reach this one: cut as between two stages.
+                h, t = h.detach(), t.detach()
+            h, handed = run_blocks(layer, h, t)
+            assert handed is not None
+            t = handed
+            if learns or number == len(groups) - 1:  # evaluation scores the stage's output only
+                scores = self.scores(h, t)
+            if learns:
+                layer_loss = self.local_loss(scores, classes)
+                loss = layer_loss if loss is None else loss + layer_loss
+        if learns and self.output_head is not None:
+            assert loss is not None
+            loss = loss + self.head_loss(h, mb.labels)
         return LocalStep(handed_on=mb.handed_on(h, t), loss=loss, features=h, scores=scores.detach())
 
     def own_outputs(self, mb: Microbatch, step: LocalStep) -> dict[str, torch.Tensor]:
