@@ -76,6 +76,7 @@ class PlainStage(nn.Module):
         super().__init__()
         self.input_shape = input_shape
         self.layer = nn.Sequential(nn.Flatten(), nn.Linear(in_features, WIDTH), nn.ReLU(), nn.LayerNorm(WIDTH))
+        self.to_linear, self.after_linear = self.layer[:2], self.layer[2:]  # the same modules
         self.targets = nn.Parameter(torch.randn(num_classes, in_features) / math.sqrt(num_classes)) if first else None
         self.head = nn.Linear(WIDTH, num_classes) if last else None
         self.optimizer = torch.optim.Adam(self.parameters(), lr=synthetic_small().optim.lr, fused=True)
@@ -87,15 +88,13 @@ class PlainStage(nn.Module):
             if y is not None:
                 loss = batch_contrastive_loss(similarity(x, t, default_temperature(x)), y)
         assert t is not None
-        flatten, linear, *rest = self.layer
         if self.targets is not None:
             # As forwardflow does (pipeline/model.py run_blocks): only the targets need an input
             # gradient, so the first linear runs on the two apart.
-            joint = torch.cat([linear(flatten(x)), linear(flatten(t))])
+            joint = torch.cat([self.to_linear(x), self.to_linear(t)])
         else:
-            joint = linear(flatten(torch.cat([x, t])))
-        for block in rest:
-            joint = block(joint)
+            joint = self.to_linear(torch.cat([x, t]))
+        joint = self.after_linear(joint)
         h, t = joint[: x.shape[0]], joint[x.shape[0] :]
         scores = similarity(h, t, default_temperature(h))
         if y is not None:

@@ -284,7 +284,7 @@ def build_stage_blocks(spec: StageSpec) -> nn.ModuleList:
     return nn.ModuleList(modules)
 
 
-def run_blocks(blocks: nn.ModuleList, inputs: torch.Tensor, targets: torch.Tensor | None):
+def run_blocks(blocks: nn.ModuleList | Sequence[nn.Module], inputs: torch.Tensor, targets: torch.Tensor | None):
     """``h_l = f_l(h_{l-1})`` and ``t_l = f_l(t_{l-1})`` through the very same blocks.
 
     Inputs and targets go through as one concatenated batch (one matmul, shared normalisation
@@ -300,23 +300,15 @@ def run_blocks(blocks: nn.ModuleList, inputs: torch.Tensor, targets: torch.Tenso
             inputs = block(inputs)
         return inputs, None
     rows = inputs.shape[0]
-    apart = targets.requires_grad and not inputs.requires_grad
-    joint = None if apart else torch.cat([inputs, targets])
-    for block in blocks:
-        if joint is None:
-            module = getattr(block, "_orig_mod", block)  # a compiled block's own module
-            if isinstance(module, PER_SAMPLE_BLOCKS):
-                inputs, targets = block(inputs), block(targets)
-                if isinstance(module, WEIGHT_BLOCKS):
-                    joint = torch.cat([inputs, targets])
-                continue
-            joint = torch.cat([inputs, targets])
+    apart = _blocks_through_first_weights(blocks) if targets.requires_grad and not inputs.requires_grad else 0
+    for block in blocks[:apart]:
+        inputs, targets = block(inputs), block(targets)
+    joint = torch.cat([inputs, targets])
+    for block in blocks[apart:]:
         if isinstance(block, SeededDropout):
             joint = torch.cat([block(joint[:rows]), joint[rows:]])
         else:
             joint = block(joint)
-    if joint is None:
-        return inputs, targets
     return joint[:rows], joint[rows:]
 
 
@@ -324,3 +316,15 @@ def run_blocks(blocks: nn.ModuleList, inputs: torch.Tensor, targets: torch.Tenso
 # those the ones with weights: run_blocks may run them on inputs and targets apart.
 WEIGHT_BLOCKS = (nn.Linear, nn.Conv2d)
 PER_SAMPLE_BLOCKS = (*WEIGHT_BLOCKS, nn.Flatten)
+
+
+def _blocks_through_first_weights(blocks: nn.ModuleList | Sequence[nn.Module]) -> int:
+    """How many leading blocks, up to and including the first weight block, treat every sample
+    on its own (0 when another kind of block comes first)."""
+    for count, block in enumerate(blocks, 1):
+        module = getattr(block, "_orig_mod", block)  # a compiled block's own module
+        if not isinstance(module, PER_SAMPLE_BLOCKS):
+            return 0
+        if isinstance(module, WEIGHT_BLOCKS):
+            return count
+    return 0

@@ -4,6 +4,7 @@ own class's ``t`` and away from the others."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -85,6 +86,13 @@ class SigPropRule(Rule):
             self.target_layer = TargetProjection(
                 context.num_classes, context.model_input_shape, learned=self.sigprop.target_layer == "learned"
             )
+        # The runs of the stage's blocks that end in a local loss: the whole stage, or each of its
+        # layers. One backward pass and one optimizer step per microbatch either way; with a loss
+        # per layer the layers' gradients are independent, as if each were a stage of its own.
+        self.loss_groups = [slice(None)]
+        if self.sigprop.loss_at == "layer":
+            ends = list(itertools.accumulate(layer_sizes(context.stage.blocks)))
+            self.loss_groups = [slice(start, end) for start, end in zip([0, *ends], ends)]
 
     @property
     def sigprop(self) -> SigPropOptions:
@@ -101,18 +109,6 @@ class SigPropRule(Rule):
             return per_class_loss(scores, labels)
         return batch_contrastive_loss(scores, labels, options.positives, options.topk)
 
-    def _loss_groups(self, blocks: nn.ModuleList) -> list[nn.ModuleList]:
-        """The runs of blocks that end in a local loss: the stage's, or each of its layers'. One
-        backward pass and one optimizer step per microbatch either way; with a loss per layer the
-        layers' gradients are independent, as if each were a stage of its own."""
-        if self.sigprop.loss_at == "stage":
-            return [blocks]
-        groups, first = [], 0
-        for size in layer_sizes(self.context.stage.blocks):
-            groups.append(blocks[first : first + size])
-            first += size
-        return groups
-
     def forward(self, blocks: nn.ModuleList, mb: Microbatch, training: bool) -> LocalStep:
         targets, loss = mb.targets, None
         classes = self.target.classes_of(mb.labels)  # a real-valued target: its bin
@@ -126,15 +122,13 @@ class SigPropRule(Rule):
         # same recurrent blocks, with states of their own (pipeline/recurrent.py).
         assert targets is not None, "the first stage projects the targets; every later one receives them"
         h, t = mb.inputs, targets
-        groups = self._loss_groups(blocks)
-        for number, layer in enumerate(groups):
+        layers = tuple(blocks)  # sliced per loss group below (a tuple slices without building modules)
+        for number, group in enumerate(self.loss_groups):
             if number:
                 # The next layer's loss must not reach this one: cut as between two stages.
                 h, t = h.detach(), t.detach()
-            h, handed = run_blocks(layer, h, t)
-            assert handed is not None
-            t = handed
-            if learns or number == len(groups) - 1:  # evaluation scores the stage's output only
+            h, t = run_blocks(layers[group], h, t)
+            if learns or number == len(self.loss_groups) - 1:  # evaluation scores the stage's output only
                 scores = self.scores(h, t)
             if learns:
                 layer_loss = self.local_loss(scores, classes)
