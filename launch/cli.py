@@ -74,8 +74,11 @@ def _add(group, item: Field, owner: type[Section], dest: str, default: Any) -> N
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Flag]]:
     """The parser and, by argparse destination, what each flag sets."""
+    # No abbreviations: a prefix such as --microbatch would silently set whichever flag it begins
+    # (--microbatches-per-call), and a flag added later would turn old command lines ambiguous.
     parser = OneLineParser(
         prog="launch/train.py",
+        allow_abbrev=False,
         description="Train a network layer-parallel, each stage learning from its own local loss (no "
         "backpropagation between stages). Defaults shown are the default preset's; another preset "
         "changes some of them.",

@@ -47,6 +47,7 @@ BAD_INPUTS = [
     (["--dataset", "synthetic", "--address", "nowhere"], "--address", "HOST:PORT"),
     (["--config", "/nonexistent/run.toml"], "--config", "cannot read"),
     (["--no-such-flag"], "--no-such-flag", "unknown flag"),
+    (["--microbatch", "512"], "--microbatch", "unknown flag"),  # a prefix is not an abbreviation
 ]
 
 
