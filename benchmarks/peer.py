@@ -44,6 +44,7 @@ from forwardflow.pipeline.config import RunConfig
 from forwardflow.pipeline.data import load_dataset
 from forwardflow.pipeline.messages import Microbatch
 from forwardflow.pipeline.model import build_stage_blocks, plan_stages
+from forwardflow.pipeline.profiling import SavedActivations
 from forwardflow.pipeline.stage import Stage
 
 RESULTS = Path(__file__).parent / "results"
@@ -51,51 +52,6 @@ REPO = Path(__file__).resolve().parents[1]
 SCHEDULES = ("gpipe", "1f1b")
 FORWARDFLOW = "forwardflow (sigprop)"
 FORWARDFLOW_PER_LAYER = "forwardflow (sigprop, --loss-at layer)"
-
-
-class SavedActivations:
-    """Live bytes of the tensors autograd saves for backward (each storage counted once), and their
-    peak. Parameters are left out: they are the weights, not activations."""
-
-    def __init__(self, parameters: list[torch.Tensor]):
-        self.excluded = {p.untyped_storage().data_ptr() for p in parameters}
-        self.live: dict[int, list[int]] = {}  # storage -> [references, bytes]
-        self.bytes = 0
-        self.peak = 0
-
-    def pack(self, tensor: torch.Tensor):
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key in self.excluded or key == 0:
-            return tensor
-        entry = self.live.setdefault(key, [0, storage.nbytes()])
-        if entry[0] == 0:
-            self.bytes += entry[1]
-            self.peak = max(self.peak, self.bytes)
-        entry[0] += 1
-        return _Held(tensor, key, self)
-
-    @staticmethod
-    def unpack(held):
-        return held.tensor if isinstance(held, _Held) else held
-
-    def release(self, key: int) -> None:
-        entry = self.live[key]
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.bytes -= entry[1]
-            del self.live[key]
-
-    def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
-
-
-class _Held:
-    def __init__(self, tensor: torch.Tensor, key: int, owner: SavedActivations):
-        self.tensor, self.key, self.owner = tensor, key, owner
-
-    def __del__(self):
-        self.owner.release(self.key)
 
 
 def rss_bytes() -> int:

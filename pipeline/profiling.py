@@ -8,6 +8,9 @@ microbatch of random inputs of the run's size, once to warm up and then in ``rep
 all layers; the fastest round counts. It runs in the driver's process, before any stage is built,
 with the stages' number of torch threads; the split chosen is written into the run's config
 (``model.split``), so a rerun does not depend on a new measurement.
+
+``SavedActivations`` measures a step's activation memory instead: the bytes autograd keeps for the
+backward pass, live and at their peak (the peer benchmark and the tests use it).
 """
 
 from __future__ import annotations
@@ -109,3 +112,48 @@ def measured_split(
     if _slowest(timed, seconds) <= (1 - MIN_GAIN) * _slowest(by_macs, seconds):
         return tuple(timed)
     return tuple(by_macs)
+
+
+class SavedActivations:
+    """Live bytes of the tensors autograd saves for backward (each storage counted once), and their
+    peak. Parameters are left out: they are the weights, not activations."""
+
+    def __init__(self, parameters: list[torch.Tensor]):
+        self.excluded = {p.untyped_storage().data_ptr() for p in parameters}
+        self.live: dict[int, list[int]] = {}  # storage -> [references, bytes]
+        self.bytes = 0
+        self.peak = 0
+
+    def pack(self, tensor: torch.Tensor):
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in self.excluded or key == 0:
+            return tensor
+        entry = self.live.setdefault(key, [0, storage.nbytes()])
+        if entry[0] == 0:
+            self.bytes += entry[1]
+            self.peak = max(self.peak, self.bytes)
+        entry[0] += 1
+        return _Held(tensor, key, self)
+
+    @staticmethod
+    def unpack(held):
+        return held.tensor if isinstance(held, _Held) else held
+
+    def release(self, key: int) -> None:
+        entry = self.live[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.bytes -= entry[1]
+            del self.live[key]
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+class _Held:
+    def __init__(self, tensor: torch.Tensor, key: int, owner: SavedActivations):
+        self.tensor, self.key, self.owner = tensor, key, owner
+
+    def __del__(self):
+        self.owner.release(self.key)

@@ -161,13 +161,17 @@ class Stage:
         self.run_blocks.train(training)
         self.rule.train(training)
         with torch.set_grad_enabled(training):
+            if training and not self._gathering:
+                # The last update's gradients are cleared before the rule runs, not at the stage's
+                # backward pass: a rule may run backward passes of its own first (LocalStep.settled).
+                self.optimizer.zero_grad(set_to_none=True)
             # bfloat16 for the forward pass and the loss only; the backward pass follows the
             # forward's types and the optimizer updates the float32 weights.
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.options.bf16):
                 local = self.rule(self.run_blocks, mb, training)
             if training:
                 self._unscheduled += 1
-                self._record(mb, local.loss, local.scores, local.tracked)
+                self._record(mb, local.whole_loss(), local.scores, local.tracked)
                 # Without a loss (a step the target does not reach, a rule that learns later in
                 # the sequence) the step only moves the recurrent state on.
                 if local.loss is not None:
@@ -202,8 +206,6 @@ class Stage:
             self._diverged = torch.where(passes, self._diverged, 1.0)
 
     def _backward(self, loss: torch.Tensor) -> None:
-        if not self._gathering:
-            self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # adds to the gradients gathered since the last optimizer step
         self._gathering = True
 

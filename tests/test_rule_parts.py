@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from forwardflow.pipeline.config import RuleConfig
 from forwardflow.pipeline.messages import EVAL, TRAIN, Microbatch, Prediction
 from forwardflow.pipeline.model import BlockSpec, run_blocks
+from forwardflow.pipeline.profiling import SavedActivations
 from forwardflow.pipeline.rules.backprop import BackpropRule
 from forwardflow.pipeline.rules.base import HEAD, Feedback, Predictor
 from forwardflow.pipeline.rules.efp import ErrorFeedback, ErrorForwardOptions, ErrorForwardRule
@@ -195,9 +196,10 @@ def test_sigprop_loss_at_layer_adds_each_layers_own_loss_and_keeps_the_gradients
     expected = np_cross_entropy(h2 @ t2.T, labels)
     if loss_at == "layer":
         expected += np_cross_entropy(h1 @ t1.T, labels)
-    assert step.loss.item() == pytest.approx(expected, rel=1e-5)
+    assert step.whole_loss().item() == pytest.approx(expected, rel=1e-5)
     # With a loss per layer the first layer's gradient is that of its own loss: the second
-    # layer's weights do not reach it. With one loss per stage, they do.
+    # layer's weights do not reach it. With one loss per stage, they do. (With a loss per layer
+    # the rule has already run the first layer's backward pass; the step's loss is the rest.)
     step.loss.backward()
     before = modules[0].weight.grad.clone()
     modules[0].weight.grad = None
@@ -205,6 +207,25 @@ def test_sigprop_loss_at_layer_adds_each_layers_own_loss_and_keeps_the_gradients
         second.weight.mul_(-2.0)
     rule(modules, mb, training=True).loss.backward()
     assert torch.allclose(before, modules[0].weight.grad) == (loss_at == "layer")
+
+
+def test_sigprop_loss_at_layer_keeps_one_layers_activations_alive_at_a_time():
+    blocks = tuple(spec for _ in range(5) for spec in (BlockSpec("linear", 64), BlockSpec("relu")))
+    x = torch.randn(32, 64)
+    peaks = {}
+    for loss_at in ("stage", "layer"):
+        options = SigPropOptions(temperature=1.0, loss="per-class", loss_at=loss_at)
+        rule, modules = lone_stage(RuleConfig("sigprop", options), blocks, (64,), (64,), index=1, num_stages=3)
+        saved = SavedActivations([*modules.parameters(), *rule.parameters()])
+        with saved.hooks():
+            step = rule(modules, microbatch(x.tolist(), [0, 1] * 16, targets=torch.randn(2, 64)), training=True)
+            step.loss.backward()
+        assert saved.bytes == 0  # every saved tensor was released by its backward pass
+        peaks[loss_at] = saved.peak
+    # Five equal layers, each saving its input and its output (the next one's input). With a loss
+    # per layer each layer's backward pass runs before the next layer's forward: the peak is one
+    # layer's two maps. With one loss per stage it is all six.
+    assert peaks["layer"] * 2.5 < peaks["stage"]
 
 
 class MatmulShapes(TorchDispatchMode):

@@ -10,8 +10,11 @@ from helpers import small_config
 from test_rules import RULE_NAMES, config_for
 
 from forwardflow.launch.build import build_run
+from forwardflow.pipeline.config import RuleConfig
 from forwardflow.pipeline.messages import EVAL, TRAIN, Microbatch, NonFiniteLossError, Prediction
 from forwardflow.pipeline.model import BlockSpec, ModelConfig
+from forwardflow.pipeline.presets import fc_model
+from forwardflow.pipeline.rules.sigprop import SigPropOptions
 from forwardflow.pipeline.runner import SequentialRunner
 from forwardflow.pipeline.stage import Stage
 
@@ -41,6 +44,20 @@ def test_a_stage_update_reaches_only_its_own_parameters(tiny):
     # no gradient reached upstream through the hand-on.
     for old, new in zip(stage0_gradients, gradients(runner.stages[0])):
         assert old is not None and new is not None and torch.equal(old, new)
+
+
+def test_with_a_loss_per_layer_one_stage_step_updates_every_layer(tiny):
+    # The rule runs the earlier layers' backward passes itself (to free their activations); the
+    # stage must keep those gradients, not clear them between the rule and its own backward pass.
+    model = replace(fc_model((24, 24, 16, 16), name="fc-tiny4"), stages=2)
+    run = tiny(model=model, rule=RuleConfig("sigprop", SigPropOptions(loss_at="layer")))
+    stage = SequentialRunner(run.setups, run.dataset).stages[0]
+    before = weights(stage)
+    stage.step(first_microbatch(run.schedule))
+    after = weights(stage)
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    layers = {name for name, weight in before.items() if name.startswith("blocks.") and weight.dim() == 2}
+    assert len(layers) == 2 and layers <= moved  # both linear layers
 
 
 def test_no_gradient_crosses_a_stage_boundary(tiny):

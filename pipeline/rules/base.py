@@ -50,12 +50,21 @@ class LocalStep:
     """The result of one stage's forward pass under a rule."""
 
     handed_on: Microbatch  # detached: what the next stage receives
-    loss: torch.Tensor | None  # the local loss (None for evaluation microbatches)
+    loss: torch.Tensor | None  # the local loss still to go backward (None for evaluation microbatches)
     features: torch.Tensor  # this stage's h, for prediction in the last stage
     scores: torch.Tensor | None = None  # per-class scores of this stage (its own training accuracy)
     # Whether the loss is on the scale of the stage's loss in the long run, which the divergence
     # watch compares it with (efp: not before the first error comes back and its replay term).
     tracked: bool = True
+    # Loss parts whose backward pass the rule has already run (detached): with a loss per layer,
+    # each layer's activations are freed before the next layer runs.
+    settled: torch.Tensor | None = None
+
+    def whole_loss(self) -> torch.Tensor | None:
+        """The whole local loss, detached: the settled parts plus the part still to go backward."""
+        if self.loss is None:
+            return self.settled
+        return self.loss.detach() if self.settled is None else self.settled + self.loss.detach()
 
 
 @dataclass(frozen=True)

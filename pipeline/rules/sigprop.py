@@ -123,20 +123,32 @@ class SigPropRule(Rule):
         assert targets is not None, "the first stage projects the targets; every later one receives them"
         h, t = mb.inputs, targets
         layers = tuple(blocks)  # sliced per loss group below (a tuple slices without building modules)
+        last = len(self.loss_groups) - 1
+        settled = None
         for number, group in enumerate(self.loss_groups):
             if number:
                 # The next layer's loss must not reach this one: cut as between two stages.
                 h, t = h.detach(), t.detach()
             h, t = run_blocks(layers[group], h, t)
-            if learns or number == len(self.loss_groups) - 1:  # evaluation scores the stage's output only
+            if learns or number == last:  # evaluation scores the stage's output only
                 scores = self.scores(h, t)
             if learns:
                 layer_loss = self.local_loss(scores, classes)
                 loss = layer_loss if loss is None else loss + layer_loss
+                if number < last:
+                    # Settle this layer's loss now: the cut above means no later loss reaches its
+                    # graph, so its gradients are the same, and its activations are freed before
+                    # the next layer runs (one layer's alive at a time, not the stage's). The
+                    # backward pass runs outside bfloat16 autocast, as the stage's own does.
+                    with torch.autocast(h.device.type, enabled=False):
+                        loss.backward()
+                    part = loss.detach()
+                    settled = part if settled is None else settled + part
+                    loss = None
         if learns and self.output_head is not None:
             assert loss is not None
             loss = loss + self.head_loss(h, mb.labels)
-        return LocalStep(handed_on=mb.handed_on(h, t), loss=loss, features=h, scores=scores.detach())
+        return LocalStep(handed_on=mb.handed_on(h, t), loss=loss, features=h, scores=scores.detach(), settled=settled)
 
     def own_outputs(self, mb: Microbatch, step: LocalStep) -> dict[str, torch.Tensor]:
         assert step.scores is not None
