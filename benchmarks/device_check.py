@@ -213,6 +213,7 @@ def plain_backprop(args, data_dir: str, seconds: float, device: torch.device) ->
 
     from forwardflow.launch.cli import parse_config
     from forwardflow.pipeline.data import load_dataset
+    from forwardflow.pipeline.device import cpu_computes_bfloat16
     from forwardflow.pipeline.model import build_stage_blocks, plan_stages
     from forwardflow.pipeline.source import augment_images
 
@@ -220,6 +221,8 @@ def plain_backprop(args, data_dir: str, seconds: float, device: torch.device) ->
     data = load_dataset(config.data, config.seed)
     cuda = device.type == "cuda"
     execution = config.execution
+    # The preset's bf16 where a forwardflow stage on this device uses it (as pipeline/stage.py decides).
+    bf16 = execution.bf16 and (cuda or cpu_computes_bfloat16())
     spec = plan_stages(config.model, data.input_shape, 1)[0]
     net = nn.Sequential(*build_stage_blocks(spec), nn.Flatten(), nn.Linear(int(np.prod(spec.output_shape)), 10))
     net = net.to(device)
@@ -246,7 +249,7 @@ def plain_backprop(args, data_dir: str, seconds: float, device: torch.device) ->
             inputs = augment_images(images[rows], crops, flips)
             if cuda and execution.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and execution.bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = F.cross_entropy(net(inputs), labels[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

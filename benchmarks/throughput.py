@@ -5,8 +5,10 @@
 The same model and data go through (1) the sequential runner with 1 torch thread, (2) with 2
 threads, and (3) the Ray pipeline with 2 stages balanced by compute, 1 thread each (and 4 stages),
 at each microbatch size given (default 512 and 1024: a larger microbatch amortises Ray's
-per-hop cost). Then the Ray pipeline runs again for a longer run and a larger in-flight window to
-show that each stage's peak memory stays flat.
+per-hop cost). At the first size the sequential runs and the 2-stage pipeline run again with
+``--bf16``: bfloat16 matmuls, which a CPU stage uses where its CPU multiplies in bfloat16. Then
+the Ray pipeline runs again for a longer run and a larger in-flight window to show that each
+stage's peak memory stays flat.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 from pathlib import Path
 
 from benchmarks.common import machine, run, today
+from forwardflow.pipeline.device import cpu_computes_bfloat16
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -48,6 +51,9 @@ def main() -> None:
             "ray pipeline, 2 stages x 1 thread": common + ["--executor", "ray", "--threads", "1", "--stages", "2"],
             "ray pipeline, 4 stages x 1 thread": common + ["--executor", "ray", "--threads", "1", "--stages", "4"],
         }
+        if batch_size == args.batch_size[0]:
+            for name in ("sequential, 1 thread", "sequential, 2 threads", "ray pipeline, 2 stages x 1 thread"):
+                runs[f"{name}, --bf16"] = runs[name] + ["--bf16"]
         for name, argv in runs.items():
             result = run(argv)
             rows[batch_size, name] = {
@@ -89,7 +95,13 @@ def write_report(path: Path, args, rows: dict, memory: dict) -> None:
         f"Model: 4 x 1000 fully connected (preset mnist-fc4, 2 stages of nearly equal cost), "
         f"{args.dataset}, {args.epochs} epochs, rule sigprop. Command: `python -m benchmarks.throughput"
         f"{' --no-memory' if args.no_memory else ''}`. "
-        f"Ratios are against the sequential runs at the same microbatch size.",
+        "Ratios are against the sequential runs at the same microbatch size (float32). "
+        "The --bf16 rows: bfloat16 autocast over the forward pass and the local losses; this CPU "
+        + (
+            "multiplies in bfloat16."
+            if cpu_computes_bfloat16()
+            else "has no bfloat16 instructions, so they run in float32."
+        ),
         "",
         "| microbatch | run | samples/s | vs 1 thread | vs 2 threads | busy fraction per stage | test acc |",
         "|---:|---|---:|---:|---:|---|---:|",

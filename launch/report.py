@@ -61,6 +61,7 @@ def summary(run: Run, result: RunResult) -> dict[str, Any]:
             {
                 "stage": s.stage,
                 **stage_location(run, i, s.device),
+                "precision": s.precision,
                 "samples": s.samples,
                 "busy_fraction": s.busy_s / max(result.wall_s, 1e-9),
                 "mean_loss": finite_or_none(s.mean_loss),
@@ -151,8 +152,9 @@ def table(data: dict[str, Any]) -> str:
     for s in data["stages"]:
         loss = "-" if s["mean_loss"] is None else f"{s['mean_loss']:.4f}"
         node = f"{(s.get('node_id') or '-')[:8]:<8}  " if nodes else ""
+        device = s["device"] + (" bf16" if s.get("precision") == "bfloat16" else "")  # older summaries: float32
         lines.append(
-            f"{s['stage']:>5}  {s['device']:<8}  {node}{s['samples']:>9}  {100 * s['busy_fraction']:>5.1f}%  "
+            f"{s['stage']:>5}  {device:<8}  {node}{s['samples']:>9}  {100 * s['busy_fraction']:>5.1f}%  "
             f"{loss:>10}  {_pct(s['train_accuracy']):>9}"
         )
     primary = data["prediction"]

@@ -218,7 +218,9 @@ class ExecutionConfig(Section):
     )
     ray_dashboard: bool = option(False, "a local Ray also serves its dashboard, on 127.0.0.1:8265")
     bf16: bool = option(
-        False, "CUDA stages: bfloat16 autocast for the forward pass and the local loss (a CPU stage ignores it)"
+        False,
+        "bfloat16 autocast for the forward pass and the local loss: CUDA stages, and CPU stages where the CPU "
+        "multiplies in bfloat16 (AVX512-BF16, AMX, Arm BF16; other CPU stages ignore it)",
     )
     channels_last: bool = option(
         False, "CUDA stages: conv weights and image inputs in channels-last memory format (a CPU stage ignores it)"

@@ -9,9 +9,11 @@ lifts for its own block only, so any other synchronisation fails loudly there.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -24,6 +26,31 @@ TRANSPORT_DEVICES = {
     "nccl": ("cuda", "GPU tensors"),
     "cuda-ipc": ("cuda", "GPU tensors"),
 }
+
+
+# CPU flags (Linux's /proc/cpuinfo) of instructions that multiply in bfloat16: x86's AVX512-BF16 and
+# AMX, Arm's BF16. Without them oneDNN emulates bfloat16 matmuls, slower than float32 ones.
+BFLOAT16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def bfloat16_in_cpu_flags(cpuinfo: str) -> bool:
+    """Whether /proc/cpuinfo's text lists an instruction set that computes in bfloat16."""
+    flags = {
+        flag
+        for line in cpuinfo.splitlines()
+        if line.startswith(("flags", "Features"))  # x86, Arm
+        for flag in line.partition(":")[2].split()
+    }
+    return bool(flags & BFLOAT16_CPU_FLAGS)
+
+
+@functools.cache
+def cpu_computes_bfloat16() -> bool:
+    """Whether this machine's CPU multiplies in bfloat16 natively (False where that can't be read)."""
+    try:
+        return bfloat16_in_cpu_flags(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return False
 
 
 def resolve_device(name: str) -> torch.device:

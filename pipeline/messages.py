@@ -275,6 +275,7 @@ class StageStats:
 
     stage: int
     device: str
+    precision: str = "float32"  # of the forward pass and the local loss: bfloat16 where --bf16 is in effect
     samples: int = 0  # training samples processed (sequence data: sequences, counted at their last step)
     eval_samples: int = 0
     microbatches: int = 0

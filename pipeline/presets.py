@@ -80,9 +80,10 @@ def fashion_fc() -> RunConfig:
 
 
 def cifar_vgg() -> RunConfig:
-    """The GPU preset: bfloat16 autocast and channels-last convs (tensor cores; a CPU stage ignores
-    both), copies on a side stream. torch.compile stays off: its first minutes of compiling cost
-    more than it saves on a short run."""
+    """The GPU preset: bfloat16 autocast and channels-last convs (tensor cores; a CPU stage keeps
+    bf16 only where the CPU multiplies in bfloat16, and ignores channels-last), copies on a side
+    stream. torch.compile stays off: its first minutes of compiling cost more than it saves on a
+    short run."""
     return RunConfig(
         data=DataConfig("cifar10", augment=True),
         model=vgg_model(),

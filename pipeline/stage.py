@@ -14,7 +14,7 @@ from torch import nn
 
 from forwardflow.pipeline.checkpoint import save_shard
 from forwardflow.pipeline.config import OptimConfig, RuleConfig, RunConfig
-from forwardflow.pipeline.device import StepClock, host_read
+from forwardflow.pipeline.device import StepClock, cpu_computes_bfloat16, host_read
 from forwardflow.pipeline.divergence import LossWatch
 from forwardflow.pipeline.messages import (
     TRAIN,
@@ -34,7 +34,9 @@ from forwardflow.pipeline.targets import TargetSpec
 @dataclass(frozen=True)
 class DeviceOptions:
     """What a stage on a CUDA device may do to go faster (``--bf16``, ``--channels-last``,
-    ``--compile``). A stage on the CPU ignores them: its numbers are those of the options off."""
+    ``--compile``). A stage on the CPU keeps bf16 only where the CPU multiplies in bfloat16 (its
+    matmuls then take about half the time) and ignores the rest: its numbers are those of the
+    options off."""
 
     bf16: bool = False  # bfloat16 autocast over the forward pass and the local loss
     channels_last: bool = False  # conv weights and image inputs in channels-last memory format
@@ -85,7 +87,10 @@ class Stage:
             self.rule = setup.rule.rule_class(context)
         self.blocks.to(self.device)
         self.rule.to(self.device)
-        self.options = setup.options if self.device.type == "cuda" else DeviceOptions()
+        self.options = setup.options
+        if self.device.type != "cuda":
+            # Decided where the stage runs (an actor's node may have another CPU than the driver's).
+            self.options = DeviceOptions(bf16=setup.options.bf16 and cpu_computes_bfloat16())
         if self.options.channels_last:
             self.blocks.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         # What the rule runs: the blocks themselves, or each compiled (the parameters are shared,
@@ -108,7 +113,8 @@ class Stage:
         params = [p for p in list(self.blocks.parameters()) + list(self.rule.parameters()) if p.requires_grad]
         self.optimizer = _build_optimizer(setup.optim, params)
         self.scheduler = _build_schedule(setup.optim, self.optimizer, setup.total_steps)
-        self.stats = StageStats(stage=self.index, device=str(self.device), lr=setup.optim.lr)
+        precision = "bfloat16" if self.options.bf16 else "float32"
+        self.stats = StageStats(stage=self.index, device=str(self.device), lr=setup.optim.lr, precision=precision)
         self.loss_watch = LossWatch(setup.optim.divergence_factor)
         self.clock = StepClock(self.device)
         self.last_index = -1
@@ -376,7 +382,8 @@ class Stage:
         self.loss_watch.load_state_dict(state["loss_watch"])
         self._read_after = state["read_after"]
         self._limit.fill_(self.loss_watch.limit())
-        self.stats = replace(StageStats(**state["stats"]), device=str(self.device))
+        # Counters from the checkpoint; where and how it computes from this process.
+        self.stats = replace(StageStats(**state["stats"]), device=str(self.device), precision=self.stats.precision)
         self.last_index = state["last_index"]
         self._weights_at_last_snapshot = [p.detach().clone() for p in self._parameters]
 

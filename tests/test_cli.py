@@ -200,7 +200,8 @@ def test_sequential_run_writes_the_documented_summary(tmp_path):
     assert summary["evaluations"][-1]["test_accuracies"] == summary["test_accuracies"]
     assert len(summary["stages"]) == 2
     for stage in summary["stages"]:
-        assert {"device", "samples", "busy_fraction", "mean_loss"} <= stage.keys()
+        assert {"device", "precision", "samples", "busy_fraction", "mean_loss"} <= stage.keys()
+        assert stage["precision"] == "float32"  # no --bf16
         assert stage["device"] == "cpu" and stage["samples"] == 2 * 1024 and 0 < stage["busy_fraction"] <= 1
     assert (out / "weights.pt").is_file()
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "no temporary files left behind"

@@ -1,6 +1,7 @@
 """The options for GPUs (bf16 autocast, channels-last, torch.compile, copy streams) and the data's
-placement: generated flags, on in the GPU preset, harmless on a CPU (the same numbers as off), and
-bfloat16 hand-ons that survive the trip between actors."""
+placement: generated flags, on in the GPU preset, harmless on a CPU (the same numbers as off) but
+for bf16 where the CPU multiplies in bfloat16, and bfloat16 hand-ons that survive the trip between
+actors."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import pickle
 
 import pytest
 import torch
-from helpers import assert_same_weights, run_to_end, tweak
+from helpers import assert_executors_agree, assert_same_weights, run_to_end, tweak
 from test_rules import CONV, config_for
 
 from forwardflow.launch.build import build_run
 from forwardflow.launch.cli import parse_config
+from forwardflow.pipeline import stage as stage_module
+from forwardflow.pipeline.device import bfloat16_in_cpu_flags
 from forwardflow.pipeline.messages import TRAIN, Microbatch
 from forwardflow.pipeline.presets import cifar_vgg
 from forwardflow.pipeline.stage import DeviceOptions
@@ -40,12 +43,60 @@ def test_the_gpu_preset_turns_on_what_changes_numbers_only_there():
     assert execution.bf16 and execution.channels_last and execution.streams and not execution.compile
 
 
-def test_on_a_cpu_the_gpu_options_change_nothing():
-    config = tweak(config_for("sigprop", model=CONV, epochs=1), data={"train_limit": 256, "placement": "host"})
+def small_conv_run():
+    return tweak(config_for("sigprop", model=CONV, epochs=1), data={"train_limit": 256, "placement": "host"})
+
+
+def test_on_a_cpu_without_bfloat16_instructions_the_gpu_options_change_nothing(monkeypatch):
+    monkeypatch.setattr(stage_module, "cpu_computes_bfloat16", lambda: False)
+    config = small_conv_run()
     fast = tweak(config, execution=GPU_OPTIONS)
     run = build_run(fast)
     assert all(setup.options == DeviceOptions(bf16=True, channels_last=True, compile=True) for setup in run.setups)
-    assert_same_weights(run_to_end(config).weights, run_to_end(fast).weights)
+    result = run_to_end(fast)
+    assert_same_weights(run_to_end(config).weights, result.weights)
+    assert {stats.precision for stats in result.stages} == {"float32"}
+
+
+def test_on_a_cpu_with_bfloat16_instructions_bf16_computes_in_bfloat16_and_the_rest_change_nothing(monkeypatch):
+    monkeypatch.setattr(stage_module, "cpu_computes_bfloat16", lambda: True)
+    config = small_conv_run()
+    plain, bf16 = run_to_end(config), run_to_end(tweak(config, execution={"bf16": True}))
+    every_option = run_to_end(tweak(config, execution=GPU_OPTIONS))
+    assert {stats.precision for stats in bf16.stages} == {"bfloat16"}
+    assert {stats.precision for stats in plain.stages} == {"float32"}
+    # Channels-last, compile and the copy streams are still ignored on a CPU: bf16 alone decides.
+    assert_same_weights(bf16.weights, every_option.weights)
+    # The weights stay float32 (the optimizer updates them) but were learned in bfloat16.
+    for plain_weights, bf16_weights in zip(plain.weights, bf16.weights):
+        assert all(bf16_weights[name].dtype == plain_weights[name].dtype for name in plain_weights)
+    assert any(
+        not torch.equal(plain_weights[name], bf16_weights[name])
+        for plain_weights, bf16_weights in zip(plain.weights, bf16.weights)
+        for name in plain_weights
+        if plain_weights[name].is_floating_point()
+    )
+
+
+def test_with_bf16_the_executors_agree_bit_for_bit(ray_cluster):
+    # bfloat16 where this CPU multiplies in it (each actor decides for itself), float32 elsewhere:
+    # either way the pipeline computes what the sequential runner computes.
+    assert_executors_agree(tweak(config_for("sigprop", epochs=1), execution={"bf16": True}))
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, native",
+    [
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n", True),
+        ("flags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n", True),
+        ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", True),  # Arm
+        ("model name\t: bf16 avx512_bf16\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n", False),
+        ("Features\t: fp asimd crc32\n", False),
+        ("", False),
+    ],
+)
+def test_bfloat16_instructions_are_read_from_the_cpu_flags(cpuinfo, native):
+    assert bfloat16_in_cpu_flags(cpuinfo) is native
 
 
 def test_a_bfloat16_hand_on_survives_the_trip_between_actors():

@@ -85,10 +85,12 @@ def test_on_a_gpu_the_copy_streams_change_no_number(ray_cluster):
 
 
 def test_on_a_gpu_bf16_and_channels_last_are_on_and_the_weights_stay_float32():
-    # On a CPU these options change nothing (tests/test_device_options.py); here they must.
+    # On a CPU channels-last changes nothing, and bf16 only where the CPU multiplies in bfloat16
+    # (tests/test_device_options.py); here both must.
     config = on_gpu(tweak(config_for("sigprop", model=CONV, epochs=1), data={"train_limit": 256}))
     plain = run_to_end(config)
     fast = run_to_end(tweak(config, execution={"bf16": True, "channels_last": True}))
+    assert {stats.precision for stats in fast.stages} == {"bfloat16"}
     for stage in fast.weights:
         assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in stage.values())
     assert any(not torch.equal(plain.weights[0][k], fast.weights[0][k]) for k in plain.weights[0])
