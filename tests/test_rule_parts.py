@@ -228,6 +228,20 @@ def test_sigprop_loss_at_layer_keeps_one_layers_activations_alive_at_a_time():
     assert peaks["layer"] * 2.5 < peaks["stage"]
 
 
+def test_under_bfloat16_autocast_the_nearest_target_is_scored_in_float32():
+    # Two class targets that bfloat16 cannot tell apart (1 + 2^-9 rounds to 1): scored in
+    # bfloat16 every sample's two scores would tie, and argmax would pick class 0 for all of them.
+    options = SigPropOptions(temperature=1.0, loss="per-class")
+    rule, modules = lone_stage(RuleConfig("sigprop", options), (BlockSpec("relu"),), (2,), (2,))
+    targets = torch.tensor([[1.0, 0.0], [1.0 + 2**-9, 0.0]])
+    mb = microbatch([[4.0, 0.0], [3.0, 1.0]], [1, 1], phase=EVAL, targets=targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        step = rule(modules, mb, training=False)
+        assert rule.scores(*run_blocks(modules, mb.inputs, targets)).argmax(1).tolist() == [0, 0]  # the tie
+    assert step.scores is not None and step.scores.dtype == torch.float32
+    assert rule.own_outputs(mb, step)["nearest_target"].tolist() == [1, 1]
+
+
 class MatmulShapes(TorchDispatchMode):
     """The output shapes of every matrix product run inside it."""
 

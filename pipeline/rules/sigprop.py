@@ -148,7 +148,19 @@ class SigPropRule(Rule):
         if learns and self.output_head is not None:
             assert loss is not None
             loss = loss + self.head_loss(h, mb.labels)
-        return LocalStep(handed_on=mb.handed_on(h, t), loss=loss, features=h, scores=scores.detach(), settled=settled)
+        return LocalStep(
+            handed_on=mb.handed_on(h, t), loss=loss, features=h, scores=self.predicting(scores, h, t), settled=settled
+        )
+
+    def predicting(self, scores: torch.Tensor, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The scores the stage predicts from (nearest target), detached. Under bfloat16 autocast
+        they are scored again in float32: bfloat16 keeps 8 bits of mantissa, so the scores of
+        close classes tie, and argmax then picks the first of them (class 0) for every tie. B x K
+        products: cheap beside the layers."""
+        if scores.dtype == torch.float32:
+            return scores.detach()
+        with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
+            return self.scores(h.detach().float(), t.detach().float())
 
     def own_outputs(self, mb: Microbatch, step: LocalStep) -> dict[str, torch.Tensor]:
         assert step.scores is not None
