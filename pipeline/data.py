@@ -268,10 +268,23 @@ def _visible(folder: Path) -> list[Path]:
     return sorted(path for path in folder.iterdir() if not path.name.startswith("."))
 
 
+def classes_in_turn(labels: np.ndarray) -> np.ndarray:
+    """The order that takes the classes in turn: the first sample of each class, then the second
+    of each, and so on (each class in its own order). Image folders list one class after another,
+    so the first N samples (``--train-limit``, ``--test-limit``) would hold the first classes
+    only; in this order any first N hold every class about equally."""
+    rank = np.zeros(len(labels), dtype=np.int64)  # a sample's place within its class
+    for label in np.unique(labels):
+        members = labels == label
+        rank[members] = np.arange(members.sum())
+    return np.lexsort((labels, rank))  # by rank, then by label
+
+
 def load_image_folder(directory: Path) -> tuple[np.ndarray, ...]:
     """``train/<class>/*`` and ``test/<class>/*``; labels follow the alphabetical order of the
-    class folders, which for CIFAR-10's names is the standard label order. Every file must be an
-    image Pillow reads, all of one size."""
+    class folders, which for CIFAR-10's names is the standard label order. Samples come with the
+    classes in turn (:func:`classes_in_turn`). Every file must be an image Pillow reads, all of
+    one size."""
     from PIL import Image  # Pillow decodes JPEG/PNG; imported here so other datasets don't need it
 
     classes = [path.name for path in _visible(directory / "train") if path.is_dir()]
@@ -304,7 +317,8 @@ def load_image_folder(directory: Path) -> tuple[np.ndarray, ...]:
                 labels.append(label)
         if not images:
             raise _bad(directory / split, "holds no images")
-        return np.stack(images), np.asarray(labels, dtype=np.int64)
+        order = classes_in_turn(np.asarray(labels, dtype=np.int64))
+        return np.stack(images)[order], np.asarray(labels, dtype=np.int64)[order]
 
     return (*load("train"), *load("test"))
 

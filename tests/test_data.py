@@ -3,6 +3,7 @@
 import gzip
 import pickle
 import struct
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -99,6 +100,24 @@ def test_cifar10_image_folders_label_classes_in_the_standard_order(tmp_path):
     # Folder order airplane, cat, truck -> labels 0, 1, 2; the pixel values say which image is which.
     raw_levels = [int(level) for level in dataset.train_x[:, 0, 0, 0].argsort().tolist()]
     assert dataset.train_y.tolist() == [0, 1, 2] and raw_levels == [0, 1, 2]
+
+
+def test_image_folders_come_with_the_classes_in_turn_so_that_a_limit_keeps_every_class(tmp_path):
+    from PIL import Image
+
+    for split, count in (("train", 4), ("test", 3)):
+        for name in ("airplane", "bird", "cat"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for number in range(count):  # each class's images numbered 0, 1, ... in pixel value
+                Image.fromarray(np.full((8, 8, 3), number, np.uint8)).save(tmp_path / split / name / f"{number}.png")
+    config = DataConfig("cifar10", data_dir=str(tmp_path))
+    dataset = load_dataset(config)
+    assert dataset.train_y.tolist() == [0, 1, 2] * 4 and dataset.test_y.tolist() == [0, 1, 2] * 3
+    # Within a class the folder's order stands: the first of each class first.
+    raw = load_dataset(replace(config, train_limit=6)).train_x[:, 0, 0, 0]
+    assert raw[0] == raw[1] == raw[2] < raw[3] == raw[4] == raw[5]
+    limited = load_dataset(replace(config, train_limit=5, test_limit=3))
+    assert sorted(limited.train_y.tolist()) == [0, 0, 1, 1, 2] and sorted(limited.test_y.tolist()) == [0, 1, 2]
 
 
 def test_environment_variable_points_at_a_parent_folder(tmp_path, monkeypatch):
