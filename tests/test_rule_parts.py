@@ -242,6 +242,19 @@ def test_under_bfloat16_autocast_the_nearest_target_is_scored_in_float32():
     assert rule.own_outputs(mb, step)["nearest_target"].tolist() == [1, 1]
 
 
+def test_under_bfloat16_autocast_the_output_head_predicts_from_float32_logits():
+    options = SigPropOptions(temperature=1.0, loss="per-class")
+    rule, modules = lone_stage(RuleConfig("sigprop", options), (BlockSpec("relu"),), (2,), (2,), index=2, head=True)
+    assert rule.output_head is not None
+    set_linear(rule.output_head, [[1.0, 0.0], [1.0 + 2**-9, 0.0]], [0.0, 0.0])  # rows bfloat16 can't tell apart
+    mb = microbatch([[4.0, 0.0], [3.0, 1.0]], [1, 1], phase=EVAL, targets=torch.eye(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        step = rule(modules, mb, training=False)
+        prediction = rule.predict(mb, step)
+        assert rule.output_head(step.features).argmax(1).tolist() == [0, 0]  # the tie
+    assert prediction.outputs[HEAD].tolist() == [1, 1]
+
+
 class MatmulShapes(TorchDispatchMode):
     """The output shapes of every matrix product run inside it."""
 

@@ -200,7 +200,10 @@ class Rule(nn.Module):
     def predict(self, mb: Microbatch, step: LocalStep) -> Prediction:
         outputs = self.own_outputs(mb, step)
         if self.output_head is not None:
-            outputs[HEAD] = self.target.predict(self.output_head(step.features.flatten(1)))
+            # In float32 under bfloat16 autocast too: bfloat16 logits of close classes tie, and
+            # argmax would then pick the first of them. One B x K product.
+            with torch.autocast(step.features.device.type, enabled=False):
+                outputs[HEAD] = self.target.predict(self.output_head(step.features.detach().float().flatten(1)))
         return prediction_of(mb, outputs)
 
     def after_update(self) -> None:
