@@ -213,7 +213,7 @@ def plain_backprop(args, data_dir: str, seconds: float, device: torch.device) ->
 
     from forwardflow.launch.cli import parse_config
     from forwardflow.pipeline.data import load_dataset
-    from forwardflow.pipeline.device import cpu_computes_bfloat16
+    from forwardflow.pipeline.device import uses_bfloat16
     from forwardflow.pipeline.model import build_stage_blocks, plan_stages
     from forwardflow.pipeline.source import augment_images
 
@@ -221,8 +221,7 @@ def plain_backprop(args, data_dir: str, seconds: float, device: torch.device) ->
     data = load_dataset(config.data, config.seed)
     cuda = device.type == "cuda"
     execution = config.execution
-    # The preset's bf16 where a forwardflow stage on this device uses it (as pipeline/stage.py decides).
-    bf16 = execution.bf16 and (cuda or cpu_computes_bfloat16())
+    bf16 = uses_bfloat16(device, execution.bf16)  # the preset's, where a forwardflow stage would use it
     spec = plan_stages(config.model, data.input_shape, 1)[0]
     net = nn.Sequential(*build_stage_blocks(spec), nn.Flatten(), nn.Linear(int(np.prod(spec.output_shape)), 10))
     net = net.to(device)

@@ -317,8 +317,9 @@ def load_image_folder(directory: Path) -> tuple[np.ndarray, ...]:
                 labels.append(label)
         if not images:
             raise _bad(directory / split, "holds no images")
-        order = classes_in_turn(np.asarray(labels, dtype=np.int64))
-        return np.stack(images)[order], np.asarray(labels, dtype=np.int64)[order]
+        classes_of = np.asarray(labels, dtype=np.int64)
+        order = classes_in_turn(classes_of)
+        return np.stack(images)[order], classes_of[order]
 
     return (*load("train"), *load("test"))
 

@@ -53,6 +53,12 @@ def cpu_computes_bfloat16() -> bool:
         return False
 
 
+def uses_bfloat16(device: torch.device, asked: bool) -> bool:
+    """Whether a stage on ``device`` computes in bfloat16 when ``--bf16`` is ``asked``: on a GPU,
+    and on a CPU that multiplies in bfloat16."""
+    return asked and (device.type == "cuda" or cpu_computes_bfloat16())
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

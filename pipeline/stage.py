@@ -14,7 +14,7 @@ from torch import nn
 
 from forwardflow.pipeline.checkpoint import save_shard
 from forwardflow.pipeline.config import OptimConfig, RuleConfig, RunConfig
-from forwardflow.pipeline.device import StepClock, cpu_computes_bfloat16, host_read
+from forwardflow.pipeline.device import StepClock, host_read, uses_bfloat16
 from forwardflow.pipeline.divergence import LossWatch
 from forwardflow.pipeline.messages import (
     TRAIN,
@@ -90,7 +90,7 @@ class Stage:
         self.options = setup.options
         if self.device.type != "cuda":
             # Decided where the stage runs (an actor's node may have another CPU than the driver's).
-            self.options = DeviceOptions(bf16=setup.options.bf16 and cpu_computes_bfloat16())
+            self.options = DeviceOptions(bf16=uses_bfloat16(self.device, setup.options.bf16))
         if self.options.channels_last:
             self.blocks.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         # What the rule runs: the blocks themselves, or each compiled (the parameters are shared,

@@ -14,7 +14,7 @@ from test_rules import CONV, config_for
 
 from forwardflow.launch.build import build_run
 from forwardflow.launch.cli import parse_config
-from forwardflow.pipeline import stage as stage_module
+from forwardflow.pipeline import device as device_module
 from forwardflow.pipeline.device import bfloat16_in_cpu_flags
 from forwardflow.pipeline.messages import TRAIN, Microbatch
 from forwardflow.pipeline.presets import cifar_vgg
@@ -48,7 +48,7 @@ def small_conv_run():
 
 
 def test_on_a_cpu_without_bfloat16_instructions_the_gpu_options_change_nothing(monkeypatch):
-    monkeypatch.setattr(stage_module, "cpu_computes_bfloat16", lambda: False)
+    monkeypatch.setattr(device_module, "cpu_computes_bfloat16", lambda: False)
     config = small_conv_run()
     fast = tweak(config, execution=GPU_OPTIONS)
     run = build_run(fast)
@@ -59,7 +59,7 @@ def test_on_a_cpu_without_bfloat16_instructions_the_gpu_options_change_nothing(m
 
 
 def test_on_a_cpu_with_bfloat16_instructions_bf16_computes_in_bfloat16_and_the_rest_change_nothing(monkeypatch):
-    monkeypatch.setattr(stage_module, "cpu_computes_bfloat16", lambda: True)
+    monkeypatch.setattr(device_module, "cpu_computes_bfloat16", lambda: True)
     config = small_conv_run()
     plain, bf16 = run_to_end(config), run_to_end(tweak(config, execution={"bf16": True}))
     every_option = run_to_end(tweak(config, execution=GPU_OPTIONS))

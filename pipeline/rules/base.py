@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from forwardflow.pipeline.losses import full_precision
 from forwardflow.pipeline.messages import Microbatch, MicrobatchPlan, Prediction
 from forwardflow.pipeline.model import StageSpec
 from forwardflow.pipeline.targets import TargetSpec
@@ -200,10 +201,14 @@ class Rule(nn.Module):
     def predict(self, mb: Microbatch, step: LocalStep) -> Prediction:
         outputs = self.own_outputs(mb, step)
         if self.output_head is not None:
-            # In float32 under bfloat16 autocast too: bfloat16 logits of close classes tie, and
-            # argmax would then pick the first of them. One B x K product.
-            with torch.autocast(step.features.device.type, enabled=False):
-                outputs[HEAD] = self.target.predict(self.output_head(step.features.detach().float().flatten(1)))
+            features = step.features.detach().flatten(1)
+            if torch.is_autocast_enabled(features.device.type):
+                # In float32 under bfloat16 autocast too: bfloat16 logits of close classes tie,
+                # and argmax would then pick the first of them. One B x K product.
+                with torch.autocast(features.device.type, enabled=False):
+                    outputs[HEAD] = self.target.predict(self.output_head(full_precision(features)))
+            else:
+                outputs[HEAD] = self.target.predict(self.output_head(features))
         return prediction_of(mb, outputs)
 
     def after_update(self) -> None:

@@ -11,7 +11,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from forwardflow.pipeline.losses import batch_contrastive_loss, default_temperature, per_class_loss, similarity
+from forwardflow.pipeline.losses import (
+    batch_contrastive_loss,
+    default_temperature,
+    full_precision,
+    per_class_loss,
+    similarity,
+)
 from forwardflow.pipeline.messages import Microbatch
 from forwardflow.pipeline.model import layer_sizes, run_blocks
 from forwardflow.pipeline.rules.base import LocalStep, Predictor, Rule, RuleContext, RuleOptions, learns_from
@@ -160,7 +166,7 @@ class SigPropRule(Rule):
         if scores.dtype == torch.float32:
             return scores.detach()
         with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
-            return self.scores(h.detach().float(), t.detach().float())
+            return self.scores(full_precision(h.detach()), full_precision(t.detach()))
 
     def own_outputs(self, mb: Microbatch, step: LocalStep) -> dict[str, torch.Tensor]:
         assert step.scores is not None
