@@ -50,8 +50,11 @@ from forwardflow.pipeline.stage import Stage
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 SCHEDULES = ("gpipe", "1f1b")
-FORWARDFLOW = "forwardflow (sigprop)"
-FORWARDFLOW_PER_LAYER = "forwardflow (sigprop, --loss-at layer)"
+
+
+def forwardflow_row(flags: list[str]) -> str:
+    """A forwardflow row's name: Signal Propagation and the flags it adds ("--loss-at layer")."""
+    return "forwardflow (" + ", ".join(["sigprop", *flags]) + ")"
 
 
 def rss_bytes() -> int:
@@ -277,11 +280,14 @@ def main() -> None:
     for stages in args.stages:
         argv = ["--preset", args.preset, "--stages", str(stages), "--batch-size", str(args.batch_size)]
         argv += ["--epochs", str(args.epochs), "--train-limit", str(args.train_limit), "--device", args.device]
-        # forwardflow's own rows: a loss per stage, and (where a stage has several layers) a loss
-        # per layer, which learns as one layer per stage would.
-        variants = {FORWARDFLOW: argv}
+        # forwardflow's own rows: a loss per stage, (where a stage has several layers) a loss per
+        # layer, which learns as one layer per stage would, and the leaner of the two again with
+        # --recompute (less kept for the backward pass, the same numbers, more compute).
+        flag_sets: list[list[str]] = [[]]
         if stages < parse_config(argv).model.num_layers:
-            variants[FORWARDFLOW_PER_LAYER] = argv + ["--loss-at", "layer"]
+            flag_sets.append(["--loss-at layer"])
+        flag_sets.append(flag_sets[-1] + ["--recompute"])
+        variants = {forwardflow_row(flags): argv + " ".join(flags).split() for flags in flag_sets}
         saved = {name: forwardflow_saved_activations(variant) for name, variant in variants.items()}
         group = [Row(stages, name) for name in variants] + [Row(stages, name) for name in SCHEDULES]
         for _ in range(args.rounds):

@@ -186,7 +186,9 @@ class Stage:
                     self._apply(mb)
         result: Microbatch | Prediction = local.handed_on
         if self.is_last:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.options.bf16):
+            # No graph for the predictions: the output head would otherwise keep its input for a
+            # backward pass that never comes.
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.options.bf16):
                 result = self.rule.predict(mb, local)
         self._count(mb, local.scores, training, started)
         if training and len(self._unread) >= self._read_after:

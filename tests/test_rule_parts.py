@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from forwardflow.pipeline.config import RuleConfig
 from forwardflow.pipeline.messages import EVAL, TRAIN, Microbatch, Prediction
-from forwardflow.pipeline.model import BlockSpec, run_blocks
+from forwardflow.pipeline.model import BlockSpec, build_block, recomputable_tail, run_blocks
 from forwardflow.pipeline.profiling import SavedActivations
 from forwardflow.pipeline.rules.backprop import BackpropRule
 from forwardflow.pipeline.rules.base import HEAD, Feedback, Predictor
@@ -226,6 +226,53 @@ def test_sigprop_loss_at_layer_keeps_one_layers_activations_alive_at_a_time():
     # per layer each layer's backward pass runs before the next layer's forward: the peak is one
     # layer's two maps. With one loss per stage it is all six.
     assert peaks["layer"] * 2.5 < peaks["stage"]
+
+
+LAYER_NORMED = (BlockSpec("linear", 64), BlockSpec("relu"), BlockSpec("layernorm")) * 3
+
+
+@pytest.mark.parametrize("loss_at", ["stage", "layer"])
+def test_sigprop_recompute_keeps_less_for_the_backward_pass_and_changes_no_number(loss_at):
+    # The first and only stage (target layer, output head): every loss group's tail (the
+    # LayerNorm after the ReLU), its scores and the head run again in the backward pass instead of keeping their
+    # activations. Same loss, same gradients, bit for bit; a lower peak of saved activations.
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(2))
+    results = {}
+    for recompute in (False, True):
+        options = SigPropOptions(loss_at=loss_at, recompute=recompute)
+        rule, modules = lone_stage(
+            RuleConfig("sigprop", options), LAYER_NORMED, (64,), (64,), index=0, num_stages=1, num_classes=4, head=True
+        )
+        saved = SavedActivations([*modules.parameters(), *rule.parameters()])
+        with saved.hooks():
+            step = rule(modules, microbatch(x.tolist(), [0, 1, 2, 3] * 8), training=True)
+            step.loss.backward()
+        assert saved.bytes == 0
+        gradients = [p.grad.clone() for p in (*modules.parameters(), *rule.parameters())]
+        results[recompute] = (step.whole_loss(), gradients, step.handed_on.inputs, saved.peak)
+    (loss, gradients, handed, peak), (loss_r, gradients_r, handed_r, peak_r) = results[False], results[True]
+    assert torch.equal(loss, loss_r) and torch.equal(handed, handed_r)
+    assert len(gradients) == len(gradients_r) and all(torch.equal(a, b) for a, b in zip(gradients, gradients_r))
+    # A group keeps its input and its ReLU's output, not the LayerNorm's output too (the scores'
+    # and the head's input): one map fewer per group at least.
+    map_bytes = (32 + 4) * 64 * 4
+    assert peak_r <= peak - map_bytes
+
+
+def test_only_deterministic_blocks_without_running_statistics_are_recomputed():
+    def tail(*kinds):
+        blocks = [BlockSpec(kind, 8) if kind == "linear" else BlockSpec(kind) for kind in kinds]
+        modules = [build_block(spec, (8,))[0] for spec in blocks]
+        return recomputable_tail(modules)
+
+    # A ReLU keeps its output for its own backward pass, which is what the tail would keep: it
+    # runs once, and the tail starts after it.
+    assert tail("linear", "relu", "layernorm") == 2
+    assert tail("linear", "gelu", "layernorm") == 1
+    assert tail("linear", "relu") == 2  # nothing worth recomputing
+    assert tail("linear", "gelu", "layernorm", "linear") == 4  # ends in a weight block: nothing
+    assert tail("linear", "dropout", "gelu") == 2  # dropout draws its mask: recomputed after it only
+    assert tail("gelu", "tanh") == 0
 
 
 def test_under_bfloat16_autocast_the_nearest_target_is_scored_in_float32():

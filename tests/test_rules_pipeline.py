@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from helpers import assert_executors_agree, run_to_end, tweak
+from helpers import assert_executors_agree, assert_same_weights, run_to_end, tweak
 from test_rules import CONV, RULE_NAMES, config_for
 
 from forwardflow.launch import build
@@ -41,10 +41,14 @@ def test_every_rule_learns_the_synthetic_set_through_the_ray_pipeline(ray_cluste
 
 def test_sigprop_with_a_loss_per_layer_agrees_across_executors(ray_cluster):
     # Two stages of two layers each, every layer learning from its own loss (and the first one
-    # running inputs and targets apart, pipeline/model.py run_blocks): the Ray run is the sequential run.
+    # running inputs and targets apart, pipeline/model.py run_blocks): the Ray run is the sequential
+    # run. With --recompute too, and recomputing changes no weight.
     config = config_for("sigprop", model=replace(fc_model((24, 24, 16, 16), name="fc-tiny4"), stages=2), epochs=1)
-    config = replace(config, rule=RuleConfig("sigprop", SigPropOptions(loss_at="layer")))
-    assert_executors_agree(config)
+    weights = {}
+    for recompute in (False, True):
+        config = replace(config, rule=RuleConfig("sigprop", SigPropOptions(loss_at="layer", recompute=recompute)))
+        weights[recompute] = assert_executors_agree(config).weights
+    assert_same_weights(weights[False], weights[True])
 
 
 def hidden_stage_moved(result, run: Run) -> bool:
@@ -184,6 +188,7 @@ def test_rule_flags_reach_the_rule_options():
             "--no-target-loss",
             "--loss-at",
             "layer",
+            "--recompute",
         ]
     ).rule.options
     assert (
@@ -193,7 +198,8 @@ def test_rule_flags_reach_the_rule_options():
         options.temperature,
         options.target_loss,
         options.loss_at,
-    ) == ("topk", 3, "fixed", 2.5, False, "layer")
+        options.recompute,
+    ) == ("topk", 3, "fixed", 2.5, False, "layer", True)
     options = parse_config(
         ["--preset", "synthetic", "--rule", "ff", "--ff-threshold", "1.5", "--hard-negatives"]
     ).rule.options
@@ -225,11 +231,11 @@ def test_bp_through_several_stages_is_refused():
         build_run(config_for("bp", model=replace(fc_model((8, 8)), stages=2)))
 
 
-def rule_option_flags() -> list[tuple[str, str]]:
-    """(flag, a rule that does not take it) for every option flag of every rule."""
+def rule_option_flags() -> list[tuple[str, str, list[str]]]:
+    """(flag, a rule that does not take it, a value for it) for every option flag of every rule."""
     _, flags = build_parser()
     return [
-        (flag.flag, other)
+        (flag.flag, other, [] if isinstance(getattr(RULES[flag.rules[0]].Options(), flag.name), bool) else ["1"])
         for flag in flags.values()
         if flag.section == "rule.options"
         for other in RULES
@@ -237,9 +243,8 @@ def rule_option_flags() -> list[tuple[str, str]]:
     ]
 
 
-@pytest.mark.parametrize("flag, rule", rule_option_flags())
-def test_every_rule_option_is_refused_with_any_other_rule(capsys, flag, rule):
-    value = {"--hard-negatives": [], "--target-loss": []}.get(flag, ["1"])
+@pytest.mark.parametrize("flag, rule, value", rule_option_flags())
+def test_every_rule_option_is_refused_with_any_other_rule(capsys, flag, rule, value):
     assert main(["--preset", "synthetic", "--rule", rule, flag, *value]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"forwardflow: error: {flag}: applies to --rule"), lines

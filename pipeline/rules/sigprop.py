@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from forwardflow.pipeline.losses import (
     batch_contrastive_loss,
@@ -19,7 +21,7 @@ from forwardflow.pipeline.losses import (
     similarity,
 )
 from forwardflow.pipeline.messages import Microbatch
-from forwardflow.pipeline.model import layer_sizes, run_blocks
+from forwardflow.pipeline.model import layer_sizes, recomputable_tail, run_blocks
 from forwardflow.pipeline.rules.base import LocalStep, Predictor, Rule, RuleContext, RuleOptions, learns_from
 from forwardflow.pipeline.validation import option
 
@@ -47,6 +49,13 @@ class SigPropOptions(RuleOptions):
         "where the local losses are: after a stage's last layer (the gradient crosses the stage's "
         "layers), or after each layer (every layer learns from its own, as in a stage of its own)",
         choices=("stage", "layer"),
+    )
+    recompute: bool = option(
+        False,
+        "keep less for the backward pass: each local loss's tail (the blocks without running "
+        "statistics or random draws after its last weight block, such as ReLU and LayerNorm, the "
+        "scores and the output head) runs again in the backward pass instead of keeping its "
+        "activations; same numbers, a little more compute",
     )
 
     def check(self) -> None:
@@ -130,33 +139,72 @@ class SigPropRule(Rule):
         h, t = mb.inputs, targets
         layers = tuple(blocks)  # sliced per loss group below (a tuple slices without building modules)
         last = len(self.loss_groups) - 1
-        settled = None
+        settled = head_loss = None
         for number, group in enumerate(self.loss_groups):
             if number:
                 # The next layer's loss must not reach this one: cut as between two stages.
                 h, t = h.detach(), t.detach()
-            h, t = run_blocks(layers[group], h, t)
-            if learns or number == last:  # evaluation scores the stage's output only
-                scores = self.scores(h, t)
-            if learns:
-                layer_loss = self.local_loss(scores, classes)
-                loss = layer_loss if loss is None else loss + layer_loss
-                if number < last:
-                    # Settle this layer's loss now: the cut above means no later loss reaches its
-                    # graph, so its gradients are the same, and its activations are freed before
-                    # the next layer runs (one layer's alive at a time, not the stage's). The
-                    # backward pass runs outside bfloat16 autocast, as the stage's own does.
-                    with torch.autocast(h.device.type, enabled=False):
-                        loss.backward()
-                    part = loss.detach()
-                    settled = part if settled is None else settled + part
-                    loss = None
-        if learns and self.output_head is not None:
+            if not learns:
+                h, t = run_blocks(layers[group], h, t)
+                if number == last:  # evaluation scores the stage's output only
+                    scores = self.scores(h, t)
+                continue
+            group_blocks = layers[group]
+            cut = recomputable_tail(group_blocks) if self.sigprop.recompute else len(group_blocks)
+            h, t = run_blocks(group_blocks[:cut], h, t)
+            head_labels = mb.labels if number == last and self.output_head is not None else None
+            if cut < len(group_blocks):
+                # Activation checkpointing of the tail: autograd keeps the tail's input only and
+                # runs the tail, the scores and the head again in this group's backward pass.
+                # Those blocks are deterministic (model.RECOMPUTABLE_BLOCKS), so the second run
+                # gives the values of the first and the gradients are unchanged; no RNG state to
+                # keep. The checkpoint also restores this forward's autocast state.
+                h, t, scores, layer_loss, head_loss = checkpoint(
+                    self._group_loss,
+                    group_blocks[cut:],
+                    h,
+                    t,
+                    classes,
+                    head_labels,
+                    use_reentrant=False,
+                    preserve_rng_state=False,
+                )
+            else:
+                h, t, scores, layer_loss, head_loss = self._group_loss((), h, t, classes, head_labels)
+            loss = layer_loss if loss is None else loss + layer_loss
+            if number < last:
+                # Settle this layer's loss now: the cut above means no later loss reaches its
+                # graph, so its gradients are the same, and its activations are freed before
+                # the next layer runs (one layer's alive at a time, not the stage's). The
+                # backward pass runs outside bfloat16 autocast, as the stage's own does.
+                with torch.autocast(h.device.type, enabled=False):
+                    loss.backward()
+                part = loss.detach()
+                settled = part if settled is None else settled + part
+                loss = None
+        if head_loss is not None:
             assert loss is not None
-            loss = loss + self.head_loss(h, mb.labels)
+            loss = loss + head_loss
         return LocalStep(
             handed_on=mb.handed_on(h, t), loss=loss, features=h, scores=self.predicting(scores, h, t), settled=settled
         )
+
+    def _group_loss(
+        self,
+        tail: Sequence[nn.Module],
+        h: torch.Tensor,
+        t: torch.Tensor,
+        classes: torch.Tensor,
+        head_labels: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The end of one loss group: its ``tail`` blocks, its scores and local loss, and the
+        output head's loss where ``head_labels`` are given (the stage's last group, in the last
+        stage): ``(h, t, scores, loss, head_loss)``."""
+        if tail:
+            h, t = run_blocks(tail, h, t)
+        scores = self.scores(h, t)
+        head_loss = None if head_labels is None else self.head_loss(h, head_labels)
+        return h, t, scores, self.local_loss(scores, classes), head_loss
 
     def predicting(self, scores: torch.Tensor, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The scores the stage predicts from (nearest target), detached. Under bfloat16 autocast
