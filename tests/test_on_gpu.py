@@ -12,6 +12,8 @@ update (lr 2e-3), far outside it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from helpers import assert_same_weights, run_to_end, small_sequence_config, tweak
@@ -20,6 +22,8 @@ from test_rules import CONV, RULE_NAMES, config_for
 from benchmarks.device_check import WARMUP_MICROBATCHES, sync_debug_observer
 from forwardflow.actors.transport import OBJECT_STORE
 from forwardflow.launch.build import build_run
+from forwardflow.pipeline.config import RuleConfig
+from forwardflow.pipeline.rules.sigprop import SigPropOptions
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_session.sh runs these on a GPU machine)"
@@ -32,13 +36,19 @@ def on_gpu(config, **execution):
     return tweak(config, execution={"device": "cuda", **execution})
 
 
+def sigprop_recomputing(config):
+    """Signal Propagation with a loss per layer, each loss's tail recomputed in its backward pass."""
+    return replace(config, rule=RuleConfig("sigprop", SigPropOptions(loss_at="layer", recompute=True)))
+
+
 @pytest.mark.parametrize(
     "config",
     [pytest.param(lambda rule=rule: config_for(rule), id=rule) for rule in RULE_NAMES]
     + [
         pytest.param(lambda rule=rule: small_sequence_config(rule=rule), id=f"{rule}-sequence")
         for rule in SEQUENCE_RULES
-    ],
+    ]
+    + [pytest.param(lambda: sigprop_recomputing(config_for("sigprop", model=CONV)), id="sigprop-conv-recompute")],
 )
 def test_on_a_gpu_no_step_of_any_rule_waits_on_the_host(config):
     # After a warm-up the run goes on under set_sync_debug_mode("error"): any synchronisation but
