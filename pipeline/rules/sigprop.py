@@ -53,9 +53,9 @@ class SigPropOptions(RuleOptions):
     recompute: bool = option(
         False,
         "keep less for the backward pass: each local loss's tail (the blocks without running "
-        "statistics or random draws after its last weight block, such as ReLU and LayerNorm, the "
-        "scores and the output head) runs again in the backward pass instead of keeping its "
-        "activations; same numbers, a little more compute",
+        "statistics or random draws after its last weight block, such as LayerNorm and pooling, "
+        "the scores and the output head) runs again in the backward pass instead of keeping its "
+        "activations; same numbers, more compute",
     )
 
     def check(self) -> None:
