@@ -318,20 +318,19 @@ WEIGHT_BLOCKS = (nn.Linear, nn.Conv2d)
 PER_SAMPLE_BLOCKS = (*WEIGHT_BLOCKS, nn.Flatten)
 # Blocks whose output is a function of their input and weights alone (no running statistics, no
 # random draws, no state): run again in the backward pass, they give the very same values.
-RECOMPUTABLE_BLOCKS = (nn.ReLU, nn.Tanh, nn.GELU, nn.LayerNorm, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten)
+RECOMPUTABLE_KINDS = ("relu", "tanh", "gelu", "layernorm", "maxpool", "avgpool", "flatten")
 # Blocks that keep their own output for their backward pass: recomputing them saves nothing.
-KEEPS_ITS_OUTPUT = (nn.ReLU, nn.Tanh)
+KEEPS_ITS_OUTPUT = ("relu", "tanh")
 
 
-def recomputable_tail(blocks: Sequence[nn.Module]) -> int:
+def recomputable_tail(blocks: Sequence[BlockSpec]) -> int:
     """Where the blocks worth running again in the backward pass start (``len(blocks)``: none):
     the run of recomputable blocks that ends ``blocks``, less any leading block that keeps its
     output anyway (a ReLU after a linear layer: its output is what the tail would keep)."""
-    modules = [getattr(block, "_orig_mod", block) for block in blocks]  # a compiled block's own module
-    start = len(modules)
-    while start and isinstance(modules[start - 1], RECOMPUTABLE_BLOCKS):
+    start = len(blocks)
+    while start and blocks[start - 1].kind in RECOMPUTABLE_KINDS:
         start -= 1
-    while start < len(modules) and isinstance(modules[start], KEEPS_ITS_OUTPUT):
+    while start < len(blocks) and blocks[start].kind in KEEPS_ITS_OUTPUT:
         start += 1
     return start
 

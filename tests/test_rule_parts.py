@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from forwardflow.pipeline.config import RuleConfig
 from forwardflow.pipeline.messages import EVAL, TRAIN, Microbatch, Prediction
-from forwardflow.pipeline.model import BlockSpec, build_block, recomputable_tail, run_blocks
+from forwardflow.pipeline.model import BlockSpec, recomputable_tail, run_blocks
 from forwardflow.pipeline.profiling import SavedActivations
 from forwardflow.pipeline.rules.backprop import BackpropRule
 from forwardflow.pipeline.rules.base import HEAD, Feedback, Predictor
@@ -261,9 +261,7 @@ def test_sigprop_recompute_keeps_less_for_the_backward_pass_and_changes_no_numbe
 
 def test_only_deterministic_blocks_without_running_statistics_are_recomputed():
     def tail(*kinds):
-        blocks = [BlockSpec(kind, 8) if kind == "linear" else BlockSpec(kind) for kind in kinds]
-        modules = [build_block(spec, (8,))[0] for spec in blocks]
-        return recomputable_tail(modules)
+        return recomputable_tail([BlockSpec(kind, 8) if kind == "linear" else BlockSpec(kind) for kind in kinds])
 
     # A ReLU keeps its output for its own backward pass, which is what the tail would keep: it
     # runs once, and the tail starts after it.

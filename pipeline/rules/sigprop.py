@@ -108,6 +108,13 @@ class SigPropRule(Rule):
         if self.sigprop.loss_at == "layer":
             ends = list(itertools.accumulate(layer_sizes(context.stage.blocks)))
             self.loss_groups = [slice(start, end) for start, end in zip([0, *ends], ends)]
+        # Where each group's tail starts, the part run again in its backward pass (--recompute);
+        # the group's length: none. The stage builds one module per block spec, so the specs say.
+        specs = context.stage.blocks
+        self.tail_starts = [
+            recomputable_tail(specs[group]) if self.sigprop.recompute else len(specs[group])
+            for group in self.loss_groups
+        ]
 
     @property
     def sigprop(self) -> SigPropOptions:
@@ -149,14 +156,13 @@ class SigPropRule(Rule):
                 if number == last:  # evaluation scores the stage's output only
                     scores = self.scores(h, t)
                 continue
-            group_blocks = layers[group]
-            cut = recomputable_tail(group_blocks) if self.sigprop.recompute else len(group_blocks)
+            group_blocks, cut = layers[group], self.tail_starts[number]
             h, t = run_blocks(group_blocks[:cut], h, t)
             head_labels = mb.labels if number == last and self.output_head is not None else None
             if cut < len(group_blocks):
                 # Activation checkpointing of the tail: autograd keeps the tail's input only and
                 # runs the tail, the scores and the head again in this group's backward pass.
-                # Those blocks are deterministic (model.RECOMPUTABLE_BLOCKS), so the second run
+                # Those blocks are deterministic (model.RECOMPUTABLE_KINDS), so the second run
                 # gives the values of the first and the gradients are unchanged; no RNG state to
                 # keep. The checkpoint also restores this forward's autocast state.
                 h, t, scores, layer_loss, head_loss = checkpoint(
