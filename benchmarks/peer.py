@@ -203,6 +203,7 @@ def forwardflow_saved_activations(argv: list[str], steps: int = 3) -> tuple[list
     """Peak saved activations (MiB) of each forwardflow stage over a few training microbatches (its
     stages run in this process), and the most its queue holds: --window input microbatches."""
     run = build_run(parse_config(argv))
+    window = run.config.execution.pipeline_window if run.calls is None else run.calls.window
     stages = [Stage(setup, "cpu") for setup in run.setups]
     meters = [SavedActivations([p for m in (s.blocks, s.rule) for p in m.parameters()]) for s in stages]
     queued = [0.0] * len(stages)
@@ -212,7 +213,7 @@ def forwardflow_saved_activations(argv: list[str], steps: int = 3) -> tuple[list
         mb: Microbatch = first
         for index, (stage, meter) in enumerate(zip(stages, meters)):
             size = sum(t.numel() * t.element_size() for t in (mb.inputs, mb.targets, mb.context) if t is not None)
-            queued[index] = run.config.execution.pipeline_window * size / 2**20
+            queued[index] = window * size / 2**20
             with meter.hooks():
                 result = stage.step(mb)
             if not isinstance(result, Microbatch):
@@ -318,7 +319,7 @@ def write_results(path: Path, args, rows: list[Row]) -> None:
         f"{'NCCL' if args.device.startswith('cuda') else 'gloo'}, one process and one torch thread per stage. "
         "forwardflow: Signal Propagation, one Ray actor and one torch thread per stage. "
         "Saved activations: what autograd keeps for backward, at its peak. Queued inputs: the most a "
-        "forwardflow stage's queue can hold (--window 8 input microbatches, in Ray's shared-memory object "
+        "forwardflow stage's queue can hold (its window of input microbatches, in Ray's shared-memory object "
         "store; PyTorch's received inputs are inside its saved activations). Peak RSS: the whole process; "
         "PyTorch's first rank also holds the training inputs (MNIST: 188 MiB), forwardflow's driver holds "
         "them, outside the stages.",

@@ -32,12 +32,13 @@ from forwardflow.launch.resume import resume_point
 from forwardflow.monitoring.observer import MetricsConfig, MetricsObserver
 from forwardflow.monitoring.records import RunInfo
 from forwardflow.pipeline.checkpoint import CHECKPOINTS, Checkpointer, Manifest, estimate_checkpoint_bytes
-from forwardflow.pipeline.config import RunConfig, config_to_dict
+from forwardflow.pipeline.config import RunConfig
+from forwardflow.pipeline.config_files import config_to_dict
 from forwardflow.pipeline.data import Dataset
 from forwardflow.pipeline.device import resolve_device
 from forwardflow.pipeline.loop import Durability, StopRequest
 from forwardflow.pipeline.messages import WriteError
-from forwardflow.pipeline.model import split_matches
+from forwardflow.pipeline.model import hand_on_bytes, split_matches
 from forwardflow.pipeline.rules.base import Predictor, Rule
 from forwardflow.pipeline.runner import Executor, SequentialRunner
 from forwardflow.pipeline.schedule import MicrobatchSchedule
@@ -82,6 +83,7 @@ class Run:
     dataset: Dataset
     schedule: MicrobatchSchedule
     setups: list[StageSetup]
+    calls: RayCalls | None = None  # the Ray executor's window and microbatches per call
     extra_observers: list[RunObserver] = field(default_factory=list)
     executor: Executor | None = None
     locations: list[StageLocation] = field(default_factory=list)  # each stage's, once started
@@ -135,15 +137,16 @@ class Run:
         from forwardflow.actors.ray_pipeline import RayPipeline
 
         connect(execution.address, execution.ray_dashboard)
+        assert self.calls is not None  # decided by build_run for every Ray run
         # The plan is checked against the cluster's nodes before any actor starts.
         placements = plan_placement(len(self.setups), execution, cluster_nodes())
         pipeline = RayPipeline(
             self.setups,
             self.dataset,
             placements,
-            execution.pipeline_window,
+            self.calls.window,
             execution.threads,
-            execution.microbatches_per_call,
+            self.calls.per_call,
             self.config.data.placement,
             execution.streams,
             execution.transport_choice,
@@ -286,6 +289,26 @@ def with_measured_split(config: RunConfig, input_shape: tuple[int, ...]) -> RunC
     return replace(config, model=replace(model, split=split))
 
 
+@dataclass(frozen=True)
+class RayCalls:
+    """How the Ray driver feeds the stages: microbatches in flight, and per actor call."""
+
+    window: int
+    per_call: int
+
+
+def ray_calls(config: RunConfig, setups: list[StageSetup], num_classes: int) -> RayCalls:
+    """The Ray pipeline's window and microbatches per call: as given, else sized from the stages'
+    hand-offs. Kept beside the config, not in it, so that a rerun of summary.json's config decides
+    them again (and may run sequentially)."""
+    execution = config.execution
+    in_flight = hand_on_bytes([setup.spec for setup in setups], config.schedule.batch_size, num_classes)
+    window = execution.ray_window(in_flight, config.rule.rule_class.uses_window)
+    # Enough calls in flight for every stage to have one in hand, and one more being collected.
+    per_call = execution.microbatches_per_call or max(1, window // (len(setups) + 1))
+    return RayCalls(window, per_call)
+
+
 def build_run(config: RunConfig, observers: Sequence[RunObserver] = (), run_id: str | None = None) -> Run:
     """Everything that can reject the input, before any actor starts; raises ConfigError.
     ``observers`` watch the run beside the ones the config asks for (progress bar, metrics).
@@ -316,12 +339,14 @@ def build_run(config: RunConfig, observers: Sequence[RunObserver] = (), run_id: 
         target=dataset.target_spec,
     )
     check_free_space(config.output, estimate_checkpoint_bytes(setups))
+    calls = ray_calls(config, setups, dataset.num_classes) if execution.executor == "ray" else None
     return Run(
         config=config,
         run_id=run_id or new_run_id(),
         dataset=dataset,
         schedule=schedule,
         setups=setups,
+        calls=calls,
         extra_observers=list(observers),
         resume=resume,
     )

@@ -19,7 +19,8 @@ from dataclasses import Field, dataclass, fields, replace
 from typing import Any, NoReturn
 
 from forwardflow.launch.resume import resumed_config, without_ray_settings
-from forwardflow.pipeline.config import RuleConfig, RunConfig, load_config_file
+from forwardflow.pipeline.config import RuleConfig, RunConfig
+from forwardflow.pipeline.config_files import load_config_file
 from forwardflow.pipeline.presets import DEFAULT_PRESET, PRESETS
 from forwardflow.pipeline.rules.registry import RULES
 from forwardflow.pipeline.validation import ConfigError, Section, field_flag, plain_type

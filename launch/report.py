@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from forwardflow.monitoring.records import finite_or_none
-from forwardflow.pipeline.config import config_to_dict
+from forwardflow.pipeline.config_files import config_to_dict
 from forwardflow.pipeline.files import atomic_write
 from forwardflow.pipeline.targets import ACCURACY, METRICS, Metric
 from forwardflow.pipeline.training import RunResult
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 
 def summary(run: Run, result: RunResult) -> dict[str, Any]:
-    config, predictors = run.config, run.predictors
+    config, predictors, calls = run.config, run.predictors, run.calls
     metric = run.dataset.target_spec.metric
     one, every = f"test_{metric.name}", f"test_{metric.plural}"
     last = result.evaluations[-1] if result.evaluations else None
@@ -40,6 +40,7 @@ def summary(run: Run, result: RunResult) -> dict[str, Any]:
         "model": config.model.name,
         "epochs": config.schedule.epochs,
         "executor": config.execution.executor,
+        "ray_calls": None if calls is None else {"window": calls.window, "microbatches_per_call": calls.per_call},
         "prediction": predictors[0].key,
         "predictions": {p.key: p.label for p in predictors},
         "metric": metric.name,

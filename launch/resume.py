@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from forwardflow.pipeline.checkpoint import CHECKPOINTS, CheckpointError, Manifest, complete_checkpoints, verify
-from forwardflow.pipeline.config import ExecutionConfig, RunConfig, config_from_dict, config_to_dict
+from forwardflow.pipeline.config import ExecutionConfig, RunConfig
+from forwardflow.pipeline.config_files import config_from_dict, config_to_dict
 from forwardflow.pipeline.rules.base import Rule
 from forwardflow.pipeline.validation import ConfigError
 

@@ -155,10 +155,11 @@ def _main(argv: list[str] | None, signals: Signals) -> int:
     signals.watch(run.stop)  # from now on a signal asks the run to stop at a checkpoint
     signals.install()
     config = run.config
+    calls = f", {run.calls.window} microbatches in flight, {run.calls.per_call} per call" if run.calls else ""
     resumed = f", resumed at microbatch {run.resume[1].microbatches}" if run.resume else ""
     say(
         f"run {run.run_id}: {config.data.dataset}, rule {config.rule.name}, {len(run.setups)} stage(s) on "
-        f"{config.execution.executor} ({', '.join(run.devices)}){resumed}"
+        f"{config.execution.executor} ({', '.join(run.devices)}){calls}{resumed}"
     )
     for line in placement_lines(run):
         say(line)

@@ -14,19 +14,16 @@
 Every problem is a ConfigError naming the flag as the user types it. Presets (pipeline/presets.py)
 are plain functions returning a RunConfig; the command line (launch/cli.py) is generated from the
 fields declared here; a config file (TOML or JSON, or a run's summary.json) is read by
-:func:`load_config_file` and overrides a preset the same way.
+pipeline/config_files.py and overrides a preset the same way.
 """
 
 from __future__ import annotations
 
-import json
-import tomllib
-from dataclasses import asdict, dataclass, fields, is_dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from forwardflow.pipeline.device import TRANSPORT_DEVICES
-from forwardflow.pipeline.model import BLOCKS, BlockSpec, ModelConfig
+from forwardflow.pipeline.model import BLOCKS, ModelConfig
 from forwardflow.pipeline.recurrent import RECURRENT_KINDS
 from forwardflow.pipeline.rules.base import Rule, RuleOptions
 from forwardflow.pipeline.rules.registry import RULES
@@ -148,7 +145,11 @@ class OptimConfig(Section):
             raise self.error("lr", f"must be a number in (0, 10] (got {self.lr!r})")
 
 
-DEFAULT_WINDOW = 8
+DEFAULT_WINDOW = 8  # the fewest microbatches a Ray run keeps in flight, and efp's delay
+# The default window grows past DEFAULT_WINDOW only for small hand-offs, where a call's fixed cost
+# outweighs the work it carries (README, "Fewer Ray calls"); a large net's window stays as it was.
+AUTO_WINDOW_MAX = 32
+WINDOW_BUDGET_BYTES = 16 * 2**20  # the hand-offs in flight that a default window larger than 8 holds
 DEFAULT_MAX_RESTARTS = 3
 
 
@@ -166,7 +167,9 @@ class ExecutionConfig(Section):
     device: str = option("auto", "auto, cpu, cuda, or cuda:N (cuda:N with --executor sequential)")
     window: int | None = option(
         None,
-        f"microbatches in flight in the Ray pipeline (bounds memory for any run length; default: {DEFAULT_WINDOW})",
+        "microbatches in flight in the Ray pipeline (bounds memory for any run length; default: as many as keep "
+        f"their hand-offs under {WINDOW_BUDGET_BYTES >> 20} MiB, from {DEFAULT_WINDOW} to {AUTO_WINDOW_MAX}; "
+        f"{DEFAULT_WINDOW} for a rule whose delay it sets)",
         low=1,
         high=1024,
     )
@@ -241,8 +244,10 @@ class ExecutionConfig(Section):
     )
 
     def check(self) -> None:
-        if self.microbatches_per_call is not None and self.microbatches_per_call > self.pipeline_window:
-            raise self.error("microbatches_per_call", f"must be at most --window ({self.pipeline_window})")
+        per_call, window = self.microbatches_per_call, self.window
+        if per_call is not None and window is not None and per_call > window:
+            # Without --window the default holds one such call (ray_window).
+            raise self.error("microbatches_per_call", f"must be at most --window ({window})")
         device = self.device
         if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
             raise self.error("device", f"{device!r} is not one of auto, cpu, cuda, cuda:N")
@@ -258,7 +263,18 @@ class ExecutionConfig(Section):
 
     @property
     def pipeline_window(self) -> int:
+        """--window, or the default of a rule whose delay it sets (see ray_window for the others)."""
         return DEFAULT_WINDOW if self.window is None else self.window
+
+    def ray_window(self, bytes_per_microbatch: int, sets_a_delay: bool) -> int:
+        """The window of a Ray run: --window; else as many microbatches as keep their hand-offs in
+        the object store under WINDOW_BUDGET_BYTES, from DEFAULT_WINDOW to AUTO_WINDOW_MAX, and at
+        least one call of --microbatches-per-call. A call costs the same whatever it carries, so a
+        small net gets more microbatches per call; a rule whose delay the window sets keeps it."""
+        if self.window is not None or sets_a_delay:
+            return self.pipeline_window
+        fits = WINDOW_BUDGET_BYTES // max(1, bytes_per_microbatch)
+        return max(DEFAULT_WINDOW, min(AUTO_WINDOW_MAX, fits), self.microbatches_per_call or 0)
 
     @property
     def transport_choice(self) -> str:
@@ -391,6 +407,11 @@ class RunConfig(Section):
                 given.append("ray_dashboard")
             if given:
                 raise execution.error(given[0], "applies to --executor ray only (the executor is sequential)")
+        per_call = execution.microbatches_per_call
+        if self.rule.rule_class.uses_window and execution.window is None and (per_call or 0) > DEFAULT_WINDOW:
+            raise execution.error(
+                "microbatches_per_call", f"must be at most --window ({DEFAULT_WINDOW}, rule {self.rule.name}'s delay)"
+            )
         if execution.ray_dashboard and execution.address:
             raise execution.error(
                 "ray_dashboard", "applies to a local Ray only; a cluster serves its own dashboard (ray start ...)"
@@ -413,88 +434,3 @@ class RunConfig(Section):
     @property
     def num_stages(self) -> int:
         return self.model.stages or self.rule.rule_class.default_stages(self.model.num_layers)
-
-
-# ---------------------------------------------------------------- dictionaries and files
-
-
-def config_to_dict(config: RunConfig) -> dict[str, Any]:
-    """The whole tree as JSON values (what summary.json keeps under ``config``)."""
-    return json.loads(json.dumps(asdict(config)))
-
-
-def _section_from_dict(base: Section, data: Any, path: str) -> Section:
-    """``base`` with the values of ``data`` (a mapping, possibly partial) put in; checked."""
-    if not isinstance(data, dict):
-        raise ConfigError(path or "config", f"must be a table of settings (got {data!r})")
-    known = {item.name for item in fields(base)}  # type: ignore[arg-type]
-    for key in data:
-        if key not in known:
-            raise ConfigError(
-                f"{path}{key}", f"unknown setting; {path or 'the top level'} has {', '.join(sorted(known))}"
-            )
-    changes: dict[str, Any] = {}
-    for key, value in data.items():
-        current = getattr(base, key)
-        if isinstance(base, RuleConfig) and key == "options":
-            continue  # below, once the rule's name is known
-        if is_dataclass(current) and isinstance(current, Section):
-            changes[key] = _section_from_dict(current, value, f"{path}{key}.")
-        elif isinstance(base, ModelConfig) and key == "split":
-            if not isinstance(value, list):
-                raise ConfigError(f"{path}split", "must be a list of layers per stage")
-            changes[key] = tuple(value)
-        elif isinstance(base, ModelConfig) and key == "blocks":
-            if not isinstance(value, list):
-                raise ConfigError(f"{path}blocks", "must be a list of blocks")
-            changes[key] = tuple(
-                _section_from_dict(BlockSpec(kind="relu"), block, f"{path}blocks[].") for block in value
-            )
-        else:
-            changes[key] = value
-    if isinstance(base, RuleConfig):
-        name = changes.get("name", base.name)
-        if name not in RULES:
-            raise ConfigError("--rule", f"{name!r} is not one of {', '.join(RULES)}")
-        options = base.options if name == base.name and base.options is not None else RULES[name].Options()
-        changes["options"] = _section_from_dict(options, data.get("options", {}), f"{path}options.")
-    try:
-        return replace(base, **changes)  # type: ignore[type-var]
-    except TypeError as error:  # a required field missing from a block
-        raise ConfigError(path.rstrip(".") or "config", str(error)) from None
-
-
-def config_from_dict(data: dict[str, Any], base: RunConfig) -> RunConfig:
-    """``base`` (a preset) with the settings of ``data`` put in. Accepts a run's summary.json,
-    whose resolved config is under ``config``."""
-    if isinstance(data, dict) and isinstance(data.get("config"), dict):
-        data = data["config"]
-    result = _section_from_dict(base, data, "")
-    assert isinstance(result, RunConfig)
-    return result
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The settings of a TOML or JSON file; ConfigError (naming the file) when it cannot be read."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError("--config", f"cannot read {path} ({getattr(error, 'strerror', None) or error})") from None
-    try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
-        kind = "TOML" if path.suffix == ".toml" else "JSON"
-        raise ConfigError("--config", f"{path} is not valid {kind} ({error})") from None
-    if not isinstance(data, dict):
-        raise ConfigError("--config", f"{path} must hold a table of settings")
-    return data
-
-
-def load_config_file(path: str | Path, base: RunConfig) -> RunConfig:
-    try:
-        return config_from_dict(read_config_file(path), base)
-    except ConfigError as error:
-        if error.where == "--config":
-            raise
-        raise ConfigError("--config", f"{path}: {error}") from None

@@ -160,6 +160,9 @@ class Microbatch:
         )
 
     def detached(self) -> Microbatch:
+        tensors = (self.inputs, self.labels, self.targets, self.context, *self.extra.values())
+        if not any(tensor is not None and tensor.requires_grad for tensor in tensors):
+            return self  # nothing a gradient could flow back into (every hand-on): no new message
         return self.map(torch.Tensor.detach)
 
     def handed_on(

@@ -189,6 +189,14 @@ class StageSpec:
         return self.index == self.num_stages - 1
 
 
+def hand_on_bytes(specs: Sequence[StageSpec], batch_size: int, num_classes: int) -> int:
+    """An estimate of one microbatch's hand-offs between stages, in bytes: every stage's output but
+    the last's, for the inputs and a target per class beside them, in float32. The Ray driver keeps
+    each of them until the microbatch's predictions are collected."""
+    rows = batch_size + num_classes
+    return sum(4 * rows * math.prod(spec.output_shape) for spec in specs[:-1])
+
+
 def _split_layers(blocks: tuple[BlockSpec, ...]) -> list[list[BlockSpec]]:
     layers: list[list[BlockSpec]] = []
     leading: list[BlockSpec] = []

@@ -164,8 +164,13 @@ class Stage:
         training = mb.phase == TRAIN
         if mb.time is not None and mb.time.step == 0:
             reset_states(self.blocks)  # a new batch of sequences starts from a zero state
-        self.run_blocks.train(training)
-        self.rule.train(training)
+        # Only on a change of phase: train() walks every submodule, a cost per microbatch that a
+        # plain loop does not pay. A rule that switches the blocks' mode itself (ff, efp) switches
+        # them back, through the container, so its flag stays the blocks' mode.
+        if self.run_blocks.training != training:
+            self.run_blocks.train(training)
+        if self.rule.training != training:
+            self.rule.train(training)
         with torch.set_grad_enabled(training):
             if training and not self._gathering:
                 # The last update's gradients are cleared before the rule runs, not at the stage's

@@ -18,7 +18,7 @@ def test_overhead_benchmark_compares_the_executors_with_the_plain_loop(ray_clust
     output = tmp_path / "overhead.md"
     assert overhead.main(["--stages", "2", "--epochs", "1", "--repeats", "1", "--output", str(output)]) == 0
     text = output.read_text()
-    for name in (overhead.PLAIN, overhead.SEQUENTIAL, overhead.RAY, overhead.RAY_GROUPED):
+    for name in (overhead.PLAIN, overhead.SEQUENTIAL, overhead.RAY, overhead.RAY_SMALL_WINDOW):
         assert f"| 2 | {name} |" in text
     assert ray_cluster.is_initialized(), "the benchmark must leave a Ray it did not start running"
 

@@ -17,7 +17,7 @@ from helpers import assert_same_weights
 import forwardflow.actors.cluster
 from forwardflow.launch.cli import build_parser, parse_config
 from forwardflow.launch.train import main
-from forwardflow.pipeline.config import config_to_dict
+from forwardflow.pipeline.config_files import config_to_dict
 
 
 def closed_port() -> int:

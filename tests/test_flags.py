@@ -10,7 +10,7 @@ from helpers import small_config, tweak
 import forwardflow.actors.cluster
 from forwardflow.launch.cli import parse_config
 from forwardflow.launch.train import main
-from forwardflow.pipeline.config import DEFAULT_WINDOW, OutputConfig, RuleConfig
+from forwardflow.pipeline.config import AUTO_WINDOW_MAX, DEFAULT_WINDOW, WINDOW_BUDGET_BYTES, OutputConfig, RuleConfig
 from forwardflow.pipeline.validation import ConfigError
 
 SEQUENTIAL = ["--preset", "synthetic", "--executor", "sequential", "--no-progress"]
@@ -49,6 +49,19 @@ def test_defaults_are_not_given_and_resolve_in_one_place():
     assert config.execution.window is None and config.execution.pipeline_window == DEFAULT_WINDOW
     assert config.execution.placement_strategy == "pack" and config.execution.restart_limit == 3
     assert parse_config([*SEQUENTIAL[:-3], "--window", "4"]).execution.pipeline_window == 4
+
+
+def test_the_default_ray_window_holds_as_many_hand_offs_as_the_budget_allows():
+    execution = parse_config([]).execution
+    assert execution.ray_window(WINDOW_BUDGET_BYTES // 12, sets_a_delay=False) == 12
+    assert execution.ray_window(1, sets_a_delay=False) == AUTO_WINDOW_MAX  # a tiny net: the most
+    assert execution.ray_window(WINDOW_BUDGET_BYTES, sets_a_delay=False) == DEFAULT_WINDOW  # a big one: the fewest
+    assert execution.ray_window(1, sets_a_delay=True) == DEFAULT_WINDOW  # efp's delay does not move
+    assert parse_config(["--window", "5"]).execution.ray_window(1, sets_a_delay=False) == 5
+    # Without --window, a larger call is allowed, and the window holds one.
+    assert parse_config(["--microbatches-per-call", "40"]).execution.ray_window(1, sets_a_delay=False) == 40
+    with pytest.raises(ConfigError, match=r"--microbatches-per-call: must be at most --window \(8, rule efp"):
+        parse_config(["--preset", "mnist-efp", "--microbatches-per-call", "9"])
 
 
 def test_window_applies_to_a_sequential_run_of_a_rule_whose_feedback_loop_it_sets():

@@ -368,7 +368,7 @@ def test_endpoint_is_not_reachable_on_a_non_loopback_address_by_default():
 
 
 def test_ray_pipeline_reports_queues_and_the_time_split_without_draining(ray_cluster, tiny):
-    run = tiny(execution=small_config("ray").execution)
+    run = tiny(execution=replace(small_config("ray").execution, window=8))
     setups = run.setups
     with run:
         pipeline = run.executor

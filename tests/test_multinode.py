@@ -14,7 +14,7 @@ import torch
 from helpers import assert_same_weights, run_to_end, small_config, tweak
 
 from forwardflow.launch.local_cluster import local_cluster
-from forwardflow.pipeline.config import config_to_dict
+from forwardflow.pipeline.config_files import config_to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 300

@@ -8,9 +8,10 @@ import torch
 from helpers import assert_executors_agree, run_to_end, small_config, tweak
 from test_rules import CONV, config_for
 
-from forwardflow.launch.build import build_run
+import forwardflow.pipeline.config
+from forwardflow.launch.build import RayCalls, build_run
 from forwardflow.pipeline.messages import NonFiniteLossError
-from forwardflow.pipeline.model import BlockSpec, ModelConfig
+from forwardflow.pipeline.model import BlockSpec, ModelConfig, hand_on_bytes
 from forwardflow.pipeline.runner import SequentialRunner
 
 DROPOUT_NET = ModelConfig(
@@ -27,6 +28,23 @@ DROPOUT_NET = ModelConfig(
         BlockSpec("tanh"),
     ),
 )
+
+
+def test_the_ray_window_is_sized_from_the_hand_offs_the_stages_make(monkeypatch):
+    # The estimate against the bytes the stages really hand on, for one microbatch.
+    config = small_config()
+    run = build_run(config)
+    runner = SequentialRunner(run.setups, run.dataset)
+    message = runner.source.read(next(iter(run.schedule)))
+    batch, handed = message.size, 0
+    for stage in runner.stages[:-1]:
+        message = stage.step(message)
+        handed += sum(tensor.nbytes for tensor in (message.inputs, message.targets))
+    assert hand_on_bytes([setup.spec for setup in run.setups], batch, run.dataset.num_classes) == handed
+    # A Ray run keeps as many as fit the budget in flight, a call for each stage and one more.
+    monkeypatch.setattr(forwardflow.pipeline.config, "WINDOW_BUDGET_BYTES", 12 * handed)
+    assert build_run(tweak(config, execution={"executor": "ray"})).calls == RayCalls(window=12, per_call=3)
+    assert build_run(config).calls is None  # the sequential runner makes no calls
 
 
 def test_pipelined_and_sequential_runs_agree_bit_for_bit(ray_cluster):

@@ -127,7 +127,9 @@ def test_every_stage_reports_its_device_and_node(ray_cluster, tmp_path):
     config = tweak(small_config("ray"), schedule={"epochs": 1}, output={"out": str(tmp_path / "run")})
     with build_run(config) as run:
         result = run.train()
+        calls = {"window": run.executor.window, "microbatches_per_call": run.executor.per_call}
     summary = run.finish(result)
+    assert summary["ray_calls"] == calls  # what the driver really kept in flight and sent per call
     here = cluster_nodes()[0]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["stages"] == summary["stages"]
     assert [

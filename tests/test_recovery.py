@@ -27,12 +27,13 @@ def test_a_stage_killed_mid_run_is_recovered_and_the_weights_are_those_of_an_und
         small_config("ray", model=DROPOUT_NET),
         schedule={"epochs": 3},
         output={"out": str(out), "checkpoint_every": 4},
+        execution={"window": 8},  # the driver at most 8 ahead of the kill: the cut is in the first epoch
     )
     config = tweak(config, monitoring={"metrics_port": free_port(), "metrics_linger": 0.0, "metrics_interval": 0.05})
     reference = run_to_end(
         tweak(
             config,
-            execution={"executor": "sequential"},
+            execution={"executor": "sequential", "window": None},
             output={"out": None, "checkpoint_every": None},
             monitoring={"metrics_port": 0},
         )
