@@ -230,12 +230,19 @@ def concurrent_compute(config: RunConfig, inputs: list[Microbatch], steps: int) 
     stage in its own actor and all of them stepping at once on its input (``inputs``, from
     StageCosts.first_inputs), as in the Ray pipeline: stages that share the cores slow each other
     (caches, memory bandwidth, Ray's threads in each process), which a stage timed alone in one
-    process does not show. Runs in a fresh process (a local Ray)."""
+    process does not show. The benchmark runs it in a fresh process, where it starts (and stops) a
+    local Ray; where Ray is up already, it uses that one and leaves it running."""
     from forwardflow.actors.cluster import connect
 
     run = build_run(config)
-    connect(None)
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        connect(None)
     timers = [StageTimer.remote(setup, given) for setup, given in zip(run.setups, inputs)]  # type: ignore[attr-defined]
-    seconds = ray.get([timer.cpu_per_step.remote(steps) for timer in timers])
-    ray.shutdown()
-    return seconds
+    try:
+        return ray.get([timer.cpu_per_step.remote(steps) for timer in timers])
+    finally:
+        for timer in timers:
+            ray.kill(timer)
+        if own_ray:
+            ray.shutdown()
