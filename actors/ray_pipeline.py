@@ -11,9 +11,10 @@ sees the weights after that epoch.
 Calls: a call costs far more than the bytes it carries on a small net (benchmarks/ray_calls.py:
 actors pushing to their downstream neighbour cost as much as the driver chaining every hop; 4
 microbatches per call tripled the rate), so the driver sends ``per_call`` microbatches per actor
-call (by default ``window // (stages + 1)``: enough calls in flight for every stage to have one in
-hand). A partial group goes out at once when nothing is in flight, so a slow submitter never
-waits for company, and whenever the caller drains.
+call (decided with the window by launch/build.py ``ray_calls``: by default
+``window // (stages + 1)``, enough calls in flight for every stage to have one in hand). A partial
+group goes out at once when nothing is in flight, so a slow submitter never waits for company, and
+whenever the caller drains.
 
 Data path: the dataset goes once to the first stage, which keeps it on its device; per call the
 driver sends plans only (sample numbers, crop offsets, flips), never samples. Each stage's call
@@ -92,14 +93,14 @@ class RayPipeline:
         dataset: Dataset,
         placements: list[StagePlacement],
         window: int,
+        per_call: int,
         torch_threads: int = 1,
-        per_call: int | None = None,
         data_placement: str = "auto",
         streams: bool = False,
         transport: str = "auto",
     ):
         self.window = window
-        self.per_call = min(window, per_call or max(1, window // (len(setups) + 1)))
+        self.per_call = per_call
         self.setups, self.placements, self.torch_threads = setups, placements, torch_threads
         self.data_placement, self.streams = data_placement, streams
         devices = [placement.device for placement in placements]

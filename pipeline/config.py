@@ -244,10 +244,6 @@ class ExecutionConfig(Section):
     )
 
     def check(self) -> None:
-        per_call, window = self.microbatches_per_call, self.window
-        if per_call is not None and window is not None and per_call > window:
-            # Without --window the default holds one such call (ray_window).
-            raise self.error("microbatches_per_call", f"must be at most --window ({window})")
         device = self.device
         if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
             raise self.error("device", f"{device!r} is not one of auto, cpu, cuda, cuda:N")
@@ -407,11 +403,13 @@ class RunConfig(Section):
                 given.append("ray_dashboard")
             if given:
                 raise execution.error(given[0], "applies to --executor ray only (the executor is sequential)")
-        per_call = execution.microbatches_per_call
-        if self.rule.rule_class.uses_window and execution.window is None and (per_call or 0) > DEFAULT_WINDOW:
-            raise execution.error(
-                "microbatches_per_call", f"must be at most --window ({DEFAULT_WINDOW}, rule {self.rule.name}'s delay)"
-            )
+        # A call fits the window: --window, or the delay a rule keeps; without either, the default
+        # window is made to hold one call (ExecutionConfig.ray_window).
+        per_call, delay = execution.microbatches_per_call, self.rule.rule_class.uses_window
+        bound = execution.pipeline_window if delay else execution.window
+        if per_call is not None and bound is not None and per_call > bound:
+            whose = f", rule {self.rule.name}'s delay" if execution.window is None else ""
+            raise execution.error("microbatches_per_call", f"must be at most --window ({bound}{whose})")
         if execution.ray_dashboard and execution.address:
             raise execution.error(
                 "ray_dashboard", "applies to a local Ray only; a cluster serves its own dashboard (ray start ...)"

@@ -135,8 +135,7 @@ class Microbatch:
         # after the copy on the same stream. A copy to the host must block, or the tensor could be
         # serialised for the next actor before its data has arrived.
         device = torch.device(device)
-        tensors = (self.inputs, self.labels, self.targets, self.context, *self.extra.values())
-        if all(tensor is None or tensor.device == device for tensor in tensors):
+        if all(tensor.device == device for tensor in self._tensors()):
             return self  # already there (the sequential runner): no copy, no new message
         non_blocking = device.type == "cuda"
         return self.map(lambda tensor: tensor.to(device, non_blocking=non_blocking))
@@ -159,9 +158,12 @@ class Microbatch:
             extra={name: move(tensor) for name, tensor in self.extra.items()},
         )
 
+    def _tensors(self) -> list[torch.Tensor]:
+        optional = (self.targets, self.context, *self.extra.values())
+        return [self.inputs, self.labels, *(tensor for tensor in optional if tensor is not None)]
+
     def detached(self) -> Microbatch:
-        tensors = (self.inputs, self.labels, self.targets, self.context, *self.extra.values())
-        if not any(tensor is not None and tensor.requires_grad for tensor in tensors):
+        if not any(tensor.requires_grad for tensor in self._tensors()):
             return self  # nothing a gradient could flow back into (every hand-on): no new message
         return self.map(torch.Tensor.detach)
 
