@@ -58,9 +58,10 @@ def test_an_exploding_loss_stops_the_run_before_its_update_naming_stage_and_micr
     assert f"stage 0: local loss {error.value:.4g} at microbatch 5 is" in str(error) and "lower --lr" in str(error)
 
 
-def test_a_non_finite_loss_from_the_data_says_the_data(tmp_path):
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_a_non_finite_loss_from_the_data_says_the_data(value):
     run = build_run(small_config())
-    run.dataset.train_x[5] = math.inf
+    run.dataset.train_x[5, -1] = value  # one input of one sample
     with run, pytest.raises(NonFiniteLossError, match="inputs hold NaN or inf: check the data"):
         run.train()
 

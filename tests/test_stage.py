@@ -103,6 +103,23 @@ def test_evaluation_microbatches_change_no_weight_nor_normalisation_statistics(t
         assert all(torch.equal(old[name], new[name]) for name in old)
 
 
+def test_the_last_stage_predicts_classes_for_evaluation_only(tiny):
+    # Only evaluation is scored: a training microbatch comes back with its place and labels, and
+    # without the output head's and the nearest target's classes, which nothing would read.
+    run = tiny()
+    runner = SequentialRunner(run.setups, run.dataset)
+    reports = {}
+    for plan in run.schedule:
+        runner.submit(plan)
+        for prediction in runner.completed():
+            reports.setdefault(prediction.phase, prediction)
+        if len(reports) == 2:
+            break
+    train, evaluation = reports[TRAIN], reports[EVAL]
+    assert train.outputs == {} and train.size == run.config.schedule.batch_size
+    assert evaluation.outputs.keys() == {"nearest_target", "head"}
+
+
 def parameters(stage: Stage) -> list[torch.Tensor]:
     return [p.detach().clone() for p in list(stage.blocks.parameters()) + list(stage.rule.parameters())]
 

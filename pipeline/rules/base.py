@@ -211,6 +211,12 @@ class Rule(nn.Module):
                 outputs[HEAD] = self.target.predict(self.output_head(features))
         return prediction_of(mb, outputs)
 
+    def training_report(self, mb: Microbatch, step: LocalStep) -> Prediction:
+        """What the last stage sends back for a training microbatch: its place in the stream and
+        its labels (progress counts them) and, for a rule with a feedback loop, what is fed back.
+        No predicted classes: only evaluation microbatches are scored."""
+        return prediction_of(mb, {})
+
     def after_update(self) -> None:
         """Called after the stage's optimizer step (rules with extra state override it)."""
 

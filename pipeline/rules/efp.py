@@ -186,12 +186,11 @@ class ErrorForwardRule(Rule):
             tracked=replay is not None,
         )
 
-    def predict(self, mb: Microbatch, step: LocalStep) -> Prediction:
-        prediction = super().predict(mb, step)
-        if mb.phase == TRAIN:
-            assert self.output_head is not None
-            with torch.no_grad():
-                # The stage predicts after its update: the error fed back is the updated head's.
-                logits = self.output_head(step.features.detach().flatten(1))
-                prediction.feedback = F.softmax(logits, 1) - F.one_hot(mb.labels, logits.shape[1]).to(logits.dtype)
-        return prediction
+    def training_report(self, mb: Microbatch, step: LocalStep) -> Prediction:
+        report = super().training_report(mb, step)
+        assert self.output_head is not None
+        with torch.no_grad():
+            # The stage reports after its update: the error fed back is the updated head's.
+            logits = self.output_head(step.features.detach().flatten(1))
+            report.feedback = F.softmax(logits, 1) - F.one_hot(mb.labels, logits.shape[1]).to(logits.dtype)
+        return report
