@@ -185,6 +185,10 @@ class RayPipeline:
                 # Every hop falls back, not only the failing one: the groups span several hops.
                 why = f"direct transport failed at the start ({problem})"
                 hand_offs = [HandOff(OBJECT_STORE, why if h.direct else h.reason) for h in hand_offs]
+                # An actor may still be inside the failed set-up (a group that never formed, a
+                # probe it waits to receive), where every later call to it would queue for good:
+                # the stages are made anew, before any of them has learned or loaded anything.
+                self._remake_actors()
         self.hand_offs = hand_offs
         # Each stage's step as the driver calls it, its hop's transport bound once here.
         self._steps = [
@@ -192,6 +196,12 @@ class RayPipeline:
             for actor, h in zip(self.actors, hand_offs)
         ]
         self._get([actor.hand_on_direct.remote(h.direct) for actor, h in zip(self.actors, hand_offs)])
+
+    def _remake_actors(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = [self._make_actor(stage) for stage in range(len(self.setups))]
+        self.locations = self._get([actor.location.remote() for actor in self.actors])
 
     def completed(self, wait: bool = False) -> list[Prediction | CheckpointMarker]:
         if wait or not self._calls:
@@ -285,10 +295,12 @@ class RayPipeline:
         for stage in lost:
             self.actors[stage] = self._make_actor(stage)
         self.locations = self._get([actor.location.remote() for actor in self.actors])
+        if lost:
+            # New actors, and maybe another GPU: the transports are chosen again, before the
+            # shards are loaded, since a failed direct hop makes every actor anew.
+            self._connect()
         chosen: list[ShardInfo | None] = list(shards) if shards else [None] * len(self.actors)
         self._get([actor.restore.remote(shard) for actor, shard in zip(self.actors, chosen)])
-        if lost:
-            self._connect()  # new actors, and maybe another GPU: the transports are chosen again
 
     def close(self) -> None:
         self.direct_groups.destroy()

@@ -19,7 +19,8 @@ and go device to device when the receiver's call runs:
 ``nccl`` between CUDA stages on different GPUs, the object store otherwise. The choice needs the
 GPU each actor was given, so it is made once the actors are up and before the first microbatch;
 each direct hop is then tried with a small tensor, and a hop whose transport fails there falls back
-to the object store with the reason (reported at the start and in summary.json). A transport
+to the object store with the reason (reported at the start and in summary.json); a group that does
+not form within GROUP_TIMEOUT_S counts as failed, and the actors are then made anew. A transport
 asked for by name is not replaced: a hop it cannot serve is refused (ConfigError, exit 2) before
 any actor starts where the devices say so, and its failure on the probe stops the run.
 
@@ -31,7 +32,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 
@@ -43,6 +47,10 @@ RAY_NAMES = {"gloo": "gloo", "nccl": "nccl", "cuda-ipc": "cuda_ipc"}  # RDT tran
 DIRECT = tuple(RAY_NAMES)
 COLLECTIVE = ("gloo", "nccl")  # need a collective group of the actors
 PROBE_TIMEOUT_S = 120
+# Ray's create_collective_group waits for every member without a limit, and a group whose members
+# cannot reach each other (a firewall between nodes, a wedged NCCL) never forms: past this, the
+# hop is given up instead of the run hanging at its start.
+GROUP_TIMEOUT_S = 120
 
 
 @dataclass(frozen=True)
@@ -119,14 +127,20 @@ class DirectGroups:
         self.groups: list = []
 
     def create(self, actors: list, hand_offs: list[HandOff]) -> None:
-        from ray.experimental.collective import create_collective_group
+        """Raises GroupTimeoutError when a group has not formed within GROUP_TIMEOUT_S; its members
+        may then still be inside the set-up, where every later call to them would queue."""
+        from ray.experimental import collective
 
         for backend in COLLECTIVE:
             members = sorted(
                 {stage + side for stage, h in enumerate(hand_offs) if h.transport == backend for side in (0, 1)}
             )
             if members:
-                self.groups.append(create_collective_group([actors[s] for s in members], backend=backend))
+                what = f"the {backend} group of stages {', '.join(map(str, members))}"
+                group = within(
+                    GROUP_TIMEOUT_S, what, collective.create_collective_group, [actors[s] for s in members], backend
+                )
+                self.groups.append(group)
 
     def destroy(self) -> None:
         from ray.experimental.collective import destroy_collective_group
@@ -136,6 +150,32 @@ class DirectGroups:
             with contextlib.suppress(Exception):
                 destroy_collective_group(group)
         self.groups = []
+
+
+class GroupTimeoutError(TimeoutError):
+    """A collective group did not form in time."""
+
+
+def within(timeout_s: float, what: str, create: Callable[..., Any], *args: Any) -> Any:
+    """``create(*args)`` on a helper thread, its result once it returns; GroupTimeoutError if it
+    has not returned in ``timeout_s``. The thread is a daemon: one left waiting on members that
+    never answer ends when they are killed, and never holds up the driver's exit."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = create(*args)
+        except BaseException as error:  # handed to the caller below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="forwardflow-collective-group", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise GroupTimeoutError(f"{what} did not form within {timeout_s:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def probe(actors: list, hand_offs: list[HandOff]) -> list[str | None]:

@@ -5,12 +5,13 @@ does (gloo, the one direct transport a CPU has), and the fallback when a direct 
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 from helpers import assert_executors_agree, assert_same_weights, run_to_end, small_config, tweak
 from stops import KillStage
 
-from forwardflow.actors import ray_pipeline
+from forwardflow.actors import ray_pipeline, transport
 from forwardflow.actors.transport import OBJECT_STORE, HandOff, check_transport, may_go_direct, plan_hand_offs
 from forwardflow.launch import train
 from forwardflow.launch.build import build_run
@@ -108,6 +109,46 @@ def test_a_direct_hop_that_fails_at_the_start_falls_back_to_the_object_store(
         "forwardflow: error: --transport nccl: stage 0 could not hand on to stage 1 "
         "(ValueError: Backend NCCL not registered)"
     ]
+
+
+def test_a_group_that_never_forms_is_given_up_and_the_stages_are_made_anew(ray_cluster, monkeypatch, tmp_path):
+    # Ray's create_collective_group waits for its members without a limit; one that never returns
+    # stands for members that cannot reach each other. Past the timeout the run goes on through
+    # the object store with fresh actors (the old ones could be stuck inside the set-up), and
+    # computes what the sequential run computes.
+    from ray.experimental import collective
+
+    released = threading.Event()
+    monkeypatch.setattr(collective, "create_collective_group", lambda actors, backend: released.wait(30))
+    monkeypatch.setattr(transport, "GROUP_TIMEOUT_S", 0.5)
+    made = []
+    make_actor = ray_pipeline.RayPipeline._make_actor
+    monkeypatch.setattr(
+        ray_pipeline.RayPipeline, "_make_actor", lambda self, stage: made.append(stage) or make_actor(self, stage)
+    )
+    config = tweak(small_config("ray"), schedule={"epochs": 1}, execution={"transport": "gloo"})
+    try:
+        with pytest.raises(
+            ray_pipeline.TransportError, match=r"the gloo group of stages 0, 1, 2 did not form within 0.5 s"
+        ):
+            build_run(config).start()
+        made.clear()
+        monkeypatch.setattr(
+            ray_pipeline,
+            "plan_hand_offs",
+            lambda requested, locations: [HandOff("nccl", "test")] * 2 + [HandOff(OBJECT_STORE, "predictions")],
+        )
+        auto = tweak(config, execution={"transport": "auto"}, output={"out": str(tmp_path)})
+        with build_run(auto) as run:
+            result = run.train()
+            data = run.finish(result)
+    finally:
+        released.set()
+    assert made == [0, 1, 2, 0, 1, 2]
+    assert [s["hand_off"] for s in data["stages"]] == [OBJECT_STORE] * 3
+    assert "the nccl group of stages 0, 1, 2 did not form within 0.5 s" in data["stages"][0]["hand_off_reason"]
+    reference = run_to_end(tweak(small_config("sequential"), schedule={"epochs": 1}))
+    assert_same_weights(reference.weights, result.weights)
 
 
 def test_a_stage_lost_on_a_direct_hop_is_recreated_and_its_groups_are_made_again(ray_cluster, tmp_path):
