@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import ray
@@ -188,7 +189,7 @@ class RayPipeline:
                 # An actor may still be inside the failed set-up (a group that never formed, a
                 # probe it waits to receive), where every later call to it would queue for good:
                 # the stages are made anew, before any of them has learned or loaded anything.
-                self._remake_actors()
+                self._remake_actors(range(len(self.actors)))
         self.hand_offs = hand_offs
         # Each stage's step as the driver calls it, its hop's transport bound once here.
         self._steps = [
@@ -197,10 +198,12 @@ class RayPipeline:
         ]
         self._get([actor.hand_on_direct.remote(h.direct) for actor, h in zip(self.actors, hand_offs)])
 
-    def _remake_actors(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
-        self.actors = [self._make_actor(stage) for stage in range(len(self.setups))]
+    def _remake_actors(self, stages: Iterable[int]) -> None:
+        """Kill these stages' actors (dead ones too) and make them anew where they were; then
+        learn where every actor runs."""
+        for stage in stages:
+            ray.kill(self.actors[stage])
+            self.actors[stage] = self._make_actor(stage)
         self.locations = self._get([actor.location.remote() for actor in self.actors])
 
     def completed(self, wait: bool = False) -> list[Prediction | CheckpointMarker]:
@@ -289,12 +292,8 @@ class RayPipeline:
             # connections (gloo answers "broken pipe"). Every stage goes back to the checkpoint
             # anyway, so every actor is made anew and the groups with them.
             self.direct_groups.destroy()
-            for actor in self.actors:
-                ray.kill(actor)
             lost = list(range(len(self.actors)))
-        for stage in lost:
-            self.actors[stage] = self._make_actor(stage)
-        self.locations = self._get([actor.location.remote() for actor in self.actors])
+        self._remake_actors(lost)
         if lost:
             # New actors, and maybe another GPU: the transports are chosen again, before the
             # shards are loaded, since a failed direct hop makes every actor anew.
