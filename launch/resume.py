@@ -20,9 +20,10 @@ from forwardflow.pipeline.config_files import config_from_dict, config_to_dict
 from forwardflow.pipeline.rules.base import Rule
 from forwardflow.pipeline.validation import ConfigError
 
-# What decides the computation, section by section (data_dir only says where the files are).
+# What decides the computation, section by section. Where the files are (data_dir) and where the
+# first stage keeps them (placement: device memory or pinned host memory) change no number.
 LEARNING = ("data", "model", "rule", "optim", "schedule")
-LOCATIONS = {"data_dir"}
+LOCATIONS = {"data_dir", "placement"}
 
 
 def newest_checkpoint(directory: str) -> tuple[Path, Manifest]:

@@ -135,6 +135,9 @@ def read_manifest(folder: Path) -> Manifest | None:
     if manifest.format != FORMAT:
         return None
     for entry in [*manifest.shards, manifest.driver]:
+        # A manifest edited by hand (or by another program) counts as none, as unreadable JSON does.
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or "size" not in entry:
+            return None
         path = folder / entry["file"]
         if not path.is_file() or path.stat().st_size != entry["size"]:
             return None

@@ -143,6 +143,9 @@ class OptimConfig(Section):
     def check(self) -> None:
         if not 0 < self.lr <= 10:
             raise self.error("lr", f"must be a number in (0, 10] (got {self.lr!r})")
+        if 0 < self.divergence_factor <= 1:
+            # A loss at or under its first value would already count as exploded.
+            raise self.error("divergence_factor", f"must be 0 (off) or more than 1 (got {self.divergence_factor:g})")
 
 
 DEFAULT_WINDOW = 8  # the fewest microbatches a Ray run keeps in flight, and efp's delay
@@ -428,6 +431,14 @@ class RunConfig(Section):
                 f"model {model.name} has recurrent blocks, which learn from sequence data: "
                 "--sequence rows or pixels, or --dataset adding",
             )
+        # Settings of sequence runs are refused elsewhere, not ignored (at their defaults they change nothing).
+        if not data.is_sequence:
+            schedule, defaults = self.schedule, ScheduleConfig()
+            for name in ("loss_steps", "update_every"):
+                if getattr(schedule, name) != getattr(defaults, name):
+                    raise schedule.error(name, f"applies to sequence data only ({data.dataset} without --sequence)")
+        if data.dataset not in SEQUENCE_DATASETS and data.sequence_length != DataConfig().sequence_length:
+            raise data.error("sequence_length", f"applies to --dataset adding only (the dataset is {data.dataset})")
 
     @property
     def num_stages(self) -> int:

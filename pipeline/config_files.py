@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from forwardflow.pipeline.config import RuleConfig, RunConfig
-from forwardflow.pipeline.model import BlockSpec, ModelConfig
+from forwardflow.pipeline.model import BLOCK_KINDS, BlockSpec, ModelConfig
 from forwardflow.pipeline.rules.registry import RULES
 from forwardflow.pipeline.validation import ConfigError, Section
 
@@ -24,7 +24,7 @@ def config_to_dict(config: RunConfig) -> dict[str, Any]:
 def _section_from_dict(base: Section, data: Any, path: str) -> Section:
     """``base`` with the values of ``data`` (a mapping, possibly partial) put in; checked."""
     if not isinstance(data, dict):
-        raise ConfigError(path or "config", f"must be a table of settings (got {data!r})")
+        raise ConfigError(path.rstrip(".") or "config", f"must be a table of settings (got {data!r})")
     known = {item.name for item in fields(base)}  # type: ignore[arg-type]
     for key in data:
         if key not in known:
@@ -45,14 +45,21 @@ def _section_from_dict(base: Section, data: Any, path: str) -> Section:
         elif isinstance(base, ModelConfig) and key == "blocks":
             if not isinstance(value, list):
                 raise ConfigError(f"{path}blocks", "must be a list of blocks")
+            for number, block in enumerate(value):
+                # kind has no default: a block read on top of a placeholder must name its own.
+                if isinstance(block, dict) and "kind" not in block:
+                    raise ConfigError(
+                        f"{path}blocks[{number}].kind", f"is required: one of {', '.join(BLOCK_KINDS)} (got {block!r})"
+                    )
             changes[key] = tuple(
-                _section_from_dict(BlockSpec(kind="relu"), block, f"{path}blocks[].") for block in value
+                _section_from_dict(BlockSpec(kind="relu"), block, f"{path}blocks[{number}].")
+                for number, block in enumerate(value)
             )
         else:
             changes[key] = value
     if isinstance(base, RuleConfig):
         name = changes.get("name", base.name)
-        if name not in RULES:
+        if not isinstance(name, str) or name not in RULES:
             raise ConfigError("--rule", f"{name!r} is not one of {', '.join(RULES)}")
         options = base.options if name == base.name and base.options is not None else RULES[name].Options()
         changes["options"] = _section_from_dict(options, data.get("options", {}), f"{path}options.")

@@ -236,7 +236,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise _bad(path, f"is not a CIFAR-10 python batch ({type(error).__name__}: {error})") from None
     if not isinstance(batch, dict):
         raise _bad(path, f"is not a CIFAR-10 python batch (it holds a {type(batch).__name__}, not a dict)")
-    entries = {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
+    entries = {key.decode(errors="replace") if isinstance(key, bytes) else key: value for key, value in batch.items()}
     data, labels = entries.get("data"), entries.get("labels")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         described = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__

@@ -91,7 +91,7 @@ class ModelConfig(Section):
                 f"must be between 1 and {self.num_layers}, the number of layers of model {self.name} "
                 f"(got {self.stages})",
             )
-        if any(not isinstance(size, int) or size < 1 for size in self.split):
+        if any(not isinstance(size, int) or isinstance(size, bool) or size < 1 for size in self.split):
             raise ConfigError("model.split", f"must list at least 1 layer per stage (got {list(self.split)})")
 
     @property

@@ -382,6 +382,7 @@ class Stage:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "generators": [generator.get_state() for generator in self._generators()],
+            "generator_devices": [generator.device.type for generator in self._generators()],
             "loss_watch": self.loss_watch.state_dict(),
             "read_after": self._read_after,
             "stats": asdict(self.stats),
@@ -395,10 +396,22 @@ class Stage:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        for generator, generator_state in zip(self._generators(), state["generators"], strict=True):
-            generator.set_state(generator_state)
+        generators = self._generators()
+        saved_on = state.get("generator_devices", [generator.device.type for generator in generators])
+        for number, (generator, generator_state, device_type) in enumerate(
+            zip(generators, state["generators"], saved_on, strict=True)
+        ):
+            if device_type == generator.device.type:
+                generator.set_state(generator_state)
+            else:
+                # Resumed on another kind of device (--device): a CPU generator's state means
+                # nothing to a CUDA one and the other way round, so the generator starts again
+                # from a seed that the checkpoint's position decides. The same run, other draws.
+                generator.manual_seed((self.setup.seed * 1000 + self.index) * 1_000_003 + state["last_index"] + number)
         self.loss_watch.load_state_dict(state["loss_watch"])
-        self._read_after = state["read_after"]
+        # The steps until the next read, within this stage's buffers: --nan-check-every may be
+        # smaller on resume than when the checkpoint was written.
+        self._read_after = min(state["read_after"], len(self._losses))
         self._limit.fill_(self.loss_watch.limit())
         # Counters from the checkpoint; where and how it computes from this process.
         self.stats = replace(StageStats(**state["stats"]), device=str(self.device), precision=self.stats.precision)

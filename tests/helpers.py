@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from forwardflow.launch.build import build_run
-from forwardflow.pipeline.config import RuleConfig, RunConfig
+from forwardflow.pipeline.config import DataConfig, RuleConfig, RunConfig
 from forwardflow.pipeline.messages import EVAL, Prediction
 from forwardflow.pipeline.presets import adding, fc_model, rnn_model, synthetic_small
 from forwardflow.pipeline.training import RunObserver, RunResult
@@ -40,9 +40,12 @@ def small_sequence_config(
     progress bar."""
     sequence = "rows" if dataset == "synthetic" else "none"
     base = adding()
+    length = 8 if dataset == "adding" else DataConfig().sequence_length  # T applies to the adding problem only
     config = replace(
         base,
-        data=replace(base.data, dataset=dataset, sequence=sequence, sequence_length=8, train_limit=256, test_limit=64),
+        data=replace(
+            base.data, dataset=dataset, sequence=sequence, sequence_length=length, train_limit=256, test_limit=64
+        ),
         model=rnn_model((12, 10), name="gru-tiny"),
         rule=RuleConfig(rule),
     )

@@ -8,6 +8,7 @@ import hashlib
 import json
 import shutil
 import stat
+from copy import deepcopy
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from forwardflow.pipeline.data import make_synthetic
 from forwardflow.pipeline.messages import ShardInfo
 from forwardflow.pipeline.presets import synthetic_small
 from forwardflow.pipeline.schedule import MicrobatchSchedule
+from forwardflow.pipeline.stage import Stage
 from forwardflow.pipeline.validation import ConfigError
 
 
@@ -99,6 +101,10 @@ def test_without_a_manifest_a_checkpoint_does_not_count_and_a_damaged_one_is_ref
     out = tmp_path / "run"
     interrupted(durable_config(out), at=26)
     (newest, _), (older, _) = reversed(complete_checkpoints(out / "checkpoints")[-2:])
+    manifest = json.loads((newest / MANIFEST).read_text())
+    del manifest["shards"][0]["file"]  # a manifest damaged by hand counts as none
+    (newest / MANIFEST).write_text(json.dumps(manifest))
+    assert [folder for folder, _ in complete_checkpoints(out / "checkpoints")][-1] == older
     (newest / MANIFEST).unlink()  # a crash before the manifest was written
     config = resumed_config(str(out), synthetic_small())
     assert build_run(config).resume[0] == older
@@ -118,6 +124,30 @@ def test_a_resumed_run_keeps_the_settings_it_was_trained_with(tmp_path):
     with pytest.raises(ConfigError, match="--positives: the run in"):
         build_run(tweak(config, rule={"options": type(config.rule.options)(positives="one")}))
     build_run(tweak(config, execution={"executor": "ray", "threads": 2}))  # how it runs may change
+    build_run(tweak(config, data={"placement": "host"}))  # and where the first stage keeps the data
+
+
+def test_a_stage_resumed_on_another_kind_of_device_reseeds_its_dropout_from_the_checkpoint():
+    # A CUDA generator's state (16 bytes) cannot be loaded into a CPU generator (5,056) nor the
+    # other way round: a checkpoint written on a GPU and resumed with --device cpu.
+    run = build_run(small_config(model=DROPOUT_NET))
+    train = [run.schedule.read(plan) for plan in run.schedule if plan.phase == "train"][:6]
+    stage = Stage(run.setups[0])
+    for mb in train[:3]:
+        stage.step(mb)
+    state = stage.checkpoint_state()
+    assert state["generator_devices"] == ["cpu"]
+    from_a_gpu = {**state, "generators": [torch.zeros(16, dtype=torch.uint8)], "generator_devices": ["cuda"]}
+    resumed = [Stage(run.setups[0]) for _ in range(3)]
+    # Each from its own copy, as from its own file: a restored optimizer takes the state's tensors.
+    for copy, saved in zip(resumed, [state, from_a_gpu, from_a_gpu]):
+        copy.restore(deepcopy(saved))
+    for mb in train[3:]:
+        for copy in resumed:
+            copy.step(mb)
+    same_device, *reseeded = [copy.state_dict() for copy in resumed]
+    assert_same_weights([reseeded[0]], [reseeded[1]])  # the new seed is the checkpoint's, not chance's
+    assert any(not torch.equal(same_device[name], reseeded[0][name]) for name in same_device), "other masks"
 
 
 def test_a_finished_run_or_a_run_without_checkpoints_is_not_resumed(tmp_path):

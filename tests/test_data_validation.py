@@ -110,6 +110,7 @@ CIFAR_CASES = {
     "label 10": ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 10, 2]}, "label 10 at position 2"),
     "3 labels": ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2]}, "holds 3 labels for the 4"),
     "no labels": ({b"data": np.zeros((4, 3072), np.uint8)}, "'labels' must be a list"),
+    "a key not in UTF-8": ({b"data": np.zeros((4, 3072), np.uint8), b"\xff": [0] * 4}, "'labels' must be a list"),
     "code": (pickle.dumps(os.getcwd), "refers to posix.getcwd"),
     "truncated": (pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0] * 4})[:-40], "not a CIFAR"),
 }

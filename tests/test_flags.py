@@ -1,4 +1,4 @@
-"""Settings that do not apply to the chosen executor, or need another one, are refused (exit 2, one
+"""Settings that do not apply to the chosen executor or data, or need another one, are refused (exit 2, one
 line) instead of being silently ignored; from the command line and from a config file alike, and
 only when the user gave them (their defaults are "not given")."""
 
@@ -26,6 +26,9 @@ REFUSED = [
     (["--shard-writer", "driver"], "--shard-writer", "needs --out"),
     (["--overwrite"], "--overwrite", "needs --out"),
     (["--resume", "/tmp/run"], "--resume", "--preset and --config do not apply"),
+    (["--update-every", "4"], "--update-every", "applies to sequence data only"),
+    (["--loss-steps", "last"], "--loss-steps", "applies to sequence data only"),
+    (["--sequence-length", "50"], "--sequence-length", "applies to --dataset adding only"),
 ]
 
 

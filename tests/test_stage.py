@@ -191,3 +191,20 @@ def test_a_stage_refuses_microbatches_out_of_stream_order(tiny):
     stage.step(second)
     with pytest.raises(RuntimeError, match="arrived after"):
         stage.step(first)
+
+
+def test_a_stage_resumed_with_a_shorter_check_every_reads_within_its_own_buffers(tiny):
+    # --nan-check-every may change on --resume: the steps until the next read come from the
+    # checkpoint, and must not run past the resumed stage's (smaller) buffers of losses.
+    run = tiny(execution=replace(small_config().execution, nan_check_every=32))
+    train = [run.schedule.read(plan) for plan in run.schedule if plan.phase == TRAIN][:14]
+    uninterrupted, stopped = Stage(run.setups[0]), Stage(run.setups[0])
+    for mb in train[:5]:
+        uninterrupted.step(mb)
+        stopped.step(mb)
+    resumed = Stage(replace(run.setups[0], check_every=4))
+    resumed.restore(stopped.checkpoint_state())
+    for mb in train[5:]:
+        uninterrupted.step(mb)
+        resumed.step(mb)
+    assert all(torch.equal(a, b) for a, b in zip(weights(uninterrupted).values(), weights(resumed).values()))

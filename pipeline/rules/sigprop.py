@@ -25,6 +25,8 @@ from forwardflow.pipeline.model import layer_sizes, recomputable_tail, run_block
 from forwardflow.pipeline.rules.base import LocalStep, Predictor, Rule, RuleContext, RuleOptions, learns_from
 from forwardflow.pipeline.validation import option
 
+MIN_TEMPERATURE = 1e-6
+
 
 @dataclass(frozen=True)
 class SigPropOptions(RuleOptions):
@@ -59,6 +61,11 @@ class SigPropOptions(RuleOptions):
     )
 
     def check(self) -> None:
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            # Scores of unit-scale features divided by less overflow float32 (inf, then NaN).
+            raise self.error(
+                "temperature", f"must be 0 (the default) or at least {MIN_TEMPERATURE:g} (got {self.temperature:g})"
+            )
         if self.loss == "per-class" and self.positives != "all":
             raise self.error(
                 "positives",
