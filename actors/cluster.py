@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlparse
@@ -20,9 +22,13 @@ CONNECT_TIMEOUT_S = 5.0
 
 def _host_port(address: str) -> tuple[str, int]:
     parsed = urlparse(address if "://" in address else "ray://" + address)
-    if not parsed.hostname or not parsed.port:
+    try:
+        port = parsed.port  # a port that is not a number, or past 65535, raises here
+    except ValueError:
+        port = None
+    if not parsed.hostname or not port:
         raise ConfigError("--address", f"{address!r} is not HOST:PORT, ray://HOST:PORT or auto")
-    return parsed.hostname, parsed.port
+    return parsed.hostname, port
 
 
 def check_address(address: str) -> None:
@@ -111,6 +117,27 @@ def connect(address: str | None, dashboard: bool = False) -> dict[str, float]:
     global _started_here  # noqa: PLW0603 - one Ray per process, as Ray itself keeps it
     if ray.is_initialized():
         return ray.cluster_resources()
+    with _own_sigterm_handler():
+        _init(address, dashboard)
+        _started_here = not address and not os.environ.get("RAY_ADDRESS")
+    return ray.cluster_resources()
+
+
+@contextmanager
+def _own_sigterm_handler() -> Iterator[None]:
+    """ray.init replaces the process's SIGTERM handler with one that exits at once (status 15,
+    with a C++ stack dump); the caller's handler (launch/train.py stops at a checkpoint, or
+    before training, cleanly) is put back, so a SIGTERM while the stages start is the caller's."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+    try:
+        yield
+    finally:
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _init(address: str | None, dashboard: bool) -> None:
     # Joining a cluster: Ray's INFO lines ("Connecting to existing Ray cluster ...") are left out, so
     # that the run's own lines, and a refused plan's one line, are all a user sees.
     if address:
@@ -120,5 +147,3 @@ def connect(address: str | None, dashboard: bool = False) -> dict[str, float]:
         ray.init(log_to_driver=False, logging_level=logging.WARNING)
     else:
         _start_local_ray(dashboard)
-        _started_here = True
-    return ray.cluster_resources()

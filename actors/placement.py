@@ -26,6 +26,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from forwardflow.pipeline.config import ExecutionConfig
+from forwardflow.pipeline.messages import RunStoppedError
 from forwardflow.pipeline.validation import ConfigError
 
 PLACEMENT_TIMEOUT_S = 120
@@ -148,7 +149,12 @@ def plan_placement(num_stages: int, execution: ExecutionConfig, nodes: list[Node
     if sum(counts) < num_stages:
         asked = (f"{gpus_each:g} GPU" if use_gpu else "") + (" and " if use_gpu and cpus_each else "")
         asked += f"{cpus_each:g} CPU" if cpus_each else ""
-        where = "--gpus-per-stage" if use_gpu and execution.gpus_per_stage else "--stages"
+        # The amount per stage the user asked for, where there is one: fewer stages may not help.
+        where = "--stages"
+        if use_gpu and execution.gpus_per_stage:
+            where = "--gpus-per-stage"
+        elif cpus_each:
+            where = "--cpus-per-stage"
         raise ConfigError(
             where,
             f"{num_stages} stages of {asked} each do not fit the Ray cluster ({_describe(usable, use_gpu)}; "
@@ -175,6 +181,10 @@ def plan_placement(num_stages: int, execution: ExecutionConfig, nodes: list[Node
     return placements
 
 
+class PlacementTimeoutError(RunStoppedError):
+    """The cluster did not reserve the stages' resources in time (held by other jobs)."""
+
+
 class StageGroup:
     """A placement group reserving each stage's bundle on its planned node, released on close."""
 
@@ -191,7 +201,7 @@ class StageGroup:
         ready, _ = ray.wait([self.group.ready()], timeout=PLACEMENT_TIMEOUT_S)
         if not ready:
             remove_placement_group(self.group)
-            raise RuntimeError(
+            raise PlacementTimeoutError(
                 f"the Ray cluster could not reserve {bundles} on the planned nodes within {PLACEMENT_TIMEOUT_S} s "
                 "(resources held by other jobs?)"
             )

@@ -51,7 +51,7 @@ import ray
 import torch
 
 from forwardflow.actors.layer_actor import layer_actor_class
-from forwardflow.actors.placement import StageGroup, StagePlacement
+from forwardflow.actors.placement import StageGroup, StagePlacement, cluster_nodes
 from forwardflow.actors.recovery import LOST, lost_actors, stage_lost
 from forwardflow.actors.transport import (
     OBJECT_STORE,
@@ -77,6 +77,13 @@ from forwardflow.pipeline.stage import StageSetup
 
 class TransportError(RunStoppedError):
     """A transport asked for by name (--transport) did not work between two stages."""
+
+
+class StageStartError(RunStoppedError):
+    """A stage's actor could not be built or placed (at the start, or when recreated)."""
+
+
+START_TIMEOUT_S = 120.0  # for every actor to build its stage (a dataset to place, a GPU to set up)
 
 
 @dataclass
@@ -109,16 +116,20 @@ class RayPipeline:
         self.transport, self.direct_groups = transport, DirectGroups()
         self.actor_class = layer_actor_class(may_go_direct(transport, devices))
         self.group = StageGroup(placements)
-        # The dataset goes once, through the object store, to the first stage, which places it on
-        # its device; from then on the driver sends plans (sample numbers, crops, flips) only. The
-        # reference is kept for a first stage that has to be recreated.
-        self._dataset = ray.put(dataset)
-        self.actors: list = [self._make_actor(stage) for stage in range(len(setups))]
-        # Sync point: every actor has built its stage before the first microbatch is sent.
-        self.locations: list[dict[str, str]] = ray.get([actor.location.remote() for actor in self.actors])
+        self.actors: list = []
+        self.locations: list[dict[str, str]] = []
         self.hand_offs: list[HandOff] = []
         self._steps: list = []
+        # Whatever stops the start (a stage that cannot be built, a signal, a transport) leaves no
+        # actor and no reservation behind: the caller has no pipeline to close yet.
         try:
+            # The dataset goes once, through the object store, to the first stage, which places it
+            # on its device; from then on the driver sends plans (sample numbers, crops, flips)
+            # only. The reference is kept for a first stage that has to be recreated.
+            self._dataset = ray.put(dataset)
+            self.actors = [self._make_actor(stage) for stage in range(len(setups))]
+            # Sync point: every actor has built its stage before the first microbatch is sent.
+            self.locations = self._started([actor.location.remote() for actor in self.actors], first=True)
             self._connect()
         except BaseException:
             self.close()
@@ -132,7 +143,7 @@ class RayPipeline:
 
     def _make_actor(self, stage: int):
         """The stage's actor, in the stage's own bundle of the placement group (a recreated one
-        goes where the lost one was, or where Ray moves the bundle when its node is gone)."""
+        goes where the lost one was: a bundle stays on its planned node)."""
         options = self.group.options(stage)
         device = self.placements[stage].device
         data = self._dataset if stage == 0 else None
@@ -204,7 +215,29 @@ class RayPipeline:
         for stage in stages:
             ray.kill(self.actors[stage])
             self.actors[stage] = self._make_actor(stage)
-        self.locations = self._get([actor.location.remote() for actor in self.actors])
+        self.locations = self._started([actor.location.remote() for actor in self.actors])
+
+    def _started(self, pings: list[ray.ObjectRef], first: bool = False) -> list[dict[str, str]]:
+        """Every actor's location, once each has built its stage; StageStartError for one not
+        placed (its bundle's node is gone) within START_TIMEOUT_S, and at the ``first`` start for
+        one that cannot be built. Later, a stage that dies is lost like any other (StageLostError)."""
+        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=START_TIMEOUT_S)
+        for stage, ping in enumerate(pings):
+            if ping not in ready:
+                raise StageStartError(
+                    f"stage {stage}'s actor did not start within {START_TIMEOUT_S:.0f} s "
+                    f"(its reservation is on node {self.placements[stage].node_id[:8]}: is that node gone?)"
+                )
+        if not first:
+            return self._get(pings)
+        try:
+            return ray.get(pings)
+        except ray.exceptions.RayTaskError as error:
+            if isinstance(error.cause, RunStoppedError):
+                raise error.cause from None
+            raise StageStartError(f"a stage could not start ({describe(error)})") from None
+        except ray.exceptions.RayError as error:
+            raise StageStartError(f"a stage could not start ({describe(error)})") from None
 
     def completed(self, wait: bool = False) -> list[Prediction | CheckpointMarker]:
         if wait or not self._calls:
@@ -287,6 +320,16 @@ class RayPipeline:
         self._calls.clear()
         self._waiting = []
         self._done, self._snapshot_refs = [], None
+        alive = {node.node_id for node in cluster_nodes()}
+        gone = [stage for stage in lost if self.placements[stage].node_id not in alive]
+        if gone:
+            # Each stage's reservation is pinned to its planned node, so Ray cannot move it: the
+            # run stops at its last checkpoint, and --resume plans the stages on the nodes left.
+            node = self.placements[gone[0]].node_id[:8]
+            raise StageStartError(
+                f"stage {gone[0]} was lost with its node {node}, and a stage is not moved off its planned "
+                "node within a run; --resume plans the stages anew on the nodes left"
+            )
         if lost and self.direct_groups.groups:
             # A collective group does not take a new member: its survivors keep the dead peer's
             # connections (gloo answers "broken pipe"). Every stage goes back to the checkpoint

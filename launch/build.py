@@ -15,6 +15,7 @@ actors, or the in-process runner) and the observers, and ``Run.train`` runs the 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import sys
 import time
@@ -113,10 +114,12 @@ class Run:
         """Start the executor and the observers (once); on a failure, stop what was started and raise."""
         if self.executor is not None:
             return self
-        if self.config.output.overwrite and self.config.output.out:
-            clear_run(Path(self.config.output.out))
         try:
             self.executor, self.locations = self._make_executor()
+            # The old run goes only once the stages have started: a plan the cluster cannot hold
+            # (exit 2) or a stage that cannot start leaves it as it was.
+            if self.config.output.overwrite and self.config.output.out:
+                clear_run(Path(self.config.output.out))
             self.observers = self._make_observers()
         except BaseException:
             self.close()
@@ -151,19 +154,7 @@ class Run:
             execution.streams,
             execution.transport_choice,
         )
-        return pipeline, [
-            StageLocation(
-                device=stage_device(location),
-                host=location["host"],
-                node_id=location["node_id"],
-                node_address=placement.node_address,
-                num_cpus=placement.num_cpus,
-                num_gpus=placement.num_gpus,
-                hand_off=hand_off.transport,
-                hand_off_reason=hand_off.reason,
-            )
-            for location, placement, hand_off in zip(pipeline.locations, placements, pipeline.hand_offs)
-        ]
+        return pipeline, ray_locations(pipeline)
 
     def _make_observers(self) -> list[RunObserver]:
         config = self.config
@@ -216,7 +207,7 @@ class Run:
         feedback = self.rule.make_feedback(self.config, self.dataset.num_classes, self.dataset.input_shape)
         try:
             metric = self.dataset.target_spec.metric
-            return train(
+            result = train(
                 self.schedule,
                 self.executor,
                 self.predictors[0].key,
@@ -225,6 +216,10 @@ class Run:
                 self.durability(),
                 metric=metric,
             )
+            if result.restarts:
+                # Recreated actors may run in other processes, and hand on by other transports.
+                self.locations = ray_locations(self.executor)
+            return result
         except Exception as error:
             if self.metrics is not None:
                 with contextlib.suppress(WriteError):  # the log may be what could not be written
@@ -309,6 +304,23 @@ def ray_calls(config: RunConfig, setups: list[StageSetup], num_classes: int) -> 
     return RayCalls(window, per_call)
 
 
+def ray_locations(pipeline: Any) -> list[StageLocation]:
+    """Where each stage of a RayPipeline runs now: device, host, node, reservation, hand-off."""
+    return [
+        StageLocation(
+            device=stage_device(location),
+            host=location["host"],
+            node_id=location["node_id"],
+            node_address=placement.node_address,
+            num_cpus=placement.num_cpus,
+            num_gpus=placement.num_gpus,
+            hand_off=hand_off.transport,
+            hand_off_reason=hand_off.reason,
+        )
+        for location, placement, hand_off in zip(pipeline.locations, pipeline.placements, pipeline.hand_offs)
+    ]
+
+
 def build_run(config: RunConfig, observers: Sequence[RunObserver] = (), run_id: str | None = None) -> Run:
     """Everything that can reject the input, before any actor starts; raises ConfigError.
     ``observers`` watch the run beside the ones the config asks for (progress bar, metrics).
@@ -324,7 +336,9 @@ def build_run(config: RunConfig, observers: Sequence[RunObserver] = (), run_id: 
         from forwardflow.actors.cluster import check_address
 
         check_address(execution.address)
-    else:  # the stages will run on this machine's devices
+    elif execution.executor == "sequential" or not os.environ.get("RAY_ADDRESS"):
+        # The stages will run on this machine's devices; under `ray job submit` (RAY_ADDRESS) they
+        # run on the cluster's, which the placement plan checks once Ray is joined.
         check_local_device(execution.device)
     config = with_measured_split(config, dataset.input_shape)
     if isinstance(dataset, SequenceDataset):  # one microbatch per time step

@@ -255,6 +255,9 @@ class ExecutionConfig(Section):
             raise self.error(
                 "transport", f"{self.transport} carries {tensors}, not {device} ones; use auto or object-store"
             )
+        for name in ("cpus_per_stage", "gpus_per_stage"):
+            if getattr(self, name) == 0:  # not "the default": that is leaving the flag out
+                raise self.error(name, "must be more than 0 (leave it out for the default share)")
         gpus = self.gpus_per_stage
         if gpus is not None and gpus > 1 and gpus != int(gpus):
             # Ray reserves fractions of one GPU, or whole GPUs.

@@ -119,16 +119,18 @@ class TrainingLoop:
     # ---------------------------------------------------------------- the run
 
     def run(self) -> RunResult:
-        if self.durability.resume is not None:
-            folder, manifest = self.durability.resume
-            elapsed = self._restore(folder, manifest)
-            self.progress.started = time.perf_counter() - elapsed  # the clock goes on from the cut
-        lost: StageLostError | None = None
+        # A stage lost while the resumed checkpoint is loaded is a restart like any other: the
+        # resume is tried again, with the lost actor made anew.
+        resume, lost = self.durability.resume, None
         while True:
             try:
                 if lost is not None:
-                    self._recover(lost)
+                    self._recover(lost, rewind=resume is None)
                     lost = None
+                if resume is not None:
+                    elapsed = self._restore(*resume)
+                    self.progress.started = time.perf_counter() - elapsed  # the clock goes on from the cut
+                    resume = None
                 self._feed()
                 stages, weights = self.executor.snapshots(), self.executor.state_dicts()
                 break
@@ -246,13 +248,16 @@ class TrainingLoop:
 
     # ---------------------------------------------------------------- back to a checkpoint
 
-    def _recover(self, lost: StageLostError) -> None:
+    def _recover(self, lost: StageLostError, rewind: bool = True) -> None:
         """A stage was lost: every stage and the driver go back to the newest complete checkpoint
-        (or to the start), and the microbatches after it are done again."""
+        (or to the start), and the microbatches after it are done again. ``rewind=False``: the
+        restart is counted only (the caller restores)."""
         if self.restarts >= self.durability.max_restarts:
             raise RestartsExhaustedError(str(lost), self.durability.max_restarts, self.checkpoint)
         self.restarts += 1
         self.progress.restarts = self.restarts
+        if not rewind:
+            return
         checkpoints = self.durability.checkpoints
         latest = checkpoints.latest() if checkpoints is not None else None
         folder, manifest = latest if latest is not None else (None, None)

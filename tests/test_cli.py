@@ -47,6 +47,8 @@ BAD_INPUTS = [
     (["--dataset", "cifar10", "--data-dir", "/tmp"], "--data-dir", "CIFAR-10 python batches"),
     (["--dataset", "synthetic", "--address", f"127.0.0.1:{closed_port()}"], "--address", "no Ray cluster answers"),
     (["--dataset", "synthetic", "--address", "nowhere"], "--address", "HOST:PORT"),
+    (["--dataset", "synthetic", "--address", "127.0.0.1:abc"], "--address", "HOST:PORT"),
+    (["--dataset", "synthetic", "--address", "127.0.0.1:99999"], "--address", "HOST:PORT"),
     (["--config", "/nonexistent/run.toml"], "--config", "cannot read"),
     (["--no-such-flag"], "--no-such-flag", "unknown flag"),
     (["--microbatch", "512"], "--microbatch", "unknown flag"),  # a prefix is not an abbreviation

@@ -5,9 +5,11 @@ only when the user gave them (their defaults are "not given")."""
 from __future__ import annotations
 
 import pytest
+import torch
 from helpers import small_config, tweak
 
 import forwardflow.actors.cluster
+from forwardflow.launch.build import build_run
 from forwardflow.launch.cli import parse_config
 from forwardflow.launch.train import main
 from forwardflow.pipeline.config import AUTO_WINDOW_MAX, DEFAULT_WINDOW, WINDOW_BUDGET_BYTES, OutputConfig, RuleConfig
@@ -85,3 +87,15 @@ def test_resume_continues_a_run_in_its_own_directory():
         OutputConfig(out="runs/b", resume="runs/a")
     with pytest.raises(ConfigError, match="--overwrite: replaces a run; --resume continues one"):
         OutputConfig(resume="runs/a", overwrite=True)
+
+
+def test_under_ray_job_submit_the_device_is_the_clusters_not_this_machines(monkeypatch):
+    # `ray job submit` sets RAY_ADDRESS: the stages run on the cluster's GPUs, which the driver's
+    # machine need not have; the placement plan checks them once Ray is joined.
+    argv = ["--preset", "synthetic", "--executor", "ray", "--device", "cuda"]
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="--device: 'cuda' does not exist here"):
+            build_run(parse_config(argv))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert build_run(parse_config(argv)).config.execution.device == "cuda"

@@ -77,6 +77,18 @@ def test_a_directory_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_
     assert runs == {second["run_id"]}, "the old run's metrics log went with it"
 
 
+def test_overwrite_keeps_the_old_run_when_the_new_one_is_refused(ray_cluster, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*SHORT, "--out", str(out)]) == 0
+    before = sorted(path.relative_to(out) for path in out.rglob("*"))
+    capsys.readouterr()
+    # Checked against the cluster only once Ray is up: more CPUs per stage than the cluster has.
+    refused = ["--executor", "ray", "--cpus-per-stage", "3", "--out", str(out), "--overwrite"]
+    assert main([*SHORT, *refused]) == 2
+    assert one_error_line(capsys).startswith("forwardflow: error: --cpus-per-stage: 2 stages of 3 CPU each do not fit")
+    assert sorted(path.relative_to(out) for path in out.rglob("*")) == before
+
+
 def test_output_files_are_0644_and_no_temporary_file_is_left(tmp_path):
     out = tmp_path / "run"
     assert main([*SHORT, "--out", str(out)]) == 0

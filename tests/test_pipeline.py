@@ -3,12 +3,17 @@ for bit, stream order kept, learning through actors, and errors surfacing from a
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from helpers import assert_executors_agree, run_to_end, small_config, tweak
 from test_rules import CONV, config_for
 
+import forwardflow.actors.ray_pipeline
 import forwardflow.pipeline.config
+from forwardflow.actors.layer_actor import LayerActor
+from forwardflow.actors.ray_pipeline import StageStartError
 from forwardflow.launch.build import RayCalls, build_run
 from forwardflow.pipeline.messages import NonFiniteLossError
 from forwardflow.pipeline.model import BlockSpec, ModelConfig, hand_on_bytes
@@ -95,3 +100,25 @@ def test_executors_agree_with_augmentation_made_on_the_first_stage(ray_cluster):
     augmented = assert_executors_agree(config)
     plain = run_to_end(tweak(config, data={"augment": False}))
     assert any(not torch.equal(plain.weights[0][k], augmented.weights[0][k]) for k in plain.weights[0])
+
+
+def test_a_stage_that_cannot_be_built_stops_the_start_and_leaves_nothing_reserved(ray_cluster, monkeypatch):
+    class StageThatCannotBeBuilt(LayerActor):  # defined here: the workers receive it by value
+        def __init__(self, setup, *args):
+            if setup.spec.index == 2:  # a GPU out of memory, a driver that fails, ...
+                raise RuntimeError("no room for stage 2")
+            super().__init__(setup, *args)
+
+    broken = ray_cluster.remote(max_restarts=0, max_task_retries=0)(StageThatCannotBeBuilt)
+    monkeypatch.setattr(forwardflow.actors.ray_pipeline, "layer_actor_class", lambda direct: broken)
+    run = build_run(small_config("ray"))
+    with pytest.raises(StageStartError, match=r"a stage could not start \(.*RuntimeError: no room for stage 2\)"):
+        run.start()
+    from ray.util import placement_group_table
+
+    assert all(group["state"] == "REMOVED" for group in placement_group_table().values())
+    # Every CPU is free again (the actors are killed, their bundles released): the next run starts.
+    deadline = time.monotonic() + 30
+    while ray_cluster.available_resources().get("CPU") != ray_cluster.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, ray_cluster.available_resources()
+        time.sleep(0.1)

@@ -8,7 +8,9 @@ import json
 
 import pytest
 from helpers import small_config, tweak
+from ray.util.placement_group import placement_group, remove_placement_group
 
+import forwardflow.actors.placement
 import forwardflow.actors.ray_pipeline
 from forwardflow.actors.placement import NodeResources, cluster_nodes, plan_placement
 from forwardflow.launch.build import build_run
@@ -76,8 +78,9 @@ def test_requested_amounts_are_reserved_where_they_fit():
     [
         (2, [(2, 0)], {"placement": "spread"}, "--placement", "2 or more nodes; this one has 1 node"),
         (1, [(2, 0), (2, 0)], {"placement": "spread"}, "--placement", "2 or more stages"),
-        (3, [(2, 0)], {"cpus_per_stage": 1}, "--stages", "3 stages of 1 CPU each do not fit"),
-        (3, [(1, 0), (1, 0)], {"cpus_per_stage": 1}, "--stages", "at most 2 fit"),
+        (3, [(2, 0)], {"cpus_per_stage": 1}, "--cpus-per-stage", "3 stages of 1 CPU each do not fit"),
+        (3, [(1, 0), (1, 0)], {"cpus_per_stage": 1}, "--cpus-per-stage", "at most 2 fit"),
+        (2, [(1, 0)], {"cpus_per_stage": 2}, "--cpus-per-stage", "at most 0 fit"),
         (3, [(8, 2)], {"device": "cuda", "gpus_per_stage": 1}, "--gpus-per-stage", "3 stages of 1 GPU each"),
         (2, [(8, 1)], {"device": "cuda", "gpus_per_stage": 2}, "--gpus-per-stage", "at most 0 fit"),
         (3, [(8, 1)], {"device": "cuda", "gpus_per_stage": 0.5}, "--gpus-per-stage", "at most 2 fit"),
@@ -93,15 +96,18 @@ def test_a_plan_the_cluster_cannot_hold_is_refused_naming_the_flag(stages, clust
     assert refused.value.where == where and message in refused.value.message, refused.value
 
 
-def test_gpus_per_stage_is_a_fraction_or_whole_gpus():
+def test_gpus_per_stage_is_a_fraction_or_whole_gpus_and_no_share_is_zero():
     with pytest.raises(ConfigError, match="--gpus-per-stage: must be at most 1 or a whole number"):
         ExecutionConfig(gpus_per_stage=1.5)
+    for flag, name in (("--cpus-per-stage", "cpus_per_stage"), ("--gpus-per-stage", "gpus_per_stage")):
+        with pytest.raises(ConfigError, match=f"{flag}: must be more than 0"):
+            ExecutionConfig(**{name: 0})
     assert ExecutionConfig(gpus_per_stage=2).gpus_per_stage == 2
 
 
 REFUSED_ON_THE_TEST_CLUSTER = [
     (["--placement", "spread"], "--placement", "spread needs a Ray cluster of 2 or more nodes"),
-    (["--cpus-per-stage", "1.5"], "--stages", "2 stages of 1.5 CPU each do not fit the Ray cluster"),
+    (["--cpus-per-stage", "1.5"], "--cpus-per-stage", "2 stages of 1.5 CPU each do not fit the Ray cluster"),
     (["--gpus-per-stage", "1"], "--gpus-per-stage", "applies to GPU runs only"),
 ]
 
@@ -135,3 +141,16 @@ def test_every_stage_reports_its_device_and_node(ray_cluster, tmp_path):
     assert [
         (s["device"], s["node_id"], s["node_address"], s["num_cpus"], s["num_gpus"]) for s in summary["stages"]
     ] == [("cpu", here.node_id, here.address, 0.6666, 0.0)] * 3
+
+
+def test_resources_another_job_holds_stop_the_start_in_one_line(ray_cluster, monkeypatch, capsys):
+    held = placement_group([{"CPU": ray_cluster.cluster_resources()["CPU"]}])  # every CPU, as another job
+    ray_cluster.get(held.ready())
+    monkeypatch.setattr(forwardflow.actors.placement, "PLACEMENT_TIMEOUT_S", 1)
+    try:
+        status = main(["--preset", "synthetic", "--executor", "ray", "--no-progress"])
+    finally:
+        remove_placement_group(held)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("forwardflow: error: the Ray cluster could not reserve"), lines

@@ -225,3 +225,36 @@ def test_a_full_disk_stops_the_run_in_one_line_and_leaves_the_last_checkpoint_in
     verify(folder, manifest)
     assert not [p.name for p in out.rglob(".*")], "no temporary file left behind"
     resumed_matches_uninterrupted(out, settings)
+
+
+SIGTERM_WHILE_STARTING = """
+import os, signal, sys
+from forwardflow.actors import ray_pipeline
+from forwardflow.launch.train import main
+
+reserve = ray_pipeline.StageGroup
+
+def reserved_then_signalled(placements):  # the stages' start can take minutes on a cluster
+    group = reserve(placements)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return group
+
+ray_pipeline.StageGroup = reserved_then_signalled
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_while_the_stages_start_stops_in_one_line(tmp_path):
+    # ray.init puts in its own SIGTERM handler, which exits with status 15 and a C++ stack dump.
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-c", SIGTERM_WHILE_STARTING, "--preset", "synthetic", "--executor", "ray", "--no-progress"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 143, done.stderr[-3000:]
+    assert lines == ["forwardflow: stopped by SIGTERM before training started"], lines
