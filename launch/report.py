@@ -10,11 +10,10 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from forwardflow.monitoring.records import finite_or_none
+from forwardflow.pipeline.checkpoint import encode
 from forwardflow.pipeline.config_files import config_to_dict
-from forwardflow.pipeline.files import atomic_write
+from forwardflow.pipeline.files import atomic_write, atomic_write_bytes
 from forwardflow.pipeline.targets import ACCURACY, METRICS, Metric
 from forwardflow.pipeline.training import RunResult
 
@@ -113,7 +112,8 @@ def write_outputs(out: Path, data: dict[str, Any], result: RunResult) -> None:
     """weights.pt (a finished run only: an interrupted run's weights are in its checkpoint), then
     summary.json, each written whole or not at all (WriteError names the file)."""
     if data.get("status", "completed") == "completed":
-        atomic_write(out / "weights.pt", lambda name: torch.save(result.weights, name))
+        # Serialised in memory first: torch.save reports a full disk as a RuntimeError, not an OSError.
+        atomic_write_bytes(out / "weights.pt", encode(result.weights))
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"
     atomic_write(out / "summary.json", lambda name: Path(name).write_text(text))
 

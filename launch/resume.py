@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from forwardflow.pipeline.checkpoint import CHECKPOINTS, CheckpointError, Manifest, complete_checkpoints, verify
-from forwardflow.pipeline.config import ExecutionConfig, RunConfig
+from forwardflow.pipeline.config import RAY_ONLY, ExecutionConfig, RunConfig
 from forwardflow.pipeline.config_files import config_from_dict, config_to_dict
 from forwardflow.pipeline.rules.base import Rule
 from forwardflow.pipeline.validation import ConfigError
@@ -58,7 +58,7 @@ def without_ray_settings(execution: ExecutionConfig, rule: type[Rule]) -> Execut
     """A run trained on Ray and resumed sequentially: the Ray-only settings it was given then do
     not apply now (the window stays for a rule whose feedback loop it sets)."""
     window = execution.window if rule.uses_window else None
-    return replace(execution, address=None, placement=None, max_restarts=None, ray_dashboard=False, window=window)
+    return replace(execution, **dict.fromkeys(RAY_ONLY), ray_dashboard=False, window=window)
 
 
 def _difference(config: RunConfig, saved: dict[str, Any]) -> tuple[str, Any, Any] | None:

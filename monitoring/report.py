@@ -10,6 +10,7 @@ canvas directly (no pyplot, so no global figure state and no display needed)."""
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import sys
 from pathlib import Path
@@ -18,6 +19,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from forwardflow.monitoring.records import EVALUATION, LOG_NAME, RunRecord, StageRecord, read_log
+from forwardflow.pipeline.files import atomic_write_bytes
+from forwardflow.pipeline.messages import WriteError
 
 PLOT_WIDTH, PLOT_HEIGHT, PLOT_DPI = 1200, 800, 100
 PLOT_NAMES = ("throughput.png", "time_split.png", "loss.png", "accuracy.png")
@@ -29,6 +32,13 @@ def _figure(title: str) -> tuple[Figure, Axes]:
     axes.set_title(title)
     axes.grid(True, alpha=0.3)
     return figure, axes
+
+
+def _save(figure: Figure, path: Path) -> None:
+    """The PNG drawn in memory, then written whole or not at all (WriteError names the file)."""
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=PLOT_DPI)
+    atomic_write_bytes(path, image.getvalue())
 
 
 def _no_data(axes, what: str) -> None:
@@ -69,7 +79,7 @@ def plot_throughput(records: list[RunRecord], path: Path) -> None:
         _no_data(axes, "throughput")
     axes.set_xlabel("elapsed (s)")
     axes.set_ylabel("training samples / s")
-    figure.savefig(path, dpi=PLOT_DPI)
+    _save(figure, path)
 
 
 def plot_time_split(records: list[RunRecord], path: Path) -> None:
@@ -96,7 +106,7 @@ def plot_time_split(records: list[RunRecord], path: Path) -> None:
         axes.invert_yaxis()
         axes.legend(loc="lower right")
     axes.set_xlabel("fraction of the stage's accounted time")
-    figure.savefig(path, dpi=PLOT_DPI)
+    _save(figure, path)
 
 
 def plot_loss(records: list[RunRecord], path: Path) -> None:
@@ -114,7 +124,7 @@ def plot_loss(records: list[RunRecord], path: Path) -> None:
         _no_data(axes, "local loss")
     axes.set_xlabel("elapsed (s)")
     axes.set_ylabel("local loss (mean since the previous collection)")
-    figure.savefig(path, dpi=PLOT_DPI)
+    _save(figure, path)
 
 
 def plot_accuracy(records: list[RunRecord], path: Path) -> None:
@@ -134,7 +144,7 @@ def plot_accuracy(records: list[RunRecord], path: Path) -> None:
         axes.legend()
         axes.set_xlabel("elapsed (s)")
         axes.set_ylabel("mean squared error")
-        figure.savefig(path, dpi=PLOT_DPI)
+        _save(figure, path)
         return
     for index, points in sorted(_stage_series(records).items()):
         chosen = [(r.elapsed_s, s.train_accuracy) for r, s in points if s.train_accuracy is not None]
@@ -148,7 +158,7 @@ def plot_accuracy(records: list[RunRecord], path: Path) -> None:
         _no_data(axes, "accuracy")
     axes.set_xlabel("elapsed (s)")
     axes.set_ylabel("accuracy")
-    figure.savefig(path, dpi=PLOT_DPI)
+    _save(figure, path)
 
 
 def write_plots(run_dir: Path, run_id: str | None = None) -> list[Path]:
@@ -179,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"forwardflow: error: {error}", file=sys.stderr)
         return 2
+    except WriteError as error:  # a full disk, a read-only folder
+        print(f"forwardflow: error: {error}", file=sys.stderr)
+        return 1
     for path in paths:
         print(path)
     return 0

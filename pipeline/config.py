@@ -154,6 +154,16 @@ DEFAULT_WINDOW = 8  # the fewest microbatches a Ray run keeps in flight, and efp
 AUTO_WINDOW_MAX = 32
 WINDOW_BUDGET_BYTES = 16 * 2**20  # the hand-offs in flight that a default window larger than 8 holds
 DEFAULT_MAX_RESTARTS = 3
+# ExecutionConfig's settings for the Ray executor only (None: not given), beside window and ray_dashboard.
+RAY_ONLY = (
+    "address",
+    "placement",
+    "max_restarts",
+    "cpus_per_stage",
+    "gpus_per_stage",
+    "microbatches_per_call",
+    "transport",
+)
 
 
 @dataclass(frozen=True)
@@ -401,8 +411,7 @@ class RunConfig(Section):
             raise self.monitoring.error("plot", "needs --out: the plots are drawn from the run's metrics log there")
         execution = self.execution
         if execution.executor == "sequential":
-            ray_only = "address placement max_restarts cpus_per_stage gpus_per_stage microbatches_per_call transport"
-            given = [name for name in ray_only.split() if getattr(execution, name) is not None]
+            given = [name for name in RAY_ONLY if getattr(execution, name) is not None]
             if execution.window is not None and not self.rule.rule_class.uses_window:
                 given.append("window")
             if execution.ray_dashboard:

@@ -74,6 +74,10 @@ def config_from_dict(data: dict[str, Any], base: RunConfig) -> RunConfig:
     whose resolved config is under ``config``."""
     if isinstance(data, dict) and isinstance(data.get("config"), dict):
         data = data["config"]
+        if isinstance(data.get("output"), dict):
+            # What the command that made that run did to its directory (replace another run,
+            # continue its own) is no setting of the run: a rerun does neither unless told now.
+            data = {**data, "output": {k: v for k, v in data["output"].items() if k not in ("overwrite", "resume")}}
     result = _section_from_dict(base, data, "")
     assert isinstance(result, RunConfig)
     return result

@@ -17,6 +17,7 @@ from stops import StopAt, log_counts, resume, train_and_finish
 from test_pipeline import DROPOUT_NET
 
 from forwardflow.launch.build import build_run
+from forwardflow.launch.cli import parse_config
 from forwardflow.launch.resume import resumed_config
 from forwardflow.pipeline.checkpoint import MANIFEST, Checkpointer, CheckpointError, complete_checkpoints
 from forwardflow.pipeline.config import RuleConfig
@@ -148,6 +149,15 @@ def test_a_stage_resumed_on_another_kind_of_device_reseeds_its_dropout_from_the_
     same_device, *reseeded = [copy.state_dict() for copy in resumed]
     assert_same_weights([reseeded[0]], [reseeded[1]])  # the new seed is the checkpoint's, not chance's
     assert any(not torch.equal(same_device[name], reseeded[0][name]) for name in same_device), "other masks"
+
+
+def test_a_run_trained_on_ray_with_ray_only_settings_resumes_sequentially(ray_cluster, tmp_path):
+    out = tmp_path / "run"
+    ray_only = {"cpus_per_stage": 0.5, "microbatches_per_call": 2, "transport": "object-store", "max_restarts": 1}
+    interrupted(tweak(durable_config(out), execution={"executor": "ray", **ray_only}), at=11)
+    config = parse_config(["--resume", str(out), "--executor", "sequential"])
+    assert all(getattr(config.execution, name) is None for name in ray_only)
+    assert train_and_finish(build_run(config)).status == "completed"
 
 
 def test_a_finished_run_or_a_run_without_checkpoints_is_not_resumed(tmp_path):

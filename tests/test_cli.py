@@ -164,6 +164,16 @@ def test_command_line_config_file_and_summary_rerun_train_identical_weights(tmp_
     assert rerun["config"]["optim"]["lr"] == 0.003 and rerun["config"]["rule"]["options"]["positives"] == "one"
 
 
+def test_a_rerun_from_a_summary_neither_replaces_another_run_nor_resumes(tmp_path):
+    short = ["--preset", "synthetic", "--executor", "sequential", "--epochs", "1", "--no-progress"]
+    assert main([*short, "--out", str(tmp_path / "a"), "--overwrite"]) == 0
+    assert main([*short, "--out", str(tmp_path / "b"), "--seed", "7"]) == 0
+    kept = (tmp_path / "b" / "summary.json").read_text()
+    # The summary of a run made with --overwrite: the rerun into b must not replace b's run.
+    assert main(["--config", str(tmp_path / "a" / "summary.json"), "--out", str(tmp_path / "b")]) == 2
+    assert (tmp_path / "b" / "summary.json").read_text() == kept
+
+
 def test_sequential_run_writes_the_documented_summary(tmp_path):
     out = tmp_path / "run"
     assert (

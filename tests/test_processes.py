@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 import torch
 from helpers import assert_same_weights, run_to_end
 
@@ -258,3 +259,37 @@ def test_sigterm_while_the_stages_start_stops_in_one_line(tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 143, done.stderr[-3000:]
     assert lines == ["forwardflow: stopped by SIGTERM before training started"], lines
+
+
+def files_up_to(kib: int):
+    def limit() -> None:
+        no_file_may_grow()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (kib * 1024, kib * 1024))
+
+    return limit
+
+
+@pytest.mark.parametrize(
+    "flags, kib, name",
+    [([], 12, "weights.pt"), (["--plot"], 30, ".png")],
+    ids=["weights", "plots"],
+)
+def test_a_full_disk_at_the_end_of_a_run_is_one_line_naming_the_file(tmp_path, flags, kib, name):
+    # torch.save reports a full disk as a RuntimeError, and matplotlib writes its file itself.
+    if flags:
+        pytest.importorskip("matplotlib")
+    out = tmp_path / "run"
+    argv = ["--preset", "synthetic", "--executor", "sequential", "--epochs", "1", "--no-progress", "--no-checkpoints"]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "train.py"), *argv, *flags, "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=files_up_to(kib),
+    )
+    errors = [line for line in done.stderr.splitlines() if "error" in line or "Traceback" in line]
+    assert done.returncode == 1 and len(errors) == 1, done.stderr[-3000:]
+    assert errors[0].startswith("forwardflow: error: cannot write") and name in errors[0], errors
+    assert "(File too large)" in errors[0], errors
+    assert not [p.name for p in out.rglob(".*")], "no temporary file left behind"
