@@ -250,7 +250,7 @@ class Run:
 
                 disconnect()  # shuts down the local Ray this run started, if it did
         if self.metrics is not None:
-            self.metrics.close()
+            self.metrics.close(cut_short=lambda: self.stop.requested)
             self.metrics = None
 
     def __enter__(self) -> Run:

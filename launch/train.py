@@ -170,7 +170,9 @@ def _main(argv: list[str] | None, signals: Signals) -> int:
     try:
         with run:
             result = run.train()
-        data = run.finish(result)
+            # Written before the run closes: the metrics endpoint may linger (--metrics-linger), and
+            # a signal meanwhile must not cost the run its outputs.
+            data = run.finish(result)
     except DivergenceError as error:
         say(f"error: {error}; {last_checkpoint(run, resumable=False)}")
         return EXIT_TRAINING_FAILED

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,8 @@ from forwardflow.pipeline.messages import NonFiniteLossError, Prediction, StageS
 from forwardflow.pipeline.runner import Executor
 from forwardflow.pipeline.targets import ACCURACY, MSE
 from forwardflow.pipeline.training import EvalResult, Progress, RunObserver, RunResult
+
+LINGER_POLL_S = 0.1  # how soon a signal ends --metrics-linger
 
 if TYPE_CHECKING:
     from forwardflow.monitoring.exporter import PrometheusExporter
@@ -180,8 +183,9 @@ class MetricsObserver(RunObserver):
         """Where the endpoint serves, once it does."""
         return None if self.port is None else f"http://{self.config.settings.metrics_host}:{self.port}/metrics"
 
-    def close(self) -> None:
-        """Stop serving, after ``--metrics-linger`` so that Prometheus can scrape the final values."""
+    def close(self, cut_short: Callable[[], bool] = lambda: False) -> None:
+        """Stop serving, after ``--metrics-linger`` so that Prometheus can scrape the final values,
+        or as soon as ``cut_short()`` (a signal: the user wants the process to end)."""
         if self.exporter is None:
             return
         linger = self.config.settings.metrics_linger
@@ -190,5 +194,7 @@ class MetricsObserver(RunObserver):
                 f"forwardflow: serving the final metrics on {self.url} for {linger:g} s (--metrics-linger)",
                 file=sys.stderr,
             )
-            time.sleep(linger)
+            ends = time.monotonic() + linger
+            while not cut_short() and time.monotonic() < ends:
+                time.sleep(min(LINGER_POLL_S, max(0.0, ends - time.monotonic())))
         self.exporter.stop()

@@ -25,6 +25,7 @@ from helpers import assert_same_weights, run_to_end
 
 from forwardflow.launch.cli import parse_config
 from forwardflow.launch.train import main
+from forwardflow.monitoring.watch import free_port
 from forwardflow.pipeline.checkpoint import CHECKPOINTS, complete_checkpoints, verify
 
 REPO = Path(__file__).resolve().parent.parent
@@ -232,6 +233,7 @@ SIGTERM_WHILE_STARTING = """
 import os, signal, sys
 from forwardflow.actors import ray_pipeline
 from forwardflow.launch.train import main
+from forwardflow.monitoring.watch import free_port
 
 reserve = ray_pipeline.StageGroup
 
@@ -293,3 +295,17 @@ def test_a_full_disk_at_the_end_of_a_run_is_one_line_naming_the_file(tmp_path, f
     assert errors[0].startswith("forwardflow: error: cannot write") and name in errors[0], errors
     assert "(File too large)" in errors[0], errors
     assert not [p.name for p in out.rglob(".*")], "no temporary file left behind"
+
+
+def test_a_finished_runs_outputs_are_written_before_its_metrics_linger_which_a_signal_ends(tmp_path):
+    out = tmp_path / "run"
+    argv = ["--preset", "synthetic", "--executor", "sequential", "--epochs", "1", "--no-progress"]
+    run = Training([*argv, "--metrics-port", str(free_port()), "--metrics-linger", "600", "--out", str(out)])
+    try:
+        run.wait_for(lambda: any("--metrics-linger" in line for line in run.lines), "linger")
+        assert (out / "summary.json").is_file() and (out / "weights.pt").is_file()
+        run.process.send_signal(signal.SIGTERM)
+        assert run.finish(timeout_s=20) == 0, run.lines  # the run had completed: a success, cut short
+    finally:
+        run.kill()
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
