@@ -30,7 +30,7 @@ import torch
 from forwardflow.launch.outputs import check_free_space, check_out, clear_run
 from forwardflow.launch.report import summary, write_outputs
 from forwardflow.launch.resume import resume_point
-from forwardflow.monitoring.observer import MetricsConfig, MetricsObserver
+from forwardflow.monitoring.observer import MetricsConfig, MetricsObserver, check_endpoint
 from forwardflow.monitoring.records import RunInfo
 from forwardflow.pipeline.checkpoint import CHECKPOINTS, Checkpointer, Manifest, estimate_checkpoint_bytes
 from forwardflow.pipeline.config import RunConfig
@@ -329,6 +329,7 @@ def build_run(config: RunConfig, observers: Sequence[RunObserver] = (), run_id: 
     if resume is not None:
         run_id = resume[1].run_id
     check_out(config.output)
+    check_endpoint(config.monitoring)
     dataset = load_data(config.data, config.seed)
     config.rule.rule_class.check(config, dataset.num_classes, dataset.input_shape)
     execution = config.execution

@@ -6,6 +6,7 @@ in ``after_submit`` and an attribute store in ``on_prediction``."""
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +51,25 @@ def error_kind(error: BaseException) -> str:
     """The ``kind`` label of forwardflow_errors_total: a non-finite loss, or the error's class
     (LossExplodedError, WriteError, StageLostError, ...)."""
     return NON_FINITE_LOSS if isinstance(error, NonFiniteLossError) else type(error).__name__
+
+
+def check_endpoint(settings: MonitoringConfig) -> None:
+    """ConfigError unless --metrics-host:--metrics-port can be served, checked before any stage
+    starts by binding it once (the endpoint itself binds it again once the stages are placed)."""
+    if not settings.metrics_port:
+        return
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(
+            settings.metrics_host, settings.metrics_port, type=socket.SOCK_STREAM
+        )[0]
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server binds
+            probe.bind(address)
+    except OSError as error:  # in use, not an address of this machine, or no such host
+        raise settings.error(
+            "metrics_port",
+            f"cannot serve on {settings.metrics_host}:{settings.metrics_port} ({error.strerror or error})",
+        ) from None
 
 
 class MetricsObserver(RunObserver):

@@ -242,17 +242,29 @@ def test_by_default_a_scrape_after_the_training_loop_still_gets_the_final_accura
         assert sample_value(late["text"], "forwardflow_test_accuracy_ratio", predictor=predictor) == accuracy
 
 
-def test_metrics_port_in_use_is_rejected_in_one_line(tmp_path, capsys):
+def test_metrics_port_in_use_is_rejected_in_one_line_before_ray_or_overwrite(tmp_path, capsys, monkeypatch):
     import socket
 
+    import forwardflow.actors.cluster
+
+    kept = tmp_path / "kept"
+    assert main([*SHORT_RUN, "--out", str(kept)]) == 0
+    before = (kept / "summary.json").read_text()
+    capsys.readouterr()
+    monkeypatch.setattr(forwardflow.actors.cluster, "connect", lambda *a: pytest.fail("Ray started"))
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
         assert main([*SHORT_RUN, "--metrics-port", str(port), "--out", str(tmp_path / "run")]) == 2
+        busy = ["--metrics-port", str(port), "--executor", "ray", "--out", str(kept), "--overwrite"]
+        assert main([*SHORT_RUN, *busy]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("forwardflow: error: --metrics-port: cannot serve")
+    assert len(lines) == 2 and all(
+        line.startswith("forwardflow: error: --metrics-port: cannot serve") for line in lines
+    )
     assert not (tmp_path / "run").exists()
+    assert (kept / "summary.json").read_text() == before
 
 
 def test_plot_without_out_is_rejected_before_anything_runs(capsys):
