@@ -33,7 +33,10 @@ def summary(run: Run, result: RunResult) -> dict[str, Any]:
         "stopped_by": result.stop_reason,
         "restarts": result.restarts,
         "checkpoint": result.checkpoint,
-        "resume": f"python launch/train.py --resume {out}" if result.status != "completed" and out else None,
+        # The command that continues the run, where there is a checkpoint to continue from.
+        "resume": f"python launch/train.py --resume {out}"
+        if result.status != "completed" and result.checkpoint
+        else None,
         "dataset": config.data.dataset,
         "rule": config.rule.name,
         "model": config.model.name,

@@ -66,14 +66,14 @@ def _range_share(part: str) -> str:
     """One part of a stage's time over the dashboard's range, as a share of all three."""
 
     def increase(name: str) -> str:
-        return f"sum by (stage) (increase(forwardflow_stage_{name}_seconds_total{RUN}[$__range]))"
+        return f"sum by (run_id, stage) (increase(forwardflow_stage_{name}_seconds_total{RUN}[$__range]))"
 
     return f"{increase(part)} / ({increase('compute')} + {increase('wait')} + {increase('handoff')})"
 
 
 def _quantile(q: float) -> str:
     return (
-        f"histogram_quantile({q}, sum by (stage, le) "
+        f"histogram_quantile({q}, sum by (run_id, stage, le) "
         f"(rate(forwardflow_stage_step_seconds_bucket{RUN}[$__rate_interval])))"
     )
 

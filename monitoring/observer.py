@@ -201,7 +201,9 @@ class MetricsObserver(RunObserver):
     @property
     def url(self) -> str | None:
         """Where the endpoint serves, once it does."""
-        return None if self.port is None else f"http://{self.config.settings.metrics_host}:{self.port}/metrics"
+        host = self.config.settings.metrics_host
+        host = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL writes it
+        return None if self.port is None else f"http://{host}:{self.port}/metrics"
 
     def close(self, cut_short: Callable[[], bool] = lambda: False) -> None:
         """Stop serving, after ``--metrics-linger`` so that Prometheus can scrape the final values,

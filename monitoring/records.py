@@ -196,11 +196,14 @@ def read_log(path: str | Path, run_id: str | None = None) -> list[RunRecord]:
     """The records of one run from a log (the last run in the file unless ``run_id`` is given:
     a reused ``--out`` directory holds several runs). A torn last line is skipped."""
     lines = []
-    for text in Path(path).read_text().splitlines():
+    for number, text in enumerate(Path(path).read_text().splitlines(), 1):
         try:
-            lines.append(json.loads(text))
+            line = json.loads(text)
         except json.JSONDecodeError:
             continue
+        if not isinstance(line, dict) or not isinstance(line.get("run_id"), str) or "stages" not in line:
+            raise ValueError(f"{path}: line {number} is not a record of a run (written by another program?)")
+        lines.append(line)
     if not lines:
         return []
     wanted = run_id or lines[-1]["run_id"]
@@ -209,5 +212,8 @@ def read_log(path: str | Path, run_id: str | None = None) -> list[RunRecord]:
         if line["run_id"] != wanted:
             continue
         stages = line.pop("stages")
-        records.append(RunRecord(**line, stages=None if stages is None else [StageRecord(**s) for s in stages]))
+        try:
+            records.append(RunRecord(**line, stages=None if stages is None else [StageRecord(**s) for s in stages]))
+        except TypeError as error:  # fields of another version, or of another program
+            raise ValueError(f"{path}: a record of run {wanted} does not match this version ({error})") from None
     return records

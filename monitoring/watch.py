@@ -212,13 +212,28 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    work = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="forwardflow-watch-"))
-    (work / "prometheus-data").mkdir(parents=True, exist_ok=True)
-    config_file = work / "prometheus.yml"
-    config_file.write_text(prometheus_config(config.targets, config.scrape_interval, config.ray_sd_file))
-    prometheus_port = config.prometheus_port or free_port(config.host)
+    try:
+        work = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="forwardflow-watch-"))
+        (work / "prometheus-data").mkdir(parents=True, exist_ok=True)
+        config_file = work / "prometheus.yml"
+        config_file.write_text(prometheus_config(config.targets, config.scrape_interval, config.ray_sd_file))
+    except OSError as error:
+        print(
+            f"forwardflow: error: --data-dir: cannot use {args.data_dir} ({error.strerror or error})", file=sys.stderr
+        )
+        return 2
+    try:
+        prometheus_port = config.prometheus_port or free_port(config.host)
+    except OSError as error:  # no such host, or not an address of this machine
+        print(
+            f"forwardflow: error: --host: cannot listen on {config.host} ({error.strerror or error})", file=sys.stderr
+        )
+        if not args.data_dir:
+            shutil.rmtree(work, ignore_errors=True)
+        return 2
     prometheus_url = f"http://{config.host}:{prometheus_port}"
     processes = []
+    failed = False  # then the temporary directory stays: its logs are what the error points to
     signal.signal(signal.SIGTERM, interrupt)
     try:
         processes.append(
@@ -246,17 +261,19 @@ def main(argv: list[str] | None = None) -> int:
         while deadline is None or time.monotonic() < deadline:
             if any(process.poll() is not None for process in processes):
                 print(f"forwardflow: error: a server stopped; see the logs in {work}", file=sys.stderr)
+                failed = True
                 return 1
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     except RuntimeError as error:
         print(f"forwardflow: error: {error}; see the logs in {work}", file=sys.stderr)
+        failed = True
         return 1
     finally:
         for process in reversed(processes):
             stop(process)
-        if not args.data_dir:
+        if not args.data_dir and not failed:
             shutil.rmtree(work, ignore_errors=True)
     return 0
 

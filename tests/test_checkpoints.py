@@ -160,6 +160,13 @@ def test_a_run_trained_on_ray_with_ray_only_settings_resumes_sequentially(ray_cl
     assert train_and_finish(build_run(config)).status == "completed"
 
 
+def test_an_interrupted_run_without_checkpoints_offers_no_resume_command(tmp_path):
+    out = tmp_path / "run"
+    stopped = interrupted(tweak(durable_config(out), output={"checkpoints": False, "checkpoint_every": None}), at=11)
+    summary = json.loads((out / "summary.json").read_text())
+    assert stopped.status == summary["status"] == "interrupted" and summary["resume"] is None
+
+
 def test_a_finished_run_or_a_run_without_checkpoints_is_not_resumed(tmp_path):
     train_and_finish(build_run(durable_config(tmp_path / "done")))
     with pytest.raises(ConfigError, match="has finished"):

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -30,6 +31,7 @@ from forwardflow.monitoring.records import END, ERROR, EVALUATION, LOG_NAME, PRO
 from forwardflow.monitoring.report import PLOT_HEIGHT, PLOT_NAMES, PLOT_WIDTH
 from forwardflow.monitoring.report import main as report_main
 from forwardflow.monitoring.watch import free_port, prometheus_config
+from forwardflow.monitoring.watch import main as watch_main
 from forwardflow.pipeline.config import MonitoringConfig, OutputConfig
 from forwardflow.pipeline.messages import NonFiniteLossError, StageStats
 from forwardflow.pipeline.training import Progress, RunObserver
@@ -87,6 +89,9 @@ def test_dashboard_has_the_panels_the_issue_asks_for_and_a_run_selector():
     queries = panel_queries(board)
     assert len(queries) == sum(len(spec.queries) for _, specs in ROWS for spec in specs)
     assert all('run_id=~"$run_id"' in expr for _, expr in queries)
+    # Several runs may be chosen at once: a sum keeps them apart.
+    groups = [group for _, expr in queries for group in re.findall(r"by \(([^)]*)\)", expr)]
+    assert groups and all("run_id" in group for group in groups), groups
 
 
 def test_exporter_serves_valid_text_format_with_every_metric_the_dashboard_names():
@@ -316,6 +321,14 @@ def test_a_plot_without_data_is_told_from_one_with_data(tmp_path):
     assert drawn_pixels(out / "throughput.png") < DRAWN_PIXELS <= drawn_pixels(out / "time_split.png")
 
 
+@pytest.mark.parametrize("line", ["{}", "null", '{"run_id": "r", "stages": null, "colour": 1}'])
+def test_a_metrics_log_line_that_is_no_record_is_named_in_one_line(tmp_path, capsys, line):
+    (tmp_path / LOG_NAME).write_text(line + "\n")
+    assert report_main([str(tmp_path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"forwardflow: error: {tmp_path / LOG_NAME}"), lines
+
+
 def test_watch_config_is_valid_for_prometheus(tmp_path):
     promtool = shutil.which("promtool")
     if not promtool:
@@ -432,3 +445,19 @@ def test_a_stages_train_accuracy_stands_through_an_interval_without_training(tmp
         time.sleep(0.06)
     records = read_log(tmp_path / LOG_NAME)
     assert [record.stages[0].train_accuracy for record in records] == [0.75, 0.75]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--host", "nosuchhost.invalid"], "forwardflow: error: --host: cannot listen on nosuchhost.invalid"),
+        (["--data-dir", "/etc/passwd"], "forwardflow: error: --data-dir: cannot use /etc/passwd"),
+    ],
+    ids=["unknown host", "a file as the data folder"],
+)
+def test_watch_refuses_a_host_or_folder_it_cannot_use_in_one_line(flags, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where its temporary directory would go
+    assert watch_main(["--no-grafana", "--prometheus", sys.executable, *flags]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), lines
+    assert not list(tmp_path.iterdir()), "nothing left behind"
