@@ -83,7 +83,9 @@ class StageStartError(RunStoppedError):
     """A stage's actor could not be built or placed (at the start, or when recreated)."""
 
 
-START_TIMEOUT_S = 120.0  # for every actor to build its stage (a dataset to place, a GPU to set up)
+START_TIMEOUT_S = (
+    300.0  # for every actor to build its stage: a worker that imports torch on a busy node, a dataset to place
+)
 
 
 @dataclass
