@@ -58,7 +58,8 @@ def without_ray_settings(execution: ExecutionConfig, rule: type[Rule]) -> Execut
     """A run trained on Ray and resumed sequentially: the Ray-only settings it was given then do
     not apply now (the window stays for a rule whose feedback loop it sets)."""
     window = execution.window if rule.uses_window else None
-    return replace(execution, **dict.fromkeys(RAY_ONLY), ray_dashboard=False, window=window)
+    unset: dict[str, Any] = dict.fromkeys(RAY_ONLY)
+    return replace(execution, **unset, ray_dashboard=False, window=window)
 
 
 def _difference(config: RunConfig, saved: dict[str, Any]) -> tuple[str, Any, Any] | None:
