@@ -357,7 +357,8 @@ def candidate_dirs(config: DataConfig) -> list[Path]:
     explicit = config.data_dir or os.environ.get(DATA_DIR_ENV)
     if explicit:
         root = Path(explicit).expanduser()
-        return [root, root / name, root / name.replace("-", "_")]
+        # dict.fromkeys: each once, in order (fashion-mnist and fashion_mnist; mnist only once).
+        return list(dict.fromkeys([root, root / name, root / name.replace("-", "_")]))
     return list(DEFAULT_LOCATIONS.get(name, []))
 
 

