@@ -29,6 +29,7 @@ from forwardflow.pipeline.messages import NonFiniteLossError, Prediction, StageS
 from forwardflow.pipeline.runner import Executor
 from forwardflow.pipeline.targets import ACCURACY, MSE
 from forwardflow.pipeline.training import EvalResult, Progress, RunObserver, RunResult
+from forwardflow.pipeline.validation import ConfigError
 
 LINGER_POLL_S = 0.1  # how soon a signal ends --metrics-linger
 
@@ -53,6 +54,12 @@ def error_kind(error: BaseException) -> str:
     return NON_FINITE_LOSS if isinstance(error, NonFiniteLossError) else type(error).__name__
 
 
+def cannot_serve(settings: MonitoringConfig, error: OSError) -> ConfigError:
+    return settings.error(
+        "metrics_port", f"cannot serve on {settings.metrics_host}:{settings.metrics_port} ({error.strerror or error})"
+    )
+
+
 def check_endpoint(settings: MonitoringConfig) -> None:
     """ConfigError unless --metrics-host:--metrics-port can be served, checked before any stage
     starts by binding it once (the endpoint itself binds it again once the stages are placed)."""
@@ -66,10 +73,7 @@ def check_endpoint(settings: MonitoringConfig) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server binds
             probe.bind(address)
     except OSError as error:  # in use, not an address of this machine, or no such host
-        raise settings.error(
-            "metrics_port",
-            f"cannot serve on {settings.metrics_host}:{settings.metrics_port} ({error.strerror or error})",
-        ) from None
+        raise cannot_serve(settings, error) from None
 
 
 class MetricsObserver(RunObserver):
@@ -89,10 +93,7 @@ class MetricsObserver(RunObserver):
             try:
                 self.port = self.exporter.serve(settings.metrics_host, settings.metrics_port)
             except OSError as error:  # in use, or not an address of this machine
-                raise settings.error(
-                    "metrics_port",
-                    f"cannot serve on {settings.metrics_host}:{settings.metrics_port} ({error.strerror or error})",
-                ) from None
+                raise cannot_serve(settings, error) from None
         self._due = 0.0
         self._progress: Progress | None = None
         self._previous: dict[int, StageStats] = {}

@@ -125,7 +125,9 @@ class TrainingLoop:
         while True:
             try:
                 if lost is not None:
-                    self._recover(lost, rewind=resume is None)
+                    self._count_restart(lost)
+                    if resume is None:  # else the resume below is what goes back
+                        self._rewind(str(lost))
                     lost = None
                 if resume is not None:
                     elapsed = self._restore(*resume)
@@ -248,20 +250,20 @@ class TrainingLoop:
 
     # ---------------------------------------------------------------- back to a checkpoint
 
-    def _recover(self, lost: StageLostError, rewind: bool = True) -> None:
-        """A stage was lost: every stage and the driver go back to the newest complete checkpoint
-        (or to the start), and the microbatches after it are done again. ``rewind=False``: the
-        restart is counted only (the caller restores)."""
+    def _count_restart(self, lost: StageLostError) -> None:
+        """A stage was lost: one restart more, or the run stops past --max-restarts."""
         if self.restarts >= self.durability.max_restarts:
             raise RestartsExhaustedError(str(lost), self.durability.max_restarts, self.checkpoint)
         self.restarts += 1
         self.progress.restarts = self.restarts
-        if not rewind:
-            return
+
+    def _rewind(self, reason: str) -> None:
+        """Every stage and the driver go back to the newest complete checkpoint (or to the start),
+        and the microbatches after it are done again."""
         checkpoints = self.durability.checkpoints
         latest = checkpoints.latest() if checkpoints is not None else None
         folder, manifest = latest if latest is not None else (None, None)
-        self._restore(folder, manifest, reason=str(lost))
+        self._restore(folder, manifest, reason=reason)
 
     def _restore(self, folder: Path | None, manifest: Manifest | None, reason: str = "resumed") -> float:
         """Stages and driver as they were at ``manifest``'s cut (None: the start); returns the run's

@@ -116,7 +116,7 @@ class Stage:
                 for block in self.blocks
             )
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(setup.seed * 1000 + self.index + 7919)
+        generator.manual_seed(self._dropout_seed)
         for module in self.blocks:
             if isinstance(module, SeededDropout):
                 module.generator = generator
@@ -355,6 +355,11 @@ class Stage:
 
     # ---------------------------------------------------------------- checkpoints
 
+    @property
+    def _dropout_seed(self) -> int:
+        """The seed of the stage's own generator (dropout masks), from the run's seed."""
+        return self.setup.seed * 1000 + self.index + 7919
+
     def _generators(self) -> list[torch.Generator]:
         """Every random generator the stage draws from (the dropout masks', a rule's own such as
         Forward-Forward's negatives), in module order, a shared one once."""
@@ -407,7 +412,7 @@ class Stage:
                 # Resumed on another kind of device (--device): a CPU generator's state means
                 # nothing to a CUDA one and the other way round, so the generator starts again
                 # from a seed that the checkpoint's position decides. The same run, other draws.
-                generator.manual_seed((self.setup.seed * 1000 + self.index) * 1_000_003 + state["last_index"] + number)
+                generator.manual_seed(self._dropout_seed * 1_000_003 + state["last_index"] + number)
         self.loss_watch.load_state_dict(state["loss_watch"])
         # The steps until the next read, within this stage's buffers: --nan-check-every may be
         # smaller on resume than when the checkpoint was written.
